@@ -1,0 +1,85 @@
+"""``maskray sample``: generate images for a few prompts in this process and write PNG files.
+
+Every prompt uses ``--seed`` (and ``--seed+1 ...`` for ``--num-images`` > 1), so a prompt's image
+depends only on (prompt, seed, settings), never on the other prompts of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from mgt.config import GenerationSettings, ModelConfig
+
+HELP = "Generate images for a few prompts in this process (no Ray)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("prompts and output")
+    io.add_argument("--prompt", action="append", default=[], help="A prompt; repeat for several. An empty string "
+                    "gives an unconditional sample.")
+    io.add_argument("--prompts-file", help="A text file with one prompt per line (blank lines skipped).")
+    io.add_argument("--seed", type=int, default=0, help="Seed of each prompt's first image.")
+    io.add_argument("--num-images", type=int, default=1, help="Images per prompt, with seeds seed, seed+1, ...")
+    io.add_argument("--batch-size", type=int, default=4, help="Samples generated together.")
+    io.add_argument("--out", default="samples", help="Folder for the PNG files (created if missing).")
+    io.add_argument("--config", help="YAML file with any of the options below (flags override it).")
+    io.add_argument("--sampler", default=argparse.SUPPRESS, help="Sampler preset name or spec (see `maskray sample --help`); default vanilla.")
+    add_model_arguments(parser, ModelConfig, "model")
+    add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    file_values = load_config_file(args.config)
+    model_config = build_model(ModelConfig, file_values, args)
+    settings = build_model(GenerationSettings, file_values, args)
+    prompts = read_prompts(args)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num-images and --batch-size must be >= 1")
+
+    import mgt
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    from tqdm import tqdm
+
+    pipe = mgt.load_pipeline(model_config.model, dtype=model_config.dtype, device=model_config.device,
+                             variant=model_config.variant)
+    jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(prompts) for k in range(args.num_images)]
+    steps = settings.steps or pipe.defaults.steps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(jobs) * steps, unit="step", desc="sampling") as bar:
+        for start in range(0, len(jobs), args.batch_size):
+            chunk = jobs[start:start + args.batch_size]
+            result = pipe.generate(
+                [p for _, p, _ in chunk], [s for _, _, s in chunk], negative_prompts=settings.negative_prompt,
+                steps=settings.steps, guidance=settings.guidance, width=settings.width, height=settings.height,
+                sampler=settings.sampler, on_step=lambda _: bar.update(len(chunk)),
+            )
+            for (index, prompt, seed), image in zip(chunk, result.images):
+                info = PngInfo()
+                info.add_text("maskray", json.dumps({"prompt": prompt, "seed": seed, "model": model_config.model,
+                                                     **settings.model_dump(mode="json")}))
+                path = out / f"{index:04d}_{_slug(prompt)}_s{seed}.png"
+                Image.fromarray(image).save(path, pnginfo=info)
+    print(f"wrote {len(jobs)} images to {out}/")
+    return 0
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "unconditional"

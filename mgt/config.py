@@ -1,0 +1,47 @@
+"""Typed model and generation settings, shared by the CLI, YAML files, Ray jobs and HTTP requests.
+
+These pydantic models hold the only copy of each default and its help text; the CLI builds its flags
+from them (``jobs/cli_args.py``) and every config file parses into them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mgt.sampler_config import SamplerConfig
+
+
+class ModelConfig(BaseModel):
+    """Which model to load and where it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = Field("tiny-meissonic", description="Registered name (tiny-meissonic, tiny-monetico, tiny-amused), "
+                       "local folder in the hub layout, s3:// or gs:// URI, or hub id such as MeissonFlow/Meissonic.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights and activations precision of the "
+                                                   "transformer and text encoder (sampling math is always fp32).")
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (a GPU if one is visible, else CPU).")
+    variant: str | None = Field(None, description="Weight file variant, e.g. fp16 for *.fp16.safetensors.")
+
+
+class GenerationSettings(BaseModel):
+    """Per-image generation settings; None means the model family's default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int | None = Field(None, ge=1, description="Sampling steps T (Meissonic 64, aMUSEd 12).")
+    guidance: float | None = Field(None, ge=0, description="Classifier-free guidance scale; CFG runs when > 1 "
+                                   "(Meissonic 9, aMUSEd 10).")
+    width: int | None = Field(None, gt=0, description="Image width in pixels (multiple of the VQ scale factor, "
+                              "x2 when the transformer down-samples).")
+    height: int | None = Field(None, gt=0, description="Image height in pixels (same rule as width).")
+    negative_prompt: str | None = Field(None, description="Negative prompt for the unconditional CFG branch "
+                                        "(Meissonic: the reference negative prompt; aMUSEd: empty).")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Sampler configuration.")
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _parse_sampler(cls, value):
+        return SamplerConfig.from_spec(value) if isinstance(value, (str, dict)) else value

@@ -1,0 +1,229 @@
+"""Finding and loading MGT checkpoints: registered names, local folders, hub ids and object-store URIs.
+
+A model is a folder in the diffusers hub layout (``transformer/ vqvae/ text_encoder/ tokenizer/
+scheduler/``, as ``MeissonFlow/Meissonic``, ``Collov-Labs/Monetico`` and ``amused/amused-512`` ship).
+Weights are built on the meta device and filled from safetensors, so loading never allocates a
+randomly initialised copy, and any mismatch between config and weights is reported in one error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+OBJECT_STORE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
+HUB_PATTERNS = ["*.json", "tokenizer/*", "*.txt"]
+SUBFOLDERS = ("transformer", "vqvae", "text_encoder", "tokenizer")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or does not match its config; the message names the path and the fix."""
+
+
+# Registered names resolve to a builder that writes the model into the given folder.
+_REGISTRY: dict[str, Callable[[Path], None]] = {}
+
+
+def register_model(name: str, build: Callable[[Path], None]) -> None:
+    """Make ``name`` resolve to a folder that ``build(folder)`` writes once into the local cache."""
+    if name in _REGISTRY:
+        raise ValueError(f"model name {name!r} is already registered")
+    _REGISTRY[name] = build
+
+
+def registered_models() -> list[str]:
+    _ensure_builtin_registrations()
+    return sorted(_REGISTRY)
+
+
+def _ensure_builtin_registrations() -> None:
+    import mgt.tiny  # noqa: F401  (registers tiny-meissonic, tiny-monetico, tiny-amused)
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The local cache: ``override``, else ``$MASKRAY_CACHE``, else ``~/.cache/maskray``."""
+    root = override or os.environ.get("MASKRAY_CACHE") or Path.home() / ".cache" / "maskray"
+    return Path(root)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> the first GPU if there is one, else CPU; a named device is checked."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA device is visible; use --device cpu")
+    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
+    return resolved
+
+
+def resolve_model_path(
+    path_or_id: str | os.PathLike,
+    cache: str | os.PathLike | None = None,
+    variant: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Path:
+    """A local folder holding the model named by ``path_or_id``.
+
+    Order: a registered name (built once into the cache), an existing local folder, an object-store
+    URI (downloaded once into the cache), then a hub id (``huggingface_hub.snapshot_download``, which
+    honours ``HF_HUB_OFFLINE``).
+    """
+    _ensure_builtin_registrations()
+    spec = str(path_or_id)
+    root = cache_dir(cache)
+    if spec in _REGISTRY:
+        return _build_registered(spec, root / "models" / spec)
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return local
+    if spec.startswith(OBJECT_STORE_SCHEMES):
+        return _download_object_store(spec, root / "objects", storage_options or {})
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(
+            f"model {spec!r} is not a local folder, not an object-store URI and not a hub id (owner/name); "
+            f"registered names: {', '.join(registered_models())}"
+        )
+    return _download_hub(spec, root / "hub", variant)
+
+
+def _build_registered(name: str, folder: Path) -> Path:
+    marker = folder / ".maskray-complete"
+    if not marker.exists():
+        staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        _REGISTRY[name](staging)
+        (staging / ".maskray-complete").touch()
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.replace(folder)
+    return folder
+
+
+def _download_object_store(uri: str, root: Path, storage_options: dict[str, Any]) -> Path:
+    import fsspec
+
+    target = root / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    if (target / ".maskray-complete").exists():
+        return target
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    if not fs.exists(path):
+        raise ModelLoadError(f"model URI {uri!r} does not exist (check the bucket, the prefix and credentials)")
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for remote in fs.find(path):
+        relative = remote[len(path.rstrip("/")) + 1:]
+        local = staging / relative
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(local))
+    (staging / ".maskray-complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    staging.replace(target)
+    return target
+
+
+def _download_hub(repo_id: str, root: Path, variant: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    suffix = f".{variant}" if variant else ""
+    patterns = HUB_PATTERNS + [f"*/diffusion_pytorch_model{suffix}.safetensors*", f"*/model{suffix}.safetensors*",
+                               f"*/diffusion_pytorch_model{suffix}-*.safetensors", f"*/model{suffix}-*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=root, allow_patterns=patterns))
+    except LocalEntryNotFoundError as error:
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the local hub cache {root} and the hub cannot be reached "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it once with network access "
+            f"or pass a local folder; registered names: {', '.join(registered_models())}"
+        ) from error
+    except (RepositoryNotFoundError, HfHubHTTPError) as error:
+        raise ModelLoadError(f"hub id {repo_id!r} could not be fetched: {error}") from error
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a component folder, without the private ``_`` keys."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"missing {path}: a model folder needs {'/, '.join(SUBFOLDERS)}/ with their configs")
+    with open(path) as f:
+        config = json.load(f)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def weight_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
+    """The safetensors file(s) of a component: single file or shards listed in an index."""
+    suffix = f".{variant}" if variant else ""
+    single = folder / f"{stem}{suffix}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{stem}{suffix}.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    available = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise ModelLoadError(
+        f"no weights {single.name} in {folder} (found: {available or 'none'})"
+        + ("; drop variant=" + repr(variant) if variant and available else "")
+    )
+
+
+def load_component(cls: type, folder: Path, dtype: torch.dtype, device: torch.device,
+                   variant: str | None = None, stem: str = "diffusion_pytorch_model") -> torch.nn.Module:
+    """Build ``cls.from_config`` on the meta device and fill it from the folder's safetensors strictly."""
+    config = read_config(folder)
+    try:
+        with torch.device("meta"):
+            module = cls.from_config(config)
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"{folder / 'config.json'} does not describe a {cls.__name__}: {error}") from error
+    state = {}
+    for file in weight_files(folder, stem, variant):
+        state.update(load_file(file, device=str(device)))
+    check_state_dict(module, state, folder)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.to(device=device).eval().requires_grad_(False)
+
+
+def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Raise one :class:`ModelLoadError` listing missing, unexpected and mis-shaped tensors."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: weights {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+        problems = [f"missing {head(missing)}" if missing else "", f"unexpected {head(unexpected)}" if unexpected else "",
+                    f"shape mismatch {head(shapes)}" if shapes else ""]
+        raise ModelLoadError(
+            f"weights in {folder} do not match {folder / 'config.json'}: " + "; ".join(p for p in problems if p)
+        )
+

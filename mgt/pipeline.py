@@ -1,0 +1,284 @@
+"""Text-to-image generation with a masked generative transformer: encode -> sample tokens -> VQ decode.
+
+``MGTPipeline.generate`` reads top to bottom like the reference pipelines (Meissonic ``src/pipeline.py``,
+diffusers ``AmusedPipeline``): validate, encode prompt and negative prompt, build micro-conditions, run
+the sampler with one generator per sample, decode with the VQ model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from diffusers import VQModel
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from mgt import loading, sampling
+from mgt.amused import AmusedTransformer
+from mgt.meissonic import MeissonicTransformer
+from mgt.sampler_config import SamplerConfig
+from mgt.text import TextConditioner
+
+# The negative prompt of every official Meissonic script (inference.py, app.py) and the paper's evaluation.
+MEISSONIC_NEGATIVE_PROMPT = (
+    "worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, text, jpeg artifacts, "
+    "signature, sketch, duplicate, ugly, identifying mark"
+)
+
+Family = Literal["meissonic", "amused"]
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Generation settings a model family ships with; a model folder may override them."""
+
+    steps: int
+    guidance: float
+    negative_prompt: str
+    width: int
+    height: int
+    micro_score: float = 6.0  # 5th micro-condition: aesthetic/HPS score targeted in training
+    text_max_length: int = 77
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # (B, h, w) int64 on CPU
+    images: np.ndarray | None  # (B, H, W, 3) uint8, or None when only tokens were asked for
+    nfe: int  # transformer calls per generation
+    seconds: float  # wall time of the whole batch
+
+
+@dataclass
+class MGTPipeline:
+    """A loaded model: transformer, VQ decoder, text conditioner and the family's defaults."""
+
+    family: Family
+    transformer: torch.nn.Module
+    vqvae: VQModel
+    text: TextConditioner
+    defaults: ModelDefaults
+    mask_token_id: int
+    name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (VQ scale x 2 when the transformer down-samples)."""
+        return self.vae_scale_factor * self.transformer.token_grid_multiple
+
+    def check_size(self, width: int, height: int) -> None:
+        """Raise a ValueError naming the nearest valid sizes when ``width``/``height`` do not fit the model."""
+        step = self.size_multiple
+        for axis, value in (("width", width), ("height", height)):
+            if value < step or value % step:
+                lower = max(step, value // step * step)
+                upper = lower + step if value > lower else lower
+                raise ValueError(
+                    f"{axis} {value} is not a multiple of {step} (VQ scale {self.vae_scale_factor}"
+                    f"{' x 2 for the down-sampling transformer' if step != self.vae_scale_factor else ''}); "
+                    f"nearest valid: {lower} or {upper}"
+                )
+
+    def micro_conds(self, batch: int, width: int, height: int) -> torch.Tensor:
+        """``[width, height, crop_top, crop_left, score]`` per row, as both reference pipelines build it."""
+        row = torch.tensor([width, height, 0, 0, self.defaults.micro_score], dtype=self.transformer.dtype,
+                           device=self.device)
+        return row.unsqueeze(0).expand(batch, -1)
+
+    def make_generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        """One generator per sample, on the model's device (CPU generators reproduce diffusers exactly)."""
+        return [torch.Generator(device=self.device).manual_seed(int(seed)) for seed in seeds]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        negative_prompts: Sequence[str] | str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: SamplerConfig | None = None,
+        decode: bool = True,
+        on_step: Callable[[int], None] | None = None,
+    ) -> GenerationOutput:
+        """Generate one image per (prompt, seed).
+
+        Args:
+            prompts: B prompts; an empty string is an unconditional sample.
+            seeds: B seeds, one generator each: a sample depends only on (prompt, seed, settings).
+            negative_prompts: one per prompt, one for all, or None for the family default.
+            steps, guidance, width, height: None means the model's defaults. CFG runs when guidance > 1.
+            sampler: the sampling configuration; None is vanilla.
+            decode: False returns tokens only.
+            on_step: called with the step index after each step (progress bars).
+        """
+        started = time.perf_counter()
+        d = self.defaults
+        steps = d.steps if steps is None else int(steps)
+        guidance = d.guidance if guidance is None else float(guidance)
+        width = d.width if width is None else int(width)
+        height = d.height if height is None else int(height)
+        sampler = sampler or SamplerConfig()
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if not prompts:
+            raise ValueError("nothing to generate: the prompt list is empty")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        self.check_size(width, height)
+        negatives = _negatives(negative_prompts, d.negative_prompt, len(prompts))
+
+        hidden, pooled = self.text.encode(list(prompts))
+        use_cfg = guidance > 1.0
+        if use_cfg:
+            neg_hidden, neg_pooled = self.text.encode(negatives)
+            hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
+        micro = self.micro_conds(hidden.shape[0], width, height)
+        hidden, pooled = hidden.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
+
+        def predict(tokens: torch.Tensor, step_value: int) -> torch.Tensor:
+            model_input = torch.cat([tokens, tokens]) if use_cfg else tokens
+            timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
+            logits = self.transformer(model_input, hidden, pooled, micro, timestep)
+            return sampling.apply_guidance(logits, guidance) if use_cfg else logits
+
+        scale = self.vae_scale_factor
+        shape = (len(prompts), height // scale, width // scale)
+        result = sampling.sample(predict, shape, steps, self.make_generators(seeds), self.mask_token_id,
+                                 sampler, device=self.device, on_step=on_step)
+        images = self.decode(result.tokens) if decode else None
+        return GenerationOutput(result.tokens.cpu(), images, result.nfe, time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        """VQ-decode `(B, h, w)` token ids to `(B, H, W, 3)` uint8 images (fp16 VQ upcast, as diffusers)."""
+        vq = self.vqvae
+        if vq.dtype == torch.float16 and vq.config.force_upcast:
+            vq = vq.float()
+        batch, h, w = tokens.shape
+        pixels = vq.decode(tokens.to(vq.device), force_not_quantize=True,
+                           shape=(batch, h, w, vq.config.latent_channels)).sample.clip(0, 1)
+        return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def _negatives(negative_prompts: Sequence[str] | str | None, default: str, count: int) -> list[str]:
+    if negative_prompts is None:
+        return [default] * count
+    if isinstance(negative_prompts, str):
+        return [negative_prompts] * count
+    if len(negative_prompts) != count:
+        raise ValueError(f"got {len(negative_prompts)} negative prompts for {count} prompts")
+    return [default if n is None else n for n in negative_prompts]
+
+
+def detect_family(model_dir: Path) -> Family:
+    """``meissonic`` or ``amused``, from ``transformer/config.json``."""
+    path = model_dir / "transformer" / "config.json"
+    if not path.is_file():
+        raise loading.ModelLoadError(
+            f"missing {path}: {model_dir} is not in the hub layout (transformer/ vqvae/ text_encoder/ tokenizer/)"
+        )
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("_class_name") == "UVit2DModel" or "hidden_size" in config:
+        return "amused"
+    if "num_single_layers" in config:
+        return "meissonic"
+    raise loading.ModelLoadError(f"{path} is neither a Meissonic nor an aMUSEd (UVit2DModel) transformer config")
+
+
+def load_transformer(
+    path_or_id: str,
+    dtype: str | torch.dtype | None = "fp32",
+    device: str | torch.device | None = "cpu",
+    variant: str | None = None,
+    cache_dir: str | None = None,
+) -> torch.nn.Module:
+    """The transformer of a model: ``forward(token_ids, encoder_hidden_states, pooled_projections,
+    micro_conds, timestep) -> logits (B, codebook, H, W)``; it builds the RoPE ids itself."""
+    model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
+    cls = MeissonicTransformer if detect_family(model_dir) == "meissonic" else AmusedTransformer
+    return loading.load_component(cls, model_dir / "transformer", loading.resolve_dtype(dtype),
+                                  loading.resolve_device(device), variant)
+
+
+def load_pipeline(
+    path_or_id: str,
+    dtype: str | torch.dtype | None = "fp32",
+    device: str | torch.device | None = "auto",
+    variant: str | None = None,
+    cache_dir: str | None = None,
+) -> MGTPipeline:
+    """Load a whole model (registered name, local folder, ``s3://``/``gs://`` URI or hub id).
+
+    ``dtype`` applies to the transformer and text encoder; the VQ decoder stays in fp32 unless fp16/bf16
+    is asked for, in which case diffusers' ``force_upcast`` rule still decodes fp16 in fp32.
+    """
+    model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
+    family = detect_family(model_dir)
+    torch_dtype, torch_device = loading.resolve_dtype(dtype), loading.resolve_device(device)
+    for sub in loading.SUBFOLDERS:
+        if not (model_dir / sub).is_dir():
+            raise loading.ModelLoadError(f"missing subfolder {model_dir / sub}; a model folder needs "
+                                         f"{', '.join(s + '/' for s in loading.SUBFOLDERS)}")
+    cls = MeissonicTransformer if family == "meissonic" else AmusedTransformer
+    transformer = loading.load_component(cls, model_dir / "transformer", torch_dtype, torch_device, variant)
+    vqvae = loading.load_component(VQModel, model_dir / "vqvae", torch_dtype, torch_device, variant)
+    text_encoder = _load_text_encoder(model_dir / "text_encoder", torch_dtype, torch_device, variant)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    mask_token_id = _mask_token_id(model_dir, transformer)
+    defaults = _defaults(model_dir, family, transformer, vqvae, tokenizer)
+    text = TextConditioner(tokenizer, text_encoder, defaults.text_max_length)
+    return MGTPipeline(family, transformer, vqvae, text, defaults, mask_token_id, name=str(path_or_id))
+
+
+def _load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None):
+    loading.read_config(folder)  # clear error when the folder is incomplete
+    loading.weight_files(folder, "model", variant)
+    return CLIPTextModelWithProjection.from_pretrained(folder, dtype=dtype, variant=variant).to(device).eval()
+
+
+def _mask_token_id(model_dir: Path, transformer: torch.nn.Module) -> int:
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        with open(path) as f:
+            mask_id = json.load(f).get("mask_token_id", transformer.mask_token_id)
+        if mask_id != transformer.mask_token_id:
+            raise loading.ModelLoadError(f"{path} says mask_token_id={mask_id} but the transformer's vocab_size-1 "
+                                         f"is {transformer.mask_token_id}")
+    return transformer.mask_token_id
+
+
+def _defaults(model_dir: Path, family: Family, transformer, vqvae: VQModel, tokenizer) -> ModelDefaults:
+    scale = 2 ** (len(vqvae.config.block_out_channels) - 1)
+    if family == "meissonic":
+        side = (64 if transformer.config.downsample else 32) * scale  # Meissonic-1024 / Monetico-512
+        values = dict(steps=64, guidance=9.0, negative_prompt=MEISSONIC_NEGATIVE_PROMPT, width=side, height=side)
+    else:
+        side = transformer.config.sample_size * scale
+        values = dict(steps=12, guidance=10.0, negative_prompt="", width=side, height=side,
+                      text_max_length=min(tokenizer.model_max_length, 77))
+    index = model_dir / "model_index.json"
+    if index.is_file():
+        with open(index) as f:
+            values.update(json.load(f).get("_maskray_defaults", {}))
+    return ModelDefaults(**values)

@@ -1,0 +1,63 @@
+"""Mask schedules: the fraction of tokens still masked after each step (arXiv 2411.10781 §2, §6).
+
+A schedule maps progress ``r = (i+1)/T`` (the share of steps done after step ``i``) to a mask ratio in
+[0, 1] that falls from 1 towards 0. ``cosine`` and ``linear`` are computed exactly as diffusers'
+``AmusedScheduler.step`` does (float32 torch arithmetic), so the per-step mask counts are bit-identical
+to the reference sampler; the others are the families the paper's "new mask schedule" is drawn from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+MaskSchedule = Callable[[torch.Tensor], torch.Tensor]
+
+
+def cosine(ratio: torch.Tensor) -> torch.Tensor:
+    return torch.cos(ratio * math.pi / 2)
+
+
+def linear(ratio: torch.Tensor) -> torch.Tensor:
+    return 1 - ratio
+
+
+def arccos(ratio: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(ratio.clamp(0, 1)) / (math.pi / 2)
+
+
+def power(p: float) -> MaskSchedule:
+    """``1 - r**p``: p < 1 reveals many tokens early, p > 1 few."""
+
+    def schedule(ratio: torch.Tensor) -> torch.Tensor:
+        return 1 - ratio**p
+
+    return schedule
+
+
+def get_schedule(name: str, power_exponent: float = 2.0) -> MaskSchedule:
+    """The schedule called ``name`` (``cosine``, ``linear``, ``arccos`` or ``power``)."""
+    schedules: dict[str, MaskSchedule] = {"cosine": cosine, "linear": linear, "arccos": arccos}
+    if name == "power":
+        return power(power_exponent)
+    if name not in schedules:
+        raise ValueError(f"unknown mask schedule {name!r}; choose one of {sorted([*schedules, 'power'])}")
+    return schedules[name]
+
+
+def mask_ratio(schedule: MaskSchedule, step_index: int, num_steps: int) -> torch.Tensor:
+    """Mask ratio after step ``step_index`` of ``num_steps``, as a float32 scalar tensor."""
+    ratio = torch.tensor(step_index + 1) / num_steps  # float32, as in AmusedScheduler.step
+    return schedule(ratio)
+
+
+def num_to_mask(schedule: MaskSchedule, step_index: int, num_steps: int, seq_len: int, num_masked: int) -> int:
+    """How many tokens stay masked after step ``step_index`` (``m_i`` of paper-spec §2.1, step 6).
+
+    ``floor(seq_len * ratio)``, clipped to ``[1, num_masked - 1]`` so every step reveals at least one
+    token and at least one stays masked until the last step (which reveals everything).
+    """
+    wanted = int(torch.floor(seq_len * mask_ratio(schedule, step_index, num_steps)).item())
+    return max(1, min(num_masked - 1, wanted))

@@ -1,0 +1,137 @@
+"""Tiny random models in the real hub layouts, built locally so tests and demos need no download.
+
+``tiny-meissonic`` (1024-style: the transformer down-samples), ``tiny-monetico`` (512-style: it does
+not) and ``tiny-amused`` (diffusers ``UVit2DModel``) are complete models: transformer, VQ, CLIP text
+encoder, a CLIP tokenizer written here (byte-level BPE over single characters), scheduler config and
+``model_index.json``. Weights are seeded, so every machine builds the same model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import VQModel
+from diffusers.models.unets.uvit_2d import UVit2DModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from mgt.loading import register_model
+from mgt.meissonic import MeissonicTransformer
+
+TEXT_WIDTH = 32
+CODEBOOK = 64
+# Tiny models default to small, fast images; model_index.json carries these under _maskray_defaults.
+TINY_DEFAULTS = {"steps": 16, "width": 64, "height": 64}
+
+
+def write_tokenizer(folder: Path, words: list[str] = ()) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single bytes, plus merges that make each of ``words`` one token."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if (symbols[0], symbols[1]) not in merges:
+                merges.append((symbols[0], symbols[1]))
+            vocab.setdefault(merged, len(vocab))
+            symbols = [merged] + symbols[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_text_encoder(folder: Path, vocab_size: int, width: int = TEXT_WIDTH, layers: int = 2) -> None:
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=width, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                            pad_token_id=0)
+    CLIPTextModelWithProjection(config).save_pretrained(folder)
+
+
+def tiny_vqvae(blocks: int = 3, codebook: int = CODEBOOK) -> VQModel:
+    """A VQ model with scale factor ``2**(blocks-1)`` and the Meissonic/aMUSEd decoding path."""
+    return VQModel(act_fn="silu", block_out_channels=[16] * blocks, down_block_types=["DownEncoderBlock2D"] * blocks,
+                   up_block_types=["UpDecoderBlock2D"] * blocks, in_channels=3, out_channels=3, latent_channels=8,
+                   layers_per_block=1, norm_num_groups=8, num_vq_embeddings=codebook, sample_size=32,
+                   mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True)
+
+
+def tiny_meissonic_transformer(downsample: bool, codebook: int = CODEBOOK, layers: int = 1,
+                               single_layers: int = 1) -> MeissonicTransformer:
+    return MeissonicTransformer(num_layers=layers, num_single_layers=single_layers, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=32,
+                                axes_dims_rope=(4, 6, 6), vocab_size=codebook + 1, codebook_size=codebook,
+                                downsample=downsample, upsample=downsample)
+
+
+def tiny_amused_transformer(codebook: int = CODEBOOK) -> UVit2DModel:
+    return UVit2DModel(hidden_size=32, use_bias=False, hidden_dropout=0.0, cond_embed_dim=TEXT_WIDTH,
+                       micro_cond_encode_dim=2, micro_cond_embed_dim=10, encoder_hidden_size=TEXT_WIDTH,
+                       vocab_size=codebook + 1, codebook_size=codebook, in_channels=16, block_out_channels=16,
+                       num_res_blocks=1, downsample=True, upsample=True, block_num_heads=1, num_hidden_layers=1,
+                       num_attention_heads=2, attention_dropout=0.0, intermediate_size=32, layer_norm_eps=1e-6,
+                       ln_elementwise_affine=True, sample_size=16)
+
+
+def write_model(folder: Path, transformer: torch.nn.Module, vqvae: VQModel, family: str,
+                defaults: dict | None = None, seed: int = 0, words: list[str] = ()) -> None:
+    """Write a complete model folder in the hub layout around a transformer and a VQ model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(folder / "transformer")
+    if family == "meissonic":  # the hub config names the reference class, not ours
+        path = folder / "transformer" / "config.json"
+        config = json.loads(path.read_text())
+        config["_class_name"] = "Transformer2DModel"
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    vqvae.save_pretrained(folder / "vqvae")
+    tokenizer = write_tokenizer(folder / "tokenizer", words)
+    torch.manual_seed(seed + 1)
+    write_text_encoder(folder / "text_encoder", len(tokenizer))
+    mask_id = transformer.config.vocab_size - 1
+    scheduler_class = "Scheduler" if family == "meissonic" else "AmusedScheduler"
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": scheduler_class, "mask_token_id": mask_id, "masking_schedule": "cosine"}, indent=2))
+    index = {"_class_name": "Pipeline" if family == "meissonic" else "AmusedPipeline",
+             "scheduler": ["scheduler", scheduler_class],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "transformer": ["transformer", "Transformer2DModel"] if family == "meissonic"
+             else ["diffusers", "UVit2DModel"],
+             "vqvae": ["diffusers", "VQModel"]}
+    if defaults:
+        index["_maskray_defaults"] = defaults
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_tiny(folder: Path, kind: str, seed: int = 0) -> None:
+    """Write tiny model ``kind`` (``meissonic``, ``monetico`` or ``amused``) into ``folder``."""
+    torch.manual_seed(seed)
+    if kind == "amused":
+        transformer = tiny_amused_transformer()
+    elif kind in ("meissonic", "monetico"):
+        transformer = tiny_meissonic_transformer(downsample=kind == "meissonic")
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose meissonic, monetico or amused")
+    _perturb(transformer)  # zero-initialised gates would make the blocks no-ops
+    vqvae = tiny_vqvae()
+    write_model(folder, transformer, vqvae, "amused" if kind == "amused" else "meissonic",
+                defaults=dict(TINY_DEFAULTS), seed=seed)
+
+
+@torch.no_grad()
+def _perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
+    for parameter in module.parameters():
+        parameter.add_(torch.randn_like(parameter) * scale)
+
+
+for _kind in ("meissonic", "monetico", "amused"):
+    register_model(f"tiny-{_kind}", lambda folder, kind=_kind: build_tiny(folder, kind))
