@@ -1,0 +1,1 @@
+"""Sampler evaluation: paired statistics against a baseline and the report built from them."""
