@@ -1,0 +1,139 @@
+"""``Generator``: a loaded MGT that turns a batch of prompt rows into a batch of encoded-image rows.
+
+The same plain class is a Ray Data ``map_batches`` UDF (``compute=ActorPoolStrategy``) and can be the body
+of a Serve deployment: ``__init__`` loads the model once per actor, ``__call__`` maps a column batch to a
+column batch. Images leave the actor as compact PNG/WebP/JPEG bytes, never as Python objects, so the object
+store accounts for them exactly (ray-anchors §4, issue #44577).
+
+Bad rows are data (STYLE.md 9): a row that fails gets an ``error`` column "Type: message" and empty image
+bytes in the good rows' schema, and the job goes on; ``fail_fast=True`` re-raises instead.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any, Literal
+
+import numpy as np
+
+from mgt.config import GenerationSettings, ModelConfig
+
+ImageFormat = Literal["png", "webp", "jpeg"]
+# What each input row must carry (column -> description), checked on entry.
+REQUIRED_COLUMNS = {
+    "prompt": "the text prompt (str; '' is an unconditional sample)",
+    "seed": "the sample's seed (int64): the image depends only on (prompt, seed, settings)",
+}
+OPTIONAL_COLUMNS = {"negative_prompt": "per-row negative prompt (str); '' or missing means the run's setting"}
+ERROR_PROMPT_CHARS = 80
+
+
+class Generator:
+    """A masked generative transformer held by one actor: prompt rows in, image rows out.
+
+    Args:
+        model: which checkpoint to load, its dtype and device. The pipeline passes ``cuda`` for a stage given
+            GPUs (Ray sets ``CUDA_VISIBLE_DEVICES`` to the actor's GPUs, so ``cuda`` is its own) and ``cpu``
+            otherwise, so a CPU actor on a GPU node never grabs a GPU it was not assigned.
+        settings: steps, guidance, size, negative prompt and sampler, shared by every row.
+        image_format: ``png`` (lossless, default), ``webp`` or ``jpeg``.
+        image_quality: WebP/JPEG quality 1-100 (PNG ignores it).
+        fail_fast: re-raise the first row error instead of recording it.
+        torch_threads: intra-op threads for this actor; ``None`` keeps what Ray set (``OMP_NUM_THREADS`` =
+            the actor's CPUs, at least 1).
+    """
+
+    def __init__(self, model: ModelConfig | dict, settings: GenerationSettings | dict, *,
+                 image_format: ImageFormat = "png", image_quality: int = 95, fail_fast: bool = False,
+                 torch_threads: int | None = None):
+        import torch
+
+        import mgt
+
+        self.model = ModelConfig.model_validate(model)
+        self.settings = GenerationSettings.model_validate(settings)
+        if image_format not in ("png", "webp", "jpeg"):
+            raise ValueError(f"unknown image_format {image_format!r}; choose png, webp or jpeg")
+        self.image_format, self.image_quality, self.fail_fast = image_format, int(image_quality), fail_fast
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.pipe = mgt.load_pipeline(self.model.model, dtype=self.model.dtype, device=self.model.device,
+                                      variant=self.model.variant)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Generate one image per row.
+
+        Args:
+            batch: columns of B rows; ``prompt`` and ``seed`` required, ``negative_prompt`` optional, every
+                other column (``prompt_id``, ``sample_idx`` ...) is passed through untouched.
+
+        Returns:
+            The input columns plus ``image`` (B,) encoded bytes (``b""`` for a failed row), ``nfe`` (B,)
+            int64 transformer calls, ``gen_seconds`` (B,) float64 (the batch's wall time shared equally by
+            its rows) and ``error`` (B,) str ("" when the row succeeded).
+        """
+        missing = [name for name in REQUIRED_COLUMNS if name not in batch]
+        if missing:
+            raise KeyError(f"Generator needs columns {missing} ({'; '.join(REQUIRED_COLUMNS[m] for m in missing)}); "
+                           f"got {sorted(batch)}")
+        prompts = [str(p) for p in batch["prompt"]]
+        seeds = [int(s) for s in batch["seed"]]
+        negatives = self._negatives(batch)
+        count = len(prompts)
+        images: list[bytes] = [b""] * count
+        errors: list[str] = [""] * count
+        nfe = np.zeros(count, dtype=np.int64)
+        started = time.perf_counter()
+        try:
+            self._generate(range(count), prompts, seeds, negatives, images, nfe)
+        except Exception:  # noqa: BLE001 - isolate the failing rows; batch-mates do not depend on each other
+            if self.fail_fast:
+                raise
+            for index in range(count):  # per-sample generators: a row alone gives the same image as in a batch
+                try:
+                    self._generate([index], prompts, seeds, negatives, images, nfe)
+                except Exception as error:  # noqa: BLE001 - a bad row is data, not a dead job
+                    errors[index] = _describe(error, prompts[index])
+        seconds = (time.perf_counter() - started) / max(count, 1)
+        out = {name: np.asarray(column) for name, column in batch.items()}
+        out["image"] = np.array(images, dtype=object)
+        out["nfe"] = nfe
+        out["gen_seconds"] = np.full(count, seconds, dtype=np.float64)
+        out["error"] = np.array(errors, dtype=object)
+        return out
+
+    def _negatives(self, batch: dict[str, np.ndarray]) -> list[str | None] | str | None:
+        """Per-row negative prompts; a missing or empty cell means the run's setting (None: family default)."""
+        default = self.settings.negative_prompt
+        if "negative_prompt" not in batch:
+            return default
+        return [n if isinstance(n, str) and n else default for n in batch["negative_prompt"]]
+
+    def _generate(self, rows, prompts, seeds, negatives, images, nfe) -> None:
+        rows = list(rows)
+        s = self.settings
+        result = self.pipe.generate([prompts[i] for i in rows], [seeds[i] for i in rows],
+                                    negative_prompts=negatives if not isinstance(negatives, list)
+                                    else [negatives[i] for i in rows],
+                                    steps=s.steps, guidance=s.guidance, width=s.width, height=s.height,
+                                    sampler=s.sampler)
+        for position, index in enumerate(rows):
+            images[index] = encode_image(result.images[position], self.image_format, self.image_quality)
+            nfe[index] = result.nfe
+
+
+def encode_image(pixels: np.ndarray, image_format: ImageFormat, quality: int = 95) -> bytes:
+    """`(H, W, 3)` uint8 pixels -> PNG/WebP/JPEG bytes (PNG at zlib level 6; WebP/JPEG at ``quality``)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    options: dict[str, Any] = {} if image_format == "png" else {"quality": quality}
+    Image.fromarray(pixels).save(buffer, format=image_format.upper(), **options)
+    return buffer.getvalue()
+
+
+def _describe(error: BaseException, prompt: str) -> str:
+    """``"Type: message (prompt: '...')"`` with the prompt truncated, as Ray Data LLM's row errors."""
+    short = prompt if len(prompt) <= ERROR_PROMPT_CHARS else prompt[:ERROR_PROMPT_CHARS] + "..."
+    return f"{type(error).__name__}: {error} (prompt: {short!r})"

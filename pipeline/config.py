@@ -1,0 +1,115 @@
+"""The typed configuration of a ``maskray generate`` job and its config hash.
+
+``JobOptions`` is flat so that every field is one CLI flag and one YAML key (``jobs/cli_args.py``); the
+model and generation settings are the engine's own ``ModelConfig`` / ``GenerationSettings``, so a sampler,
+a quantization or a token-merging option spelled in ``maskray sample`` is spelled the same here.
+Defaults run on a laptop: local Ray, CPU, the tiny model, no scorer download.
+
+``GenerateConfig.config_hash()`` covers an explicit list of factors that change the output files (pixels,
+file format, scores, derived seeds). It keys ``--out``: a rerun with the same hash resumes, another hash is
+refused (``pipeline.manifest``). Every ``JobOptions`` field must be listed in ``HASHED_OPTIONS`` or in
+``UNHASHED_OPTIONS`` (a test enforces it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.scorer import ScorerConfig
+from mgt.config import GenerationSettings, ModelConfig
+
+
+class JobOptions(BaseModel):
+    """Input, output and Ray Data sizing of a batch generation job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts: str = Field("examples/prompts.parquet", description="Prompt shards: a Parquet file, a folder or a "
+                         "glob of them, local or s3:// / gs://. Columns: prompt (required), prompt_id, seed, "
+                         "negative_prompt, num_images (optional).")
+    out: str = Field("out", description="Output root, a local folder or s3:// / gs:// URI: images/, metrics.parquet, "
+                     "manifest.json. Rerunning into the same --out resumes the run.")
+    seed: int = Field(0, description="Run seed: a row without a seed gets one derived from (prompt_id, run seed, "
+                      "sample index); a row with a seed uses seed + sample index.")
+    num_images: int = Field(1, ge=1, description="Images per prompt for rows without a num_images value.")
+    image_format: Literal["png", "webp", "jpeg"] = Field("png", description="Encoding of the image files.")
+    image_quality: int = Field(95, ge=1, le=100, description="WebP/JPEG quality (PNG is lossless and ignores it).")
+    webdataset: bool = Field(False, description="Also write WebDataset tar shards (one per written block) under "
+                             "webdataset/.")
+    fail_fast: bool = Field(False, description="Stop the job at the first failed row instead of recording the "
+                            "error in its metrics row.")
+    batch_size: int = Field(4, ge=1, description="Rows per generator call (per GPU forward).")
+    generator_actors: int | None = Field(None, ge=1, description="Generator pool size. Unset: one per GPU "
+                                         "(cluster GPUs / generator-gpus), or on CPU one per 2 cluster CPUs.")
+    generator_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (0: CPU; 0.5 packs two "
+                                  "actors on a GPU).")
+    generator_cpus: float | None = Field(None, gt=0, description="CPUs reserved per generator actor. Unset: 1, "
+                                         "or 0.5 on clusters with at most 4 CPUs so read and write tasks still run.")
+    torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads per actor. Unset: Ray's "
+                                      "setting (the actor's CPUs, at least 1) on GPU actors; on CPU actors the "
+                                      "cluster's CPUs divided by the pool size.")
+    scorer: str | None = Field(None, description="Scorer name (hps-v2, hps-v2.1, clip) or unset for no scoring. "
+                               "The real HPS weights are downloaded once from the hub (xswu/HPSv2).")
+    scorer_checkpoint: str | None = Field(None, description="Scorer weights: local .pt, hub id or s3:// URI "
+                                          "(unset: the scorer's default).")
+    scorer_model: str | None = Field(None, description="Scorer architecture: open_clip name or JSON config file "
+                                     "(HPS), hub id or folder (clip); unset: the scorer's default.")
+    scorer_batch_size: int = Field(16, ge=1, description="Rows per scorer call.")
+    scorer_actors: int = Field(1, ge=1, description="Scorer pool size.")
+    scorer_gpus: float = Field(0.0, ge=0, description="GPUs per scorer actor (fp16 on GPU, fp32 on CPU).")
+    scorer_cpus: float | None = Field(None, gt=0, description="CPUs reserved per scorer actor (unset: as "
+                                      "generator-cpus).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// / gs:// "
+                                            "prompts and --out, e.g. {client_kwargs: {endpoint_url: ...}} (YAML only).")
+
+
+# Factors of the output files: a rerun into the same --out must agree on all of them.
+HASHED_OPTIONS = ("seed", "image_format", "image_quality", "scorer", "scorer_checkpoint", "scorer_model")
+# Throughput, placement, input location and bookkeeping: they never change a written file.
+UNHASHED_OPTIONS = ("prompts", "out", "num_images", "webdataset", "fail_fast", "batch_size", "generator_actors",
+                    "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
+                    "scorer_gpus", "scorer_cpus", "storage_options")
+# ModelConfig fields that only place the model; every other field (quantization, token merging ...) counts.
+UNHASHED_MODEL_FIELDS = ("device",)
+
+
+class GenerateConfig(BaseModel):
+    """Everything a ``maskray generate`` run needs; the manifest records it in full."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    job: JobOptions = Field(default_factory=JobOptions, description="Input, output and stage sizing.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model and where it runs.")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Per-image settings.")
+
+    def hashed_factors(self) -> dict[str, Any]:
+        """The values that change output files, by name (what ``config_hash`` covers)."""
+        job = self.job.model_dump(mode="json")
+        return {
+            "job": {name: job[name] for name in HASHED_OPTIONS},
+            "model": self.model.model_dump(mode="json", exclude=set(UNHASHED_MODEL_FIELDS)),
+            "generation": self.generation.model_dump(mode="json"),
+        }
+
+    def config_hash(self) -> str:
+        """12 hex digits of SHA-256 over ``hashed_factors()``."""
+        payload = json.dumps(self.hashed_factors(), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def scorer_config(self) -> ScorerConfig | None:
+        """The scorer to build, or None when scoring is off; the device follows the stage's GPUs."""
+        job = self.job
+        if job.scorer is None:
+            return None
+        return ScorerConfig(name=job.scorer, checkpoint=job.scorer_checkpoint, model=job.scorer_model,
+                            batch_size=job.scorer_batch_size, device="cuda" if job.scorer_gpus > 0 else "cpu")
+
+    def generator_model(self) -> ModelConfig:
+        """``model`` with ``device=auto`` resolved from the stage's GPUs (see ``actors.generator``)."""
+        if self.model.device != "auto":
+            return self.model
+        return self.model.model_copy(update={"device": "cuda" if self.job.generator_gpus > 0 else "cpu"})

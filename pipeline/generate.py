@@ -1,0 +1,143 @@
+"""The batch generation dataflow: read -> expand -> repartition -> generate -> score -> write, resumable.
+
+``build_dataset`` only builds (lazy Ray Data plan); ``run_generate`` checks the input and ``--out``, then
+executes it into a ``SampleSink`` and finalizes the run. Ray must already be initialised (the job starts
+it: ``jobs/generate_cmd.py``), so the same code runs on a laptop and on a cluster.
+
+Sizing rules (DESIGN.md "Ray facts that bite"): stages use ``compute=ActorPoolStrategy(size=...)``; a GPU
+stage gets an integer batch size; on clusters with at most 4 CPUs actors reserve half a CPU so read and
+write tasks can still be scheduled; tiny prompt shards are coalesced by the reader, so the sample rows are
+repartitioned into blocks of ``batch_size`` rows and every actor gets work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import ray
+
+from actors.generator import Generator
+from actors.scoring_stage import ScoringStage
+from pipeline import manifest as run_manifest
+from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS
+from pipeline.prompts import PromptScan, expand_samples, sample_key, scan_prompts
+from pipeline.sink import SampleSink
+from pipeline.storage import Storage
+
+SMALL_CLUSTER_CPUS = 4
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Resolved resources of one actor stage."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+    torch_threads: int | None
+
+
+def plan_stages(config: GenerateConfig, resources: dict[str, float]) -> tuple[StagePlan, StagePlan | None]:
+    """Pool sizes and per-actor resources for the generator and scorer stages on a cluster of ``resources``.
+
+    Raises:
+        ValueError: GPUs are requested but the cluster has none (names the flag to change).
+    """
+    job = config.job
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    default_cpus = 0.5 if cpus <= SMALL_CLUSTER_CPUS else 1.0
+    for flag, wanted in (("--generator-gpus", job.generator_gpus), ("--scorer-gpus", job.scorer_gpus)):
+        if wanted > gpus:
+            raise ValueError(f"{flag} {wanted} but the Ray cluster has {gpus:g} GPUs; lower {flag} (0 runs on CPU) "
+                             f"or connect to a GPU cluster with RAY_ADDRESS")
+    if job.generator_actors is not None:
+        actors = job.generator_actors
+    elif job.generator_gpus > 0:
+        actors = max(1, int(gpus // job.generator_gpus))
+    else:
+        actors = max(1, int(cpus // 2))
+    threads = job.torch_threads
+    if threads is None and job.generator_gpus == 0:
+        threads = max(1, int(cpus // actors))
+    generator = StagePlan(actors, job.generator_cpus or default_cpus, job.generator_gpus, job.batch_size, threads)
+    if job.scorer is None:
+        return generator, None
+    scorer = StagePlan(job.scorer_actors, job.scorer_cpus or job.generator_cpus or default_cpus, job.scorer_gpus,
+                       job.scorer_batch_size, None)
+    return generator, scorer
+
+
+def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, done: frozenset[str],
+                  generator: StagePlan, scorer: StagePlan | None) -> ray.data.Dataset:
+    """The lazy plan from prompt shards to scored image rows (the sink is attached by ``run_generate``)."""
+    job = config.job
+    ds = ray.data.read_parquet(scan.files, filesystem=prompts.arrow_fs).select_columns(scan.columns)
+    ds = ds.map_batches(expand_samples, batch_format="numpy",
+                        fn_kwargs={"run_seed": job.seed, "num_images": job.num_images, "done": done})
+    ds = ds.repartition(target_num_rows_per_block=generator.batch_size)
+    ds = ds.map_batches(
+        Generator, batch_format="numpy", batch_size=generator.batch_size, udf_modifying_row_count=False,
+        compute=ray.data.ActorPoolStrategy(size=generator.actors), num_cpus=generator.num_cpus,
+        num_gpus=generator.num_gpus or None,
+        fn_constructor_kwargs={"model": config.generator_model().model_dump(mode="json"),
+                               "settings": config.generation.model_dump(mode="json"),
+                               "image_format": job.image_format, "image_quality": job.image_quality,
+                               "fail_fast": job.fail_fast, "torch_threads": generator.torch_threads})
+    if scorer is not None:
+        ds = ds.map_batches(
+            ScoringStage, batch_format="numpy", batch_size=scorer.batch_size, udf_modifying_row_count=False,
+            compute=ray.data.ActorPoolStrategy(size=scorer.actors), num_cpus=scorer.num_cpus,
+            num_gpus=scorer.num_gpus or None,
+            fn_constructor_kwargs={"scorer": config.scorer_config().model_dump(mode="json"),
+                                   "fail_fast": job.fail_fast})
+    return ds
+
+
+def run_constants(config: GenerateConfig, attempt: int) -> dict:
+    """The metrics columns that are the same for every row of this run."""
+    extra = config.model.model_dump(mode="json", exclude={"model", "dtype", "variant", *UNHASHED_MODEL_FIELDS})
+    quantization = ",".join(f"{k}={v}" for k, v in sorted(extra.items()) if v not in (None, False, "none"))
+    sampler = config.generation.sampler
+    return {"model": config.model.model, "quantization": f"{config.model.dtype}" + (f",{quantization}"
+                                                                                    if quantization else ""),
+            "sampler": sampler.model_dump_json(), "sampler_hash": sampler.config_hash(),
+            "config_hash": config.config_hash(), "scorer": config.job.scorer, "attempt": attempt}
+
+
+def run_generate(config: GenerateConfig, log: Callable[[str], None] = print) -> dict:
+    """Generate every missing (prompt_id, sample_idx) of ``config.job.prompts`` into ``config.job.out``.
+
+    Order: scan the prompts (errors here leave ``--out`` untouched), check ``--out``'s config hash, read
+    the completion records, open an attempt, run the plan, finalize. Requires ``ray.init`` first.
+
+    Returns:
+        The run summary (see ``pipeline.manifest.finalize``).
+    """
+    job = config.job
+    prompts = Storage(job.prompts, job.storage_options)
+    out = Storage(job.out, job.storage_options)
+    scan = scan_prompts(job.prompts, prompts, job.num_images)
+    existing = run_manifest.check_out(out, config)
+    generator, scorer = plan_stages(config, ray.cluster_resources())
+    records = run_manifest.completed(out)
+    done = frozenset(sample_key(p, i) for p, i in zip(records["prompt_id"].to_pylist(),
+                                                      records["sample_idx"].to_pylist()))
+    log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s); "
+        f"{len(done)} already done under {out.uri}; {generator.actors} generator actor(s) "
+        f"({generator.num_gpus:g} GPU, {generator.num_cpus:g} CPU each, batch {generator.batch_size})"
+        + (f", {scorer.actors} scorer actor(s) ({job.scorer})" if scorer else ", no scorer"))
+    manifest = run_manifest.start_attempt(out, config, existing, [prompts.uri], len(done))
+    attempt = manifest["attempts"][-1]["attempt"]
+    started = time.perf_counter()
+    if len(done) < scan.samples:
+        ds = build_dataset(config, scan, prompts, done, generator, scorer)
+        ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.webdataset))
+    summary = run_manifest.finalize(out, manifest, scan.samples, time.perf_counter() - started)
+    score = "n/a" if summary["mean_score"] is None else f"{summary['mean_score']:.4f}"
+    log(f"maskray generate: {summary['rows']}/{summary['expected']} samples under {out.uri} "
+        f"({summary['generated']} generated now, {summary['errors']} errors, "
+        f"{summary['images_per_second'] or 0:.2f} images/s, mean score {score})")
+    return summary

@@ -1,0 +1,95 @@
+"""One filesystem for a job's paths: local folders and object-store URIs through fsspec.
+
+``Storage`` is small and picklable (it holds the URI and the fsspec options, and rebuilds the filesystem
+in each Ray worker), so sinks and readers agree on one way to reach ``--out`` and ``--prompts``.
+Writes that mark progress are atomic: a local file is written beside its target and renamed; an object
+store PUT of one object is atomic by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from functools import cached_property
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+class Storage:
+    """The filesystem behind ``uri`` (``/data/out``, ``s3://bucket/out``, ``gs://...``).
+
+    Args:
+        uri: any local path or fsspec URI; relative local paths are made absolute so Ray workers agree.
+        options: fsspec options (``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}`` ...).
+    """
+
+    def __init__(self, uri: str, options: dict[str, Any] | None = None):
+        self.options = dict(options or {})
+        protocol = fsspec.utils.get_protocol(uri)
+        self.local = protocol in ("file", "local")
+        self.uri = os.path.abspath(os.path.expanduser(uri)) if self.local and "://" not in uri else uri.rstrip("/")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "options": self.options, "local": self.local}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @cached_property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.uri, **self.options)[0]
+
+    @cached_property
+    def root(self) -> str:
+        """``uri`` as a path inside ``fs`` (no scheme)."""
+        return fsspec.core.url_to_fs(self.uri, **self.options)[1].rstrip("/")
+
+    @cached_property
+    def arrow_fs(self) -> pafs.FileSystem:
+        """``fs`` for pyarrow and Ray Data readers."""
+        return pafs.LocalFileSystem() if self.local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def strip(self, uri: str) -> str:
+        """A URI or local path of this storage's scheme as a path inside ``fs``."""
+        if self.local:
+            return os.path.abspath(os.path.expanduser(uri))
+        return fsspec.core.url_to_fs(uri, **self.options)[1]
+
+    def path(self, *parts: str) -> str:
+        """A path under the root, inside ``fs``."""
+        return "/".join([self.root, *parts])
+
+    def url(self, *parts: str) -> str:
+        """A path under the root as the user would spell it (``s3://bucket/out/images/x.png``)."""
+        return "/".join([self.uri, *parts])
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` so that readers see the old object or the whole new one."""
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(staging, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def list(self, folder: str, suffix: str) -> list[str]:
+        """Files directly under ``folder`` ending in ``suffix`` (none if the folder is missing)."""
+        try:
+            if self.local:
+                entries = [os.path.join(folder, name) for name in os.listdir(folder)]
+            else:
+                self.fs.invalidate_cache(folder)  # other workers wrote here since the last listing
+                entries = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e for e in entries if e.endswith(suffix))

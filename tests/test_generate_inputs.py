@@ -1,0 +1,197 @@
+"""``maskray generate`` without Ray: input checks, sample expansion, names, config hash, the stage classes
+on dict batches, and the sink on a local folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
+from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, sample_key, scan_prompts
+from pipeline.sink import SampleSink, image_name
+from pipeline.storage import Storage
+
+SETTINGS = {"steps": 2, "width": 32, "height": 32}
+
+
+def write(path: Path, **columns) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def scan(path, num_images: int = 1):
+    return scan_prompts(str(path), Storage(str(path)), num_images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# input checks
+
+
+def test_scan_counts_shards_folder_and_glob(tmp_path):
+    write(tmp_path / "in" / "a.parquet", prompt=["x", "y"], num_images=[1, 3])
+    write(tmp_path / "in" / "b.parquet", prompt=["z"], num_images=pa.array([None], pa.int64()))
+    for spec in (tmp_path / "in", f"{tmp_path}/in/*.parquet"):
+        found = scan(spec, num_images=2)
+        assert (len(found.files), found.rows, found.samples) == (2, 3, 6)
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"text": ["a"]}, "no 'prompt' column"),
+    ({"prompt": pa.array([], pa.string())}, "holds no rows"),
+    ({"prompt": ["a", None, "c"]}, "1 null 'prompt'"),
+    ({"prompt": [1, 2]}, "column 'prompt' is int64, expected string"),
+    ({"prompt": ["a", "b", "c"], "prompt_id": ["p", "q", "p"]}, "duplicate prompt_id"),
+    ({"prompt": ["a", "a"]}, "duplicate derived id"),
+    ({"prompt": ["a"], "seed": ["7"]}, "column 'seed' is string, expected integer"),
+    ({"prompt": ["a"], "num_images": [0]}, "num_images must be >= 1"),
+])
+def test_bad_input_is_refused_before_work(tmp_path, columns, message):
+    path = write(tmp_path / "p.parquet", **columns)
+    with pytest.raises(PromptInputError, match=message):
+        scan(path)
+
+
+def test_unreadable_or_missing_inputs(tmp_path):
+    with pytest.raises(PromptInputError, match="does not exist"):
+        scan(tmp_path / "nope.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PromptInputError, match="matches no Parquet files"):
+        scan(tmp_path / "empty")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(PromptInputError, match="cannot read the Parquet shards"):
+        scan(tmp_path / "bad.parquet")
+
+
+def test_derived_ids_are_stable_and_content_keyed():
+    table = pa.table({"prompt": ["a", "a", "b"], "seed": [1, 2, 1]})
+    ids = prompt_ids(table)
+    assert len(set(ids)) == 3
+    assert list(prompt_ids(table.take([2, 0, 1]))) == [ids[2], ids[0], ids[1]]  # order does not matter
+    assert list(prompt_ids(pa.table({"prompt": ["a"], "prompt_id": [7]}))) == ["7"]
+
+
+def test_expand_samples_seeds_and_resume_keys():
+    batch = {"prompt": np.array(["a", "b"], dtype=object), "prompt_id": np.array(["p", "q"], dtype=object),
+             "seed": np.array([10.0, np.nan]), "num_images": np.array([2, np.nan])}
+    rows = expand_samples(batch, run_seed=0, num_images=3)
+    assert list(zip(rows["prompt_id"], rows["sample_idx"])) == [("p", 0), ("p", 1), ("q", 0), ("q", 1), ("q", 2)]
+    assert list(rows["seed"][:2]) == [10, 11]  # a given seed: seed + sample index
+    other_run = expand_samples(batch, run_seed=1, num_images=3)
+    assert rows["seed"][2] != other_run["seed"][2]  # derived seeds follow the run seed
+    assert list(rows["seed"][2:]) == list(expand_samples(batch, run_seed=0, num_images=3)["seed"][2:])
+    rest = expand_samples(batch, run_seed=0, num_images=3, done=frozenset({sample_key("p", 1), sample_key("q", 0)}))
+    assert list(zip(rest["prompt_id"], rest["sample_idx"])) == [("p", 0), ("q", 1), ("q", 2)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# names, config hash
+
+
+@pytest.mark.parametrize("prompt_id", ["../x", "a/b", "/etc/passwd", "..", "", "a\\b", "ü ñ", "x" * 300])
+def test_image_names_never_escape(prompt_id):
+    name = image_name(prompt_id, 3, "png")
+    assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 80
+    assert name.endswith("_3.png")
+
+
+def test_distinct_ids_get_distinct_names():
+    assert len({image_name(p, 0, "png") for p in ["a/b", "a-b", "a b", "a?b"]}) == 4
+
+
+def test_every_job_option_declares_whether_it_is_hashed():
+    assert set(HASHED_OPTIONS) | set(UNHASHED_OPTIONS) == set(JobOptions.model_fields)
+    assert not set(HASHED_OPTIONS) & set(UNHASHED_OPTIONS)
+    for name, field in JobOptions.model_fields.items():
+        assert field.description, name
+
+
+def test_config_hash_covers_pixels_not_placement():
+    base = GenerateConfig()
+    assert GenerateConfig(job={"batch_size": 9, "out": "elsewhere"}, model={"device": "cpu"}).config_hash() == \
+        base.config_hash()
+    for change in ({"job": {"seed": 1}}, {"generation": {"steps": 3}}, {"model": {"dtype": "bf16"}},
+                   {"job": {"image_format": "webp"}}):
+        assert GenerateConfig.model_validate(change).config_hash() != base.config_hash(), change
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage classes on dict batches, the sink on a local folder
+
+
+@pytest.fixture(scope="module")
+def generator():
+    from actors.generator import Generator
+
+    return Generator({"model": "tiny-meissonic", "device": "cpu"}, SETTINGS)
+
+
+def test_generator_rows_in_image_rows_out(generator):
+    batch = {"prompt": np.array(["a", "b"], dtype=object), "seed": np.array([1, 2]),
+             "prompt_id": np.array(["p", "q"], dtype=object)}
+    out = generator(batch)
+    assert list(out["prompt_id"]) == ["p", "q"] and list(out["error"]) == ["", ""]
+    assert out["nfe"].tolist() == [2, 2] and (out["gen_seconds"] > 0).all()
+    images = [Image.open(io.BytesIO(b)) for b in out["image"]]
+    assert [(i.format, i.size) for i in images] == [("PNG", (32, 32))] * 2
+    alone = generator({"prompt": np.array(["b"], dtype=object), "seed": np.array([2])})
+    assert alone["image"][0] == out["image"][1]  # per-sample seeds: batch-mates do not matter
+
+
+def test_generator_bad_row_is_data_unless_fail_fast(generator, monkeypatch):
+    real = generator.pipe.generate
+
+    def flaky(prompts, seeds, **kwargs):
+        if "boom" in prompts:
+            raise RuntimeError("model crashed")
+        return real(prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(generator.pipe, "generate", flaky)
+    batch = {"prompt": np.array(["ok", "boom"], dtype=object), "seed": np.array([1, 2])}
+    out = generator(batch)
+    assert out["error"][0] == "" and len(out["image"][0]) > 0
+    assert out["error"][1] == "RuntimeError: model crashed (prompt: 'boom')" and out["image"][1] == b""
+    monkeypatch.setattr(generator, "fail_fast", True)
+    with pytest.raises(RuntimeError, match="model crashed"):
+        generator(batch)
+
+
+def test_scoring_stage_with_tiny_hps(generator, fixtures_dir):
+    from actors.scoring_stage import ScoringStage
+
+    hps = fixtures_dir / "hps-tiny"
+    stage = ScoringStage({"name": "hps-v2", "checkpoint": str(hps / "hps_tiny_checkpoint.pt"),
+                          "model": str(hps / "model_config.json"), "device": "cpu"})
+    rows = generator({"prompt": np.array(["a", "b"], dtype=object), "seed": np.array([1, 2])})
+    rows["error"] = np.array(["", "RuntimeError: upstream"], dtype=object)
+    rows["image"][1] = b""
+    out = stage(rows)
+    assert np.isfinite(out["score"][0]) and np.isnan(out["score"][1])
+    assert list(out["error"]) == ["", "RuntimeError: upstream"]
+
+
+def test_sink_keeps_escaping_ids_inside_out(tmp_path, generator):
+    out = tmp_path / "out"
+    batch = generator({"prompt": np.array(["a", "b", "c"], dtype=object), "seed": np.array([1, 2, 3])})
+    batch.update(prompt_id=np.array(["../x", "a/b", "../../etc/passwd"], dtype=object),
+                 sample_idx=np.array([0, 1, 0]), negative_prompt=np.array(["", "", ""], dtype=object))
+    run = {"model": "tiny-meissonic", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h",
+           "config_hash": "c", "scorer": None, "attempt": 0}
+    sink = SampleSink(Storage(str(out)), run, "png", webdataset=True)
+    part = sink.write_table(pa.table({k: list(v) for k, v in batch.items()}))
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert all(p.startswith("out/") for p in written)
+    assert len([p for p in written if p.startswith("out/images/")]) == 3
+    metrics = pq.read_table(out / "_parts" / f"{part}.parquet")
+    assert sorted(metrics["prompt_id"].to_pylist()) == ["../../etc/passwd", "../x", "a/b"]
+    assert all(os.path.isfile(u) for u in metrics["image_uri"].to_pylist())
+    with tarfile.open(out / "webdataset" / f"{part}.tar") as tar:
+        assert len([m for m in tar.getnames() if m.endswith(".png")]) == 3
