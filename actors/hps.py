@@ -1,0 +1,344 @@
+"""HPS v2 / v2.1 (Human Preference Score, arXiv 2306.09341) as a batched scorer on ``open_clip``.
+
+The ``hpsv2`` package is not a dependency (DESIGN.md, "Scoring"): this module reproduces the scoring
+path of ``hpsv2.img_score.score`` (hpsv2 1.2.0) on pip ``open_clip_torch``, checked against
+``shared/fixtures/hps-tiny`` (every row with ``resize_mode="crop"``; see ``preprocess`` for why the
+default differs on non-square images). The score is the cosine similarity of the normalised image and
+text features: no logit scale and no x100 (the benchmark's x100 scale is left to the caller).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import pickle
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from open_clip.utils import to_2tuple
+from torchvision.transforms import InterpolationMode
+
+from actors.scorer import check_pairs, chunks, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+HPS_HUB_REPO = "xswu/HPSv2"
+# hpsv2.utils.hps_version_map, with "v2" for hpsv2's "v2.0".
+HPS_HUB_FILES = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+_BARE_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# preprocessing (hpsv2 ``image_transform(..., is_train=False, resize_longest_max=True)``)
+
+
+def preprocess(image: Image.Image, size: int, resize_mode: Literal["pad", "crop"] = "pad") -> torch.Tensor:
+    """One image as the HPS model sees it, shape ``(3, size, size)``, OpenAI-normalised.
+
+    ``"pad"`` is hpsv2's own transform (models-spec §4.3): ToTensor, bicubic resize of the longer side
+    to ``size`` (antialiased, torchvision's tensor default since 0.17), zero padding split evenly with
+    the odd pixel right/bottom, then OpenAI mean/std. ``"crop"`` is open_clip's standard eval
+    transform: bicubic resize of the shorter side, then a centre crop; it is what the hps-tiny
+    fixture's non-square rows were produced with. Square images give the same pixels either way.
+
+    Two reference quirks are fixed rather than kept, since hpsv2 crashes on them: RGBA is kept as
+    4 channels there (its ``MaskAwareNormalize`` treats alpha as a training mask, and the 3-channel
+    patch embedding then rejects it), and a non-square image whose longer side already equals
+    ``size`` is left unpadded. Here alpha is dropped, keeping the colour channels that hpsv2 would
+    have normalised, and every image is padded to a square.
+
+    Args:
+        image: Any PIL image; grayscale, palette and alpha modes are converted to RGB.
+        size: Side of the square model input in pixels (224 for ViT-H-14).
+        resize_mode: ``"pad"`` (hpsv2, default) or ``"crop"`` (see above).
+    """
+    pixels = TF.to_tensor(image.convert("RGB"))
+    if resize_mode == "crop":
+        pixels = TF.resize(pixels, size, InterpolationMode.BICUBIC, antialias=True)
+        pixels = TF.center_crop(pixels, [size, size])
+    else:
+        height, width = pixels.shape[-2:]
+        scale = size / max(height, width)
+        if scale != 1.0:
+            # max(1, ...) keeps extreme aspect ratios (e.g. 1x1000) from rounding a side to zero.
+            new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
+            pixels = TF.resize(pixels, new_size, InterpolationMode.BICUBIC, antialias=True)
+        pad_h, pad_w = size - pixels.shape[-2], size - pixels.shape[-1]
+        pixels = TF.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+    return TF.normalize(pixels, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+
+
+# ---------------------------------------------------------------------------------------------------
+# finding the checkpoint
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir``, else ``$MASKRAY_CACHE``, else ``~/.cache/maskray`` (the layout mgt uses too)."""
+    return Path(cache_dir or os.environ.get("MASKRAY_CACHE") or Path.home() / ".cache" / "maskray")
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike, version: str, cache_dir: str | os.PathLike | None) -> Path:
+    """A local file holding the HPS weights that ``checkpoint`` names.
+
+    Forms, in the order tried:
+
+    - ``hf://owner/repo[/file]``: ``hf_hub_download``, the file chosen by ``version`` unless given;
+      ``HF_HUB_OFFLINE`` and ``cache_dir`` are honoured.
+    - any other URI (``s3://``, ``gs://``, or whatever fsspec has a backend for): fetched once into
+      ``<cache>/checkpoints/`` and reused from there afterwards.
+    - an existing local file.
+    - a bare hub id ``owner/repo`` (such as ``xswu/HPSv2``), when no such local path exists.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``checkpoint``; the message names it and the forms accepted.
+        ValueError: the URI's scheme has no fsspec backend.
+    """
+    text = os.fspath(checkpoint)
+    if text.startswith("hf://"):
+        repo_and_file = text[len("hf://"):].strip("/").split("/", 2)
+        if len(repo_and_file) < 2:
+            raise FileNotFoundError(f"hub checkpoint {text!r} must be hf://owner/repo or hf://owner/repo/file.pt")
+        filename = repo_and_file[2] if len(repo_and_file) == 3 else HPS_HUB_FILES[version]
+        return _download_hub("/".join(repo_and_file[:2]), filename, cache_dir)
+    if "://" in text:
+        return _download_object_store(text, _cache_root(cache_dir) / "checkpoints")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists() and _BARE_HUB_ID.fullmatch(text) and not text.endswith(_CHECKPOINT_SUFFIXES):
+        return _download_hub(text, HPS_HUB_FILES[version], cache_dir)
+    what = "is a directory, not a checkpoint file" if path.exists() else "does not exist"
+    raise FileNotFoundError(
+        f"HPS checkpoint {text!r} {what}; pass a local .pt file (e.g. HPS_v2.1_compressed.pt), a hub id "
+        f"('{HPS_HUB_REPO}' or 'hf://owner/repo/file.pt') or an object-store URI (s3://bucket/key.pt)"
+    )
+
+
+def _download_hub(repo_id: str, filename: str, cache_dir: str | os.PathLike | None) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+    except EntryNotFoundError as error:  # also raised when the file is not cached and the hub is offline
+        raise FileNotFoundError(
+            f"HPS checkpoint {filename!r} of hub repo {repo_id!r} is neither in the local hub cache "
+            f"({cache_dir or 'the default HF cache'}) nor fetchable from the hub "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it once with network access "
+            "or pass a local file"
+        ) from error
+    except (RepositoryNotFoundError, HfHubHTTPError) as error:
+        raise FileNotFoundError(f"hub checkpoint {repo_id}/{filename} could not be fetched: {error}") from error
+
+
+def _download_object_store(uri: str, root: Path) -> Path:
+    """Copy ``uri`` to ``root/<hash of uri>/<name>`` unless already there; return the local path.
+
+    The copy lands in a temporary name and is renamed into place, so actors that start together on one
+    node never read a half-written file, and a finished copy is never fetched again.
+    """
+    import fsspec
+
+    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rstrip("/").rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as error:  # unknown protocol, or its fsspec backend is not installed
+        raise ValueError(f"HPS checkpoint URI {uri!r} cannot be opened with fsspec: {error}") from error
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"HPS checkpoint {uri!r} does not exist (check the bucket, the key and credentials)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        fs.get_file(path, str(staging))
+        staging.replace(target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
+# building the model
+
+
+def _read_model_cfg(model: Mapping[str, Any] | str | os.PathLike) -> tuple[dict[str, Any] | None, str]:
+    """``(cfg, label)``: the ``open_clip.CLIP`` kwargs (``None`` for an open_clip name) and a label for errors."""
+    if isinstance(model, Mapping):
+        cfg = dict(model)
+        label = "the given model_cfg"
+    elif str(model).endswith(".json") or Path(model).is_file():
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {os.fspath(model)!r} does not exist")
+        cfg = json.loads(path.read_text())
+        label = f"model config {os.fspath(model)!r}"
+    else:
+        name = str(model)
+        if name not in open_clip.list_models():
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+            raise ValueError(
+                f"unknown open_clip architecture {name!r}; HPS v2 uses 'ViT-H-14'. Pass a name from "
+                f"open_clip.list_models(){' such as ' + ', '.join(close) if close else ''}, a model_cfg dict "
+                "or a path to a JSON file holding one"
+            )
+        return None, f"open_clip architecture {name!r}"
+    # A fixture-style file wraps the kwargs as {"model_cfg": {...}}; open_clip's own JSONs are bare.
+    cfg = dict(cfg.get("model_cfg", cfg))
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in cfg]
+    if missing:
+        raise ValueError(f"{label} lacks {', '.join(missing)}; it must hold the kwargs of open_clip.CLIP")
+    return cfg, label
+
+
+def _build_clip(model: Mapping[str, Any] | str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
+    """The randomly initialised open_clip ``CLIP``, its tokenizer, and a label naming the architecture."""
+    cfg, label = _read_model_cfg(model)
+    # Build on the target device: initialising ViT-H-14 (~1B parameters) is far quicker on a GPU.
+    with torch.device(device):
+        if cfg is None:
+            clip = open_clip.create_model(
+                str(model), pretrained=None, load_weights=False, device=device, output_dict=True
+            )
+            return clip, open_clip.get_tokenizer(str(model)), label
+        try:
+            clip = open_clip.CLIP(**cfg, output_dict=True)
+        except TypeError as error:
+            raise ValueError(f"{label} is not accepted by open_clip.CLIP: {error}") from error
+    context_length = cfg["text_cfg"].get("context_length", 77)
+    return clip, open_clip.tokenizer.SimpleTokenizer(context_length=context_length), label
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``: ``checkpoint["state_dict"]`` (the released format) or a bare state dict."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"HPS checkpoint {str(path)!r} cannot be read as a torch weights file: {error}") from error
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(
+            f"HPS checkpoint {str(path)!r} holds neither a 'state_dict' entry nor a bare state dict of tensors"
+        )
+    return dict(state)
+
+
+def _check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, label: str) -> None:
+    """Raise one ValueError listing every missing, unexpected and mis-shaped key."""
+    expected = module.state_dict()
+
+    def head(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mis_shaped = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in sorted(expected.keys() & state.keys())
+        if state[key].shape != expected[key].shape
+    ]
+    kinds = {"missing": missing, "unexpected": unexpected, "mis-shaped (checkpoint vs model)": mis_shaped}
+    problems = [f"{len(keys)} {kind}: {head(keys)}" for kind, keys in kinds.items() if keys]
+    if problems:
+        raise ValueError(f"HPS checkpoint {str(path)!r} does not match {label}: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the scorer
+
+
+class HPSv2Scorer:
+    """HPS v2 / v2.1 of (image, prompt) pairs: cosine similarity of the normalised CLIP features.
+
+    The model is built and loaded once, in ``__init__``; ``score`` runs batched forwards under
+    ``torch.inference_mode`` and mutates nothing, so one instance serves a Ray actor for its lifetime
+    and may be called from several threads. Scores are roughly 0.2-0.35 for matching pairs on the
+    released checkpoints; multiply by 100 for the scale of the published benchmark numbers.
+
+    Args:
+        checkpoint: A local ``.pt`` file, a hub id (``"xswu/HPSv2"``, file chosen by ``version``, or
+            ``"hf://owner/repo/file.pt"``) or an object-store URI (``s3://``, ``gs://``; fetched once
+            into ``cache_dir``). The file holds ``{"state_dict": ...}`` or a bare state dict.
+        model: An open_clip model name, a dict of ``open_clip.CLIP`` kwargs, or a JSON file holding
+            one (bare or under ``"model_cfg"``).
+        version: ``"v2"`` or ``"v2.1"``; picks the hub file. v2.1 (the default, as in hpsv2's benchmark)
+            was trained on better data; scores of the two are not comparable.
+        device: Torch device; defaults to ``cuda`` when available, else ``cpu``.
+        dtype: Weight dtype; defaults to float16 on CUDA and float32 on CPU.
+        cache_dir: Where hub and object-store downloads go (hub: ``hf_hub_download(cache_dir=...)``).
+        batch_size: Images per forward pass; ``None`` scores each ``score`` call in one pass.
+        resize_mode: ``"pad"`` (hpsv2's preprocessing) or ``"crop"``; see ``preprocess``.
+
+    Raises:
+        FileNotFoundError: The checkpoint or model config cannot be found.
+        ValueError: Unknown architecture, unreadable checkpoint, or weights that do not fit it.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike = HPS_HUB_REPO,
+        model: str | os.PathLike | Mapping[str, Any] = "ViT-H-14",
+        version: Literal["v2", "v2.1"] = "v2.1",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int | None = None,
+        resize_mode: Literal["pad", "crop"] = "pad",
+    ) -> None:
+        if version not in HPS_HUB_FILES:
+            raise ValueError(f"unknown HPS version {version!r}; use one of {', '.join(HPS_HUB_FILES)}")
+        if resize_mode not in ("pad", "crop"):
+            raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'pad' (hpsv2) or 'crop'")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        self.version = version
+        self.batch_size = batch_size
+        self.resize_mode = resize_mode
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+
+        self.checkpoint_path = resolve_checkpoint(checkpoint, version, cache_dir)
+        clip, self._tokenizer, label = _build_clip(model, self.device)
+        state = _read_state_dict(self.checkpoint_path)
+        _check_state_dict(clip, state, self.checkpoint_path, label)
+        clip.load_state_dict(state, strict=True)
+        self._model = clip.to(dtype=self.dtype).eval().requires_grad_(False)
+        height, width = to_2tuple(self._model.visual.image_size)
+        if height != width:
+            raise ValueError(f"{label} has a non-square image size {height}x{width}; HPS pads images to a square")
+        self.image_size = height
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        """HPS of each ``images[i]`` against ``prompts[i]``, in input order.
+
+        Raises:
+            ValueError: ``len(images) != len(prompts)``.
+            TypeError: An element is not a PIL image or not a string.
+        """
+        check_pairs(images, prompts)
+        scores: list[float] = []
+        for part in chunks(len(images), self.batch_size):
+            scores.extend(self._score_batch(images[part], prompts[part]))
+        return scores
+
+    def _score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        pixels = torch.stack([preprocess(image, self.image_size, self.resize_mode) for image in images])
+        tokens = self._tokenizer(list(prompts))
+        with torch.inference_mode():
+            image_features = self._model.encode_image(pixels.to(self.device, self.dtype))
+            text_features = self._model.encode_text(tokens.to(self.device))
+            # Normalise in fp32: the cosine is the score, and fp16 rounding would show in it.
+            image_features = F.normalize(image_features.float(), dim=-1)
+            text_features = F.normalize(text_features.float(), dim=-1)
+            return (image_features * text_features).sum(dim=-1).tolist()
