@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help). Keep the help here so `maskray --help` imports nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("jobs.sample_cmd", "Generate images for a few prompts in this process (no Ray)."),
+    "serve": ("jobs.serve_cmd", "Serve the model over HTTP (OpenAI Images API) with Ray Serve."),
     "generate": ("jobs.generate_cmd", "Generate a scored image dataset from Parquet prompt shards on Ray Data (resumable)."),
 }
 

@@ -1,0 +1,83 @@
+"""The typed configuration of the serving application, shared by ``maskray serve``, ``serve run`` and YAML.
+
+``ServeConfig`` is what the application builder takes: ``serve run jobs.serve.app:build_app model=tiny-meissonic
+max_batch_size=8`` passes flat ``key=value`` strings, a Serve config file passes the same keys under
+``applications[].args`` (nested mappings allowed), and ``maskray serve`` builds it from its flags. The
+deployment options here (replicas, queue bounds, GPUs) are the builder's defaults; a Serve config file's
+``deployments:`` section overrides them as Serve always does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actors.scorer import ScorerConfig
+from mgt.config import ModelConfig
+
+
+class ServeConfig(BaseModel):
+    """What the endpoint serves and how it batches, queues and sheds load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to serve: a ModelConfig "
+                               "mapping, or just its `model` name (e.g. tiny-meissonic, MeissonFlow/Meissonic).")
+    served_model_name: str | None = Field(None, description="The id clients pass as `model` and GET /v1/models "
+                                          "lists. Unset: the model name.")
+    scorer: ScorerConfig | None = Field(None, description="Score every image (e.g. HPS v2.1) and return the score "
+                                        "in the response: a ScorerConfig mapping, a JSON object string, or a "
+                                        "scorer name. Unset: no scorer deployment.")
+    max_batch_size: int = Field(8, ge=1, description="Most images one generate call runs (@serve.batch); 1 turns "
+                                "batching off.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits for more images after its "
+                                        "first one arrives, in seconds.")
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests one generator replica holds at once "
+                                      "(their images share batches).")
+    max_queued_requests: int = Field(32, ge=-1, description="Requests each caller queues for the generator "
+                                     "beyond max_ongoing_requests before new ones get a 429/503; -1 is unbounded.")
+    backpressure_status: Literal[429, 503] = Field(429, description="HTTP status of a request turned away because "
+                                                   "the queue is full.")
+    retry_after_s: int = Field(5, ge=0, description="Retry-After header, in seconds, sent with a turned-away "
+                               "request.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this many seconds "
+                                     "gets a 504 and its generation is cancelled when no other request shares it.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per generator replica (1 on a GPU node; 0 runs on CPU).")
+    num_cpus: float = Field(1, gt=0, description="CPUs per generator replica (torch uses this many threads).")
+    scorer_num_gpus: float = Field(0, ge=0, description="GPUs per scorer replica (fractions share one GPU).")
+    min_replicas: int = Field(1, ge=0, description="Fewest generator replicas (0 allows scale-to-zero, at the "
+                              "price of a cold start of the model).")
+    max_replicas: int = Field(1, ge=1, description="Most generator replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(4, gt=0, description="Requests per generator replica the autoscaler "
+                                           "aims for.")
+    api_key_env: str = Field("MASKRAY_API_KEY", description="Environment variable of the replicas holding the "
+                             "bearer token clients must send; when it is unset or empty, no auth is required.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_name(cls, value):
+        return {"model": value} if isinstance(value, str) else value
+
+    @field_validator("scorer", mode="before")
+    @classmethod
+    def _scorer_from_spec(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if not text or text == "none":
+                return None
+            return json.loads(text) if text.startswith("{") else {"name": text}
+        return value
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}); "
+                             f"raise max_replicas to at least {self.min_replicas} or lower min_replicas")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The id clients use for this model."""
+        return self.served_model_name or self.model.model

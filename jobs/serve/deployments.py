@@ -1,0 +1,152 @@
+"""The model-holding Serve deployments: ``ImageGenerator`` (batched MGT sampling) and ``ImageScorer``.
+
+Batching keeps every image's own seed: ``@serve.batch`` gathers single images from all the requests a
+replica holds, the batch is split by generation settings (steps, guidance, size, sampler: what one
+``MGTPipeline.generate`` call must share) and each group runs as one call with one ``torch.Generator`` per
+image. An image therefore depends only on (prompt, seed, settings), never on its batch-mates, so a batched
+request returns the bytes it would get alone. Negative prompts are per image and do not split a group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+
+from actors.scorer import ScorerConfig
+from jobs.serve.config import ServeConfig
+from mgt.config import GenerationSettings, ModelConfig
+
+
+class GenerationCancelled(RuntimeError):
+    """Every request of a group was cancelled (timed out or disconnected) while it was sampling."""
+
+
+@dataclass
+class ImageJob:
+    """One image to generate. ``settings`` carries no negative prompt: that is per image."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str | None
+    settings: GenerationSettings
+    cancelled: bool = False  # set by the request's coroutine, read by the sampling thread between steps
+
+    @property
+    def batch_key(self) -> str:
+        """Images with equal keys can share one ``generate`` call."""
+        return self.settings.model_dump_json()
+
+
+def load_model(config: ModelConfig):
+    """The pipeline of ``config``; every ModelConfig field reaches ``mgt.load_pipeline`` by name, so a field the
+    loader does not know fails loudly instead of being silently ignored."""
+    import mgt
+
+    return mgt.load_pipeline(config.model, **config.model_dump(exclude={"model"}))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class ImageGenerator:
+    """Holds one loaded model and answers ``generate`` calls, batching their images (see the module doc)."""
+
+    def __init__(self, config: ServeConfig):
+        self.pipe = load_model(config.model)
+        self._generate_batch.set_max_batch_size(config.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._stats = {"batches": 0, "generate_calls": 0, "images": 0, "largest_batch": 0, "cancelled_calls": 0}
+
+    def describe(self) -> dict:
+        """The model's family, default settings and size step, for the ingress to validate requests."""
+        d = self.pipe.defaults
+        return {"family": self.pipe.family, "size_multiple": self.pipe.size_multiple, "steps": d.steps,
+                "guidance": d.guidance, "width": d.width, "height": d.height, "loaded_at": int(time.time())}
+
+    def stats(self) -> dict:
+        """Counters since start: batches formed, generate calls (one per settings group), images, the largest
+        batch and generate calls abandoned because all their requests were cancelled."""
+        return dict(self._stats)
+
+    async def generate(self, prompt: str, seeds: list[int], negative_prompt: str | None,
+                       settings: GenerationSettings) -> list[np.ndarray]:
+        """One ``(H, W, 3)`` uint8 image per seed for ``prompt``, each batched with other requests' images.
+
+        Args:
+            prompt: the text to draw.
+            seeds: one seed per image.
+            negative_prompt: the unconditional branch's text; None is the family default.
+            settings: steps, guidance, width, height and sampler, all resolved (no negative prompt).
+        """
+        jobs = [ImageJob(prompt, seed, negative_prompt, settings) for seed in seeds]
+        try:
+            results = await asyncio.gather(*(self._generate_batch(job) for job in jobs))
+        except asyncio.CancelledError:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # both reset from the config in __init__
+    async def _generate_batch(self, jobs: list[ImageJob]) -> list[np.ndarray | Exception]:
+        groups: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.batch_key, []).append(index)
+        results: list[np.ndarray | Exception] = [None] * len(jobs)
+        for indices in groups.values():
+            group = [jobs[i] for i in indices]
+            try:
+                images = await asyncio.to_thread(self._run_group, group)
+            except Exception as error:  # one group's failure is its own, not its batch-mates'
+                images = [error] * len(group)
+            for index, image in zip(indices, images):
+                results[index] = image
+        self._stats["batches"] += 1
+        self._stats["images"] += len(jobs)
+        self._stats["largest_batch"] = max(self._stats["largest_batch"], len(jobs))
+        return results
+
+    def _run_group(self, group: list[ImageJob]) -> list[np.ndarray]:
+        settings = group[0].settings
+
+        def stop_if_abandoned(step: int) -> None:
+            if all(job.cancelled for job in group):
+                self._stats["cancelled_calls"] += 1
+                raise GenerationCancelled(f"all {len(group)} requests of this generate call were cancelled at "
+                                          f"step {step + 1}/{settings.steps}")
+
+        self._stats["generate_calls"] += 1
+        output = self.pipe.generate(
+            [job.prompt for job in group], [job.seed for job in group],
+            negative_prompts=[job.negative_prompt for job in group], steps=settings.steps,
+            guidance=settings.guidance, width=settings.width, height=settings.height, sampler=settings.sampler,
+            on_step=stop_if_abandoned,
+        )
+        return list(output.images)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class ImageScorer:
+    """Holds one scorer (``actors.scorer``) and rates images against their prompts, batched across requests."""
+
+    def __init__(self, config: ScorerConfig):
+        from actors.scorer import build_scorer_from_config
+
+        self.scorer = build_scorer_from_config(config)
+
+    async def score(self, images: list[np.ndarray], prompts: list[str]) -> list[float]:
+        """One score per ``(H, W, 3)`` uint8 image and its prompt, higher meaning a better match."""
+        return list(await asyncio.gather(*(self._score_batch((image, prompt))
+                                           for image, prompt in zip(images, prompts))))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # the scorer splits by its own batch_size
+    async def _score_batch(self, pairs: list[tuple[np.ndarray, str]]) -> list[float]:
+        from PIL import Image
+
+        images = [Image.fromarray(image) for image, _ in pairs]
+        return await asyncio.to_thread(self.scorer.score, images, [prompt for _, prompt in pairs])

@@ -1,0 +1,163 @@
+"""The FastAPI front door: OpenAI-compatible routes, auth, limits, and errors that say what to do.
+
+Every failure is a JSON body in OpenAI's error shape with a status a client can act on: 422 for a bad field
+(naming it), 401 for a missing or wrong bearer token, 404 for an unknown model, 429 (or 503) with
+``Retry-After`` when the generator's queue is full, 504 when a request outlives ``request_timeout_s``. A full
+queue never surfaces as a 500: Serve raises ``BackPressureError`` in this replica's handle call, and it is
+turned into the 429 here rather than into Serve's plain-text default.
+
+No ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at run time.
+"""
+
+import asyncio
+import base64
+import hmac
+import io
+import os
+import secrets
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from jobs.serve.config import ServeConfig
+from jobs.serve.openai_schema import (ErrorResponse, ImageData, ImageGenerationRequest, ImagesResponse, ModelCard,
+                                      ModelList)
+from mgt.config import GenerationSettings
+from mgt.sampler_config import SamplerConfig
+
+app = FastAPI(
+    title="maskray images API",
+    description="OpenAI-compatible image generation with masked generative transformers (Meissonic, aMUSEd) and "
+    "the samplers of arXiv 2411.10781. Send `Authorization: Bearer <key>` when the server has an API key.",
+    version="1",
+)
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 422, 429, 503, 504)}
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error body (``{"error": {"message", "type", "param", "code"}}``)."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    problems, params = [], []
+    for item in error.errors():
+        path = [str(part) for part in item["loc"] if part != "body"]
+        param = ".".join(path) or "body"
+        params.append(param)
+        got = f" (got {item['input']!r})" if "input" in item and path else ""
+        problems.append(f"{param}: {item['msg']}{got}")
+    return error_response(422, "; ".join(problems), "invalid_request_error", params[0], "invalid_value")
+
+
+def encode_png(image: np.ndarray) -> str:
+    """Base64 of the lossless PNG of one ``(H, W, 3)`` uint8 image (deterministic: same pixels, same bytes)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+async def _await_or_cancel(response: DeploymentResponse):
+    """The response's result; if this request is timed out or dropped first, the remote call is cancelled too
+    (awaiting a DeploymentResponse does not cancel it by itself)."""
+    try:
+        return await response
+    except BaseException:
+        response.cancel()
+        raise
+
+
+# The front door only awaits other deployments, so one replica holds many requests; its queue bound is a last
+# resort (the generator's is the one that sheds load, see app.build_application).
+@serve.deployment(max_ongoing_requests=256, max_queued_requests=1024, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class ImagesAPI:
+    """Routes of the endpoint; the generator (and optional scorer) deployments do the work."""
+
+    async def __init__(self, config: ServeConfig, generator: DeploymentHandle, scorer: DeploymentHandle | None):
+        self.config = config
+        self.generator = generator
+        self.scorer = scorer
+        self.api_key = os.environ.get(config.api_key_env) or None
+        self.model = await generator.describe.remote()
+
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        if self.api_key is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return None
+        return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                              f"with the key set in {self.config.api_key_env} on the server",
+                              "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz", summary="Liveness: 200 while this front door runs.")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.config.model_id}
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, summary="The served model.")
+    async def models(self, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        return ModelList(data=[ModelCard(id=self.config.model_id, created=self.model["loaded_at"])])
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS,
+              summary="Create images from a prompt (OpenAI Images API, plus seed/sampler/steps/guidance/"
+              "negative_prompt).")
+    async def generate(self, body: ImageGenerationRequest, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        if body.model is not None and body.model != self.config.model_id:
+            return error_response(404, f"model {body.model!r} is not served here; use {self.config.model_id!r} "
+                                  "(GET /v1/models) or leave model unset", "invalid_request_error", "model",
+                                  "model_not_found")
+        width, height = body.dimensions() or (self.model["width"], self.model["height"])
+        step = self.model["size_multiple"]
+        if width % step or height % step:
+            return error_response(422, f"size: {width}x{height} does not fit this model; width and height must be "
+                                  f"multiples of {step}, e.g. {max(step, width // step * step)}x"
+                                  f"{max(step, height // step * step)}", "invalid_request_error", "size",
+                                  "invalid_value")
+        settings = GenerationSettings(
+            steps=body.steps or self.model["steps"], width=width, height=height,
+            guidance=self.model["guidance"] if body.guidance is None else body.guidance,
+            sampler=body.sampler or SamplerConfig(),
+        )
+        first_seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+        seeds = [first_seed + i for i in range(body.n)]
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                images = await _await_or_cancel(
+                    self.generator.generate.remote(body.prompt, seeds, body.negative_prompt, settings))
+                scores = [None] * len(images)
+                if self.scorer is not None:
+                    scores = await _await_or_cancel(self.scorer.score.remote(images, [body.prompt] * len(images)))
+        except BackPressureError as error:
+            return error_response(self.config.backpressure_status, f"the server is at capacity ({error.message}); "
+                                  f"retry after {self.config.retry_after_s} s", "rate_limit_error",
+                                  code="queue_full", headers={"Retry-After": str(self.config.retry_after_s)})
+        except DeploymentUnavailableError as error:
+            return error_response(503, f"the model is not available yet ({error.message}); retry shortly",
+                                  "service_unavailable", code="model_unavailable",
+                                  headers={"Retry-After": str(self.config.retry_after_s)})
+        except TimeoutError:
+            return error_response(504, f"no answer within request_timeout_s={self.config.request_timeout_s} s; "
+                                  "ask for fewer images (n), fewer steps or a smaller size", "timeout_error",
+                                  code="timeout")
+        encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
+        return ImagesResponse(
+            created=int(time.time()), model=self.config.model_id, size=f"{width}x{height}",
+            scorer=self.config.scorer.name if self.config.scorer else None,
+            data=[ImageData(b64_json=b64, seed=seed, score=score) for b64, seed, score in zip(encoded, seeds, scores)],
+        )

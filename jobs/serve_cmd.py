@@ -1,0 +1,73 @@
+"""``maskray serve``: start Ray Serve with the OpenAI-compatible images endpoint and keep it up until Ctrl-C.
+
+The model flags come from :class:`mgt.config.ModelConfig` and the serving flags from
+:class:`jobs.serve.config.ServeConfig`, so ``--help`` shows the same defaults and text as the YAML keys.
+Precedence: flag > ``--config`` file (the ServeConfig keys, ``model:`` as a mapping or a name) > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from jobs.serve.config import ServeConfig
+from mgt.config import ModelConfig
+
+HELP = "Serve the model over HTTP (OpenAI Images API) with Ray Serve."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="Address the HTTP proxy binds (0.0.0.0 exposes it).")
+    server.add_argument("--port", type=int, default=8000, help="HTTP port.")
+    server.add_argument("--address", default="local", help="Ray cluster to join: 'local' starts one in this "
+                        "process, 'auto' joins the running one, or ray://HOST:PORT.")
+    server.add_argument("--app-name", default="maskray", help="Serve application name.")
+    server.add_argument("--config", help="YAML file with any ServeConfig key (flags override it).")
+    server.add_argument("--scorer", default=argparse.SUPPRESS, help="Scorer whose rating comes back with each "
+                        "image: a name (hps-v2.1, hps-v2, clip) or a JSON object of ScorerConfig fields.")
+    add_model_arguments(parser, ModelConfig, "model")
+    add_model_arguments(parser, ServeConfig, "serving", skip=("backpressure_status",))
+
+
+def build_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of the parsed flags and ``--config`` file.
+
+    Raises:
+        ValueError: a flag or key is invalid; the message names it and the value given.
+    """
+    file_values = load_config_file(args.config)
+    model_file = file_values.pop("model", {})
+    model_file = {"model": model_file} if isinstance(model_file, str) else dict(model_file)
+    model = build_model(ModelConfig, model_file, args, source="model options")
+    serving = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "model"})
+    return build_model(ServeConfig, {**file_values, "model": model}, serving, source="serving options")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    from jobs.serve.app import build_application
+
+    ray.init(address=args.address, include_dashboard=False)
+    try:
+        # The proxy's own timeout backs up the ingress's 504, a little later so the JSON answer wins.
+        serve.start(http_options={"host": args.host, "port": args.port,
+                                  "request_timeout_s": config.request_timeout_s + 30})
+        serve.run(build_application(config), name=args.app_name, route_prefix="/")
+        base = f"http://{args.host}:{args.port}"
+        print(f"serving {config.model_id} at {base}/v1/images/generations (docs {base}/docs); Ctrl-C stops",
+              flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

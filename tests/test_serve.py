@@ -1,0 +1,234 @@
+"""The Ray Serve endpoint for real: Serve on 127.0.0.1 on a free port, the tiny model on CPU, HTTP calls.
+
+One Ray instance and one application serve the whole module (starting them dominates the run time). The
+application has small queues, a short request timeout, a bearer token and the tiny HPS scorer, so every
+limit can be hit quickly.
+"""
+
+import base64
+import io
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from jobs.serve.config import ServeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+HPS_TINY = REPO.parent / "shared" / "fixtures" / "hps-tiny"
+API_KEY = "test-key-4f2a"
+KEY_ENV = "MASKRAY_TEST_SERVE_API_KEY"  # not MASKRAY_API_KEY: other tests' servers must stay open
+APP = "maskray-test"
+SMALL = {"size": "32x32", "steps": 4}  # tiny model: 4x4 tokens after the down block, a few ms per step
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """Base URL of a running app (ingress -> generator + scorer) on loopback; torn down after the module."""
+    os.environ[KEY_ENV] = API_KEY  # before ray.init: the replicas inherit the driver's environment
+    import ray
+    from ray import serve
+
+    from jobs.serve.app import build_app
+
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        scorer = {"name": "hps-v2", "checkpoint": str(HPS_TINY / "hps_tiny_checkpoint.pt"),
+                  "model": str(HPS_TINY / "model_config.json"), "device": "cpu"}
+        serve.run(build_app({"model": "tiny-meissonic", "scorer": scorer, "max_batch_size": 4,
+                             "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 2,
+                             "request_timeout_s": 10, "retry_after_s": 3, "api_key_env": KEY_ENV}),
+                  name=APP, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop(KEY_ENV, None)
+
+
+def _post(url: str, body: dict, key: str | None = API_KEY) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=60)
+
+
+def _stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("ImageGenerator", app_name=APP).stats.remote().result()
+
+
+def test_openai_client_gets_decodable_pngs_with_scores(server):
+    from openai import OpenAI
+    from PIL import Image
+
+    from actors.scorer import ScorerConfig, build_scorer_from_config
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    result = client.images.generate(model="tiny-meissonic", prompt="a red circle", n=2, size="32x32",
+                                    response_format="b64_json", extra_body={"seed": 11, "steps": 4})
+    assert result.size == "32x32" and result.output_format == "png"
+    images = [Image.open(io.BytesIO(base64.b64decode(item.b64_json))) for item in result.data]
+    assert [(image.format, image.size, image.mode) for image in images] == [("PNG", (32, 32), "RGB")] * 2
+    assert [item.model_extra["seed"] for item in result.data] == [11, 12]
+    assert result.model_extra["scorer"] == "hps-v2"
+    local = build_scorer_from_config(ScorerConfig(name="hps-v2", checkpoint=str(HPS_TINY / "hps_tiny_checkpoint.pt"),
+                                                  model=str(HPS_TINY / "model_config.json"), device="cpu"))
+    expected = local.score(images, ["a red circle"] * 2)
+    assert [item.model_extra["score"] for item in result.data] == pytest.approx(expected, abs=1e-5)
+    assert [card.id for card in client.models.list().data] == ["tiny-meissonic"]
+
+
+def test_same_seed_same_bytes(server):
+    body = {"prompt": "a green triangle", "seed": 5, **SMALL}
+    first, second = _post(server, body).json(), _post(server, body).json()
+    other = _post(server, {**body, "seed": 6}).json()
+    assert first["data"][0]["b64_json"] == second["data"][0]["b64_json"]
+    assert first["data"][0]["b64_json"] != other["data"][0]["b64_json"]
+
+
+def test_concurrent_batched_requests_equal_sequential_ones(server):
+    bodies = [
+        {"prompt": "a red circle", "seed": 1, **SMALL},
+        {"prompt": "a blue square", "seed": 2, "n": 2, "negative_prompt": "blurry", **SMALL},
+        {"prompt": "a cat", "seed": 3, "guidance": 3.0, "sampler": {"mask_schedule": "linear"}, **SMALL},
+        {"prompt": "a dog", "seed": 4, "guidance": 3.0, "sampler": {"mask_schedule": "linear"}, **SMALL},
+    ]
+    before = _stats()
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        concurrent = list(pool.map(lambda body: _post(server, body), bodies))
+    during = _stats()
+    sequential = [_post(server, body) for body in bodies]
+    assert [r.status_code for r in concurrent + sequential] == [200] * 8
+    # 5 images in 2 settings groups: batching must have put several requests' images into one batch
+    assert during["images"] - before["images"] == 5
+    assert during["batches"] - before["batches"] < 4
+    assert during["generate_calls"] - before["generate_calls"] < 5
+    for together, alone in zip(concurrent, sequential):
+        assert [d["b64_json"] for d in together.json()["data"]] == [d["b64_json"] for d in alone.json()["data"]]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 11}, "n"),
+    ({"prompt": "x" * 2001}, "prompt"),
+    ({"prompt": "x", "size": "large"}, "size"),
+    ({"prompt": "x", "size": "4096x4096"}, "size"),
+    ({"prompt": "x", "size": "36x32"}, "size"),  # the tiny model needs multiples of 8
+    ({"prompt": "x", "response_format": "url"}, "response_format"),
+    ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "sampler": "no-such-sampler"}, "sampler"),
+    ({"prompt": "x", "sampler": {"mask_schedule": "square"}}, "sampler.mask_schedule"),
+    ({"prompt": "x", "quality": "hd"}, "quality"),
+    ({"n": 1}, "prompt"),
+])
+def test_invalid_bodies_get_422_naming_the_field(server, body, param):
+    response = _post(server, body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param.split(".")[0] in error["message"]
+
+
+def test_unknown_model_and_non_json_body(server):
+    response = _post(server, {"prompt": "x", "model": "dall-e-3"})
+    assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+    raw = requests.post(f"{server}/v1/images/generations", data="not json", timeout=10,
+                        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert raw.status_code == 422 and "error" in raw.json()
+
+
+def test_auth_is_enforced(server):
+    assert _post(server, {"prompt": "x", **SMALL}, key=None).status_code == 401
+    wrong = _post(server, {"prompt": "x", **SMALL}, key="wrong")
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{server}/v1/models", timeout=10).status_code == 401
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+    assert "/v1/images/generations" in requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_burst_beyond_the_queue_gets_429_not_500_and_server_recovers(server):
+    body = {"prompt": "burst", "seed": 0, "size": "64x64", "steps": 8}
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: _post(server, {**body, "seed": i}), range(16)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 1, codes
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["Retry-After"] == "3"
+    assert rejected.json()["error"]["code"] == "queue_full"
+    assert requests.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
+    assert _post(server, {"prompt": "after the burst", **SMALL}).status_code == 200
+
+
+def test_timeout_gives_504_and_frees_the_generator(server):
+    before = _stats()
+    started = time.perf_counter()
+    response = _post(server, {"prompt": "slow", "size": "256x256", "steps": 256, "guidance": 9.0})
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+    assert time.perf_counter() - started < 30
+    # the abandoned generate call stops at its next step, so the next request is not stuck behind it
+    started = time.perf_counter()
+    assert _post(server, {"prompt": "quick", **SMALL}).status_code == 200
+    assert time.perf_counter() - started < 8
+    assert _stats()["cancelled_calls"] == before["cancelled_calls"] + 1
+
+
+def test_serve_config_yaml_validates_against_ray_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.serve import app as app_module
+
+    document = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(document)
+    (application,) = schema.applications
+    module, _, attribute = application.import_path.partition(":")
+    assert module == app_module.__name__ and getattr(app_module, attribute) is app_module.build_app
+    config = app_module.parse_config(application.args)
+    assert config.scorer is not None and config.model.device == "cuda"
+    names = {deployment.name for deployment in application.deployments}
+    assert names == {"ImagesAPI", "ImageGenerator", "ImageScorer"}
+    generator = next(d for d in application.deployments if d.name == "ImageGenerator")
+    assert generator.ray_actor_options.num_gpus == 1 and generator.max_queued_requests > 0
+
+
+def test_serve_args_errors_name_the_key():
+    from jobs.serve.app import parse_config
+
+    with pytest.raises(ValueError, match=r"max_batch_size.*got '0'"):
+        parse_config({"max_batch_size": "0"})
+    with pytest.raises(ValueError, match="min_replicas"):
+        parse_config({"min_replicas": 3, "max_replicas": 2})
+    assert parse_config({"model": "tiny-amused", "max_batch_size": "2"}).model.model == "tiny-amused"
+
+
+def test_serve_command_flags_and_config_file(tmp_path):
+    import argparse
+
+    from jobs import cli, serve_cmd
+
+    assert cli.COMMANDS["serve"][0] == "jobs.serve_cmd"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"model": {"model": "tiny-amused", "dtype": "fp32"}, "max_batch_size": 2,
+                                    "max_queued_requests": 5}))
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--max-batch-size", "6", "--port", "8123",
+                              "--scorer", json.dumps({"name": "hps-v2", "checkpoint": "/x.pt"})])
+    config = serve_cmd.build_config(args)
+    assert isinstance(config, ServeConfig) and config.model.model == "tiny-amused"
+    assert (config.max_batch_size, config.max_queued_requests) == (6, 5)
+    assert config.scorer.name == "hps-v2" and config.scorer.checkpoint == "/x.pt"
+    with pytest.raises(ValueError, match="--max-batch-size"):
+        serve_cmd.build_config(parser.parse_args(["--max-batch-size", "0"]))
