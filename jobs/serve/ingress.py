@@ -12,7 +12,6 @@ No ``from __future__ import annotations`` here: FastAPI reads the route signatur
 import asyncio
 import base64
 import hmac
-import io
 import os
 import secrets
 import time
@@ -25,6 +24,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from actors.generator import encode_image
 from jobs.serve.config import ServeConfig
 from jobs.serve.openai_schema import (ErrorResponse, ImageData, ImageGenerationRequest, ImagesResponse, ModelCard,
                                       ModelList)
@@ -61,11 +61,7 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
 
 def encode_png(image: np.ndarray) -> str:
     """Base64 of the lossless PNG of one ``(H, W, 3)`` uint8 image (deterministic: same pixels, same bytes)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(encode_image(image, "png")).decode("ascii")
 
 
 async def _await_or_cancel(response: DeploymentResponse):
