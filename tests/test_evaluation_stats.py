@@ -60,7 +60,7 @@ def _scores():
         for sampler, delta in (("vanilla", 0.0), ("noise", 1.0 if i % 4 else -1.0)):
             rows.append({"sampler": sampler, "prompt_id": f"p{i}", "sample_idx": 0, "prompt": f"prompt {i}",
                          "category": "a" if i < 20 else "b", "score": base + delta, "nfe": 8,
-                         "generation_seconds": 0.5, "image_uri": f"mem://{sampler}/{i}.png", "error": None})
+                         "gen_seconds": 0.5, "image_uri": f"mem://{sampler}/{i}.png", "error": None})
     return pd.DataFrame(rows)
 
 

@@ -2,7 +2,7 @@
 
 Input is one table of scored generations (a row per sampler x prompt x sample) with the columns of the
 generate job's metrics: ``sampler``, ``prompt_id``, ``sample_idx``, ``prompt``, ``score``, ``nfe``,
-``generation_seconds``, ``image_uri`` and optionally ``category``.
+``gen_seconds``, ``image_uri`` and optionally ``category``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def summarize(scores: pd.DataFrame, baseline: str, candidates: list[str], seed: 
     per_sampler = {}
     for sampler, rows in scores.groupby("sampler"):
         ok = rows[rows.error.isna()] if "error" in rows.columns else rows
-        seconds = ok.generation_seconds.sum()
+        seconds = ok.gen_seconds.sum()
         per_sampler[sampler] = {
             "images": int(len(ok)), "errors": int(len(rows) - len(ok)),
             "mean_score": float(ok.score.mean()) if len(ok) else float("nan"),

@@ -1,0 +1,65 @@
+"""``maskray evaluate``: HPS v2 win rates of candidate samplers against a baseline, on Ray.
+
+    maskray evaluate --prompts examples/eval_prompts.jsonl --model tiny-meissonic --baseline vanilla \\
+        --candidates noise,differential --scorer hps-v2.1 --out eval
+
+Every (prompt, seed) is generated for the baseline and each candidate with the same seed through the
+``maskray generate`` pipeline; generations already under ``--out`` are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from mgt.config import GenerationSettings, ModelConfig
+from pipeline.config import JobOptions
+
+HELP = "Win rates of candidate samplers against a baseline (paired, same prompt and seed) on Ray."
+
+# JobOptions fields the evaluation sets itself for every sampler run.
+OWNED_JOB_FIELDS = ("prompts", "out", "seed", "num_images", "storage_options")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.evaluation.run import EvaluateOptions
+
+    parser.add_argument("--config", help="YAML file with any of the options below, keyed by flag name "
+                        "(flags override it; `candidates` may be a list).")
+    parser.add_argument("--prompts", action="append", default=argparse.SUPPRESS,
+                        help=EvaluateOptions.model_fields["prompts"].description + " Repeatable.")
+    parser.add_argument("--candidates", action="append", default=argparse.SUPPRESS,
+                        help=EvaluateOptions.model_fields["candidates"].description + " Default: noise, "
+                        "differential, zsampling.")
+    add_model_arguments(parser, EvaluateOptions, "evaluation", skip=("prompts", "candidates"))
+    add_model_arguments(parser, JobOptions, "job", skip=OWNED_JOB_FIELDS)
+    add_model_arguments(parser, ModelConfig, "model")
+    add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.evaluation.run import EvaluateOptions, run_evaluate
+
+    file_values = load_config_file(args.config)
+    options = build_model(EvaluateOptions, file_values, args)
+    job_values = {k: v for k, v in file_values.items() if k not in OWNED_JOB_FIELDS or k == "storage_options"}
+    job = build_model(JobOptions, job_values, argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                                                     if k not in OWNED_JOB_FIELDS}))
+    model = build_model(ModelConfig, file_values, args)
+    generation = build_model(GenerationSettings, file_values, args)
+    if "sampler" in file_values:
+        raise ValueError("`sampler` is not an evaluate option: use `baseline` and `candidates`")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or "local"
+
+    def connect() -> None:
+        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
+
+    try:
+        run_evaluate(options, job, model, generation, connect=connect)
+    finally:
+        ray.shutdown()
+    return 0

@@ -1,0 +1,87 @@
+"""Prompt sets for evaluation: Parquet, JSON, JSON Lines, CSV or text, with an optional category.
+
+The HPD v2 benchmark ships one JSON list of strings per style (``anime.json``, ``concept-art.json``,
+``paintings.json``, ``photo.json``) and DrawBench a CSV with ``Prompts`` and ``Category`` columns; both load
+as they come. When several files are given and a file has no category column, its file name (without
+extension) is the category, so the four HPD files give the paper's per-style breakdown.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import PurePosixPath
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.storage import Storage
+
+PROMPT_COLUMNS = ("prompt", "Prompt", "Prompts", "prompts", "caption", "text")
+CATEGORY_COLUMNS = ("category", "Category", "style")
+
+
+class PromptSetError(ValueError):
+    """A prompt set cannot be read; the message names the file and what it should hold."""
+
+
+def load_prompt_set(paths: list[str], storage_options: dict | None = None) -> pa.Table:
+    """One table with ``prompt`` (string) and ``category`` (string or null) from every file in ``paths``."""
+    if not paths:
+        raise PromptSetError("no prompt set given: pass --prompts FILE (Parquet, JSON, JSONL, CSV or text)")
+    tables = []
+    for path in paths:
+        storage = Storage(path, storage_options)
+        if not storage.exists(storage.root):
+            raise PromptSetError(f"prompt set {path} does not exist")
+        prompts, categories = _read(path, storage.read(storage.root))
+        if not prompts:
+            raise PromptSetError(f"prompt set {path} holds no prompts")
+        if all(c is None for c in categories) and len(paths) > 1:
+            categories = [PurePosixPath(path).stem] * len(prompts)
+        tables.append(pa.table({"prompt": pa.array(prompts, pa.string()), "category": pa.array(categories, pa.string())}))
+    return pa.concat_tables(tables)
+
+
+def _read(path: str, data: bytes) -> tuple[list[str], list[str | None]]:
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix == ".parquet":
+        return _columns(pq.read_table(io.BytesIO(data)).to_pylist(), path)
+    if suffix == ".csv":
+        return _columns(pacsv.read_csv(io.BytesIO(data)).to_pylist(), path)
+    text = data.decode("utf-8")
+    if suffix == ".json":
+        items = json.loads(text)
+        if isinstance(items, dict):  # {category: [prompts]} as hpsv2.benchmark_prompts('all') returns
+            return ([p for ps in items.values() for p in ps],
+                    [c for c, ps in items.items() for _ in ps])
+        if not isinstance(items, list):
+            raise PromptSetError(f"{path}: expected a JSON list of prompts or of {{prompt, category}} objects")
+        return _columns([{"prompt": i} if isinstance(i, str) else i for i in items], path)
+    if suffix == ".jsonl":
+        return _columns([json.loads(line) for line in text.splitlines() if line.strip()], path)
+    if suffix in (".txt", ""):
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return lines, [None] * len(lines)
+    raise PromptSetError(f"{path}: unknown prompt-set format {suffix!r}; use .parquet, .json, .jsonl, .csv or .txt")
+
+
+def _columns(rows: list[dict], path: str) -> tuple[list[str], list[str | None]]:
+    if not rows:
+        return [], []
+    keys = rows[0].keys()
+    prompt_key = next((k for k in PROMPT_COLUMNS if k in keys), None)
+    if prompt_key is None:
+        raise PromptSetError(f"{path}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)}, found "
+                             f"{', '.join(map(str, keys))}")
+    category_key = next((k for k in CATEGORY_COLUMNS if k in keys), None)
+    prompts = []
+    for index, row in enumerate(rows):
+        value = row.get(prompt_key)
+        if not isinstance(value, str):
+            raise PromptSetError(f"{path}: row {index} has a non-text prompt {value!r}")
+        prompts.append(value)
+    categories = [None if category_key is None or row.get(category_key) is None else str(row[category_key])
+                  for row in rows]
+    return prompts, categories

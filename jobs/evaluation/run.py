@@ -1,0 +1,165 @@
+"""``maskray evaluate``: does sampler X beat the baseline on this model, and by how much?
+
+Every (prompt, seed) is generated once per sampler through the batch generation pipeline, with the same
+derived seed for every sampler, and scored; the report pairs each candidate's image with the baseline's
+image of the same prompt and seed (arXiv 2411.10781's HPS v2 winning rate). Each sampler's generations
+live in their own resumable run folder, ``runs/<name>-<config hash>/``, so a rerun reuses every image
+already there and adding a candidate later costs only that candidate's images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs.evaluation.prompt_sets import load_prompt_set
+from jobs.evaluation.report import write_report
+from mgt.config import GenerationSettings, ModelConfig
+from mgt.sampler_config import SamplerConfig
+from pipeline.config import GenerateConfig, JobOptions
+from pipeline.prompts import prompt_ids
+from pipeline.storage import Storage
+
+
+class EvaluateOptions(BaseModel):
+    """What to compare: prompt sets, seeds, the baseline and the candidate samplers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts: list[str] = Field(default_factory=lambda: ["examples/eval_prompts.jsonl"], description="Prompt "
+                               "set file(s): Parquet, JSON, JSONL, CSV or text, local or s3:// (optional "
+                               "category column; with several files the file name is the category).")
+    out: str = Field("eval", description="Output root: runs/<sampler>-<hash>/ per sampler and report/.")
+    baseline: str = Field("vanilla", description="Baseline sampler: preset or compact spec.")
+    candidates: list[str] = Field(default_factory=lambda: ["noise", "differential", "zsampling"],
+                                  description="Candidate samplers: presets or compact specs (comma-separated on "
+                                  "the command line; a spec with overrides as its own --candidates flag).")
+    seeds_per_prompt: int = Field(2, ge=1, description="Images per prompt (sample indices 0..n-1), each with "
+                                  "the same derived seed for every sampler.")
+    seed: int = Field(0, description="Run seed from which every (prompt, sample) seed is derived.")
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts of the set.")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling of the confidence intervals.")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [piece for item in value for piece in split_candidates(str(item))]
+        return value
+
+
+def split_candidates(text: str) -> list[str]:
+    """``noise,zsampling+noise:noise.amplitude=1.5,zsampling.num_steps=3`` -> the two specs.
+
+    Commas inside brackets, and ``key=value`` pieces after a spec with overrides, stay with their spec.
+    """
+    pieces, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{(" or -(char in "]})")
+        if char == "," and depth == 0:
+            pieces.append(current)
+            current = ""
+        else:
+            current += char
+    pieces.append(current)
+    specs: list[str] = []
+    for piece in (p.strip() for p in pieces):
+        if piece and specs and "=" in piece and ":" not in piece and ":" in specs[-1]:
+            specs[-1] += "," + piece
+        elif piece:
+            specs.append(piece)
+    return specs
+
+
+def sampler_name(spec: str) -> str:
+    """A folder-safe name for a sampler spec (presets keep their name)."""
+    slug = re.sub(r"[^A-Za-z0-9+_.-]+", "_", spec).strip("_")[:48]
+    return slug if slug == spec else f"{slug}-{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
+
+
+def prepare_prompts(options: EvaluateOptions, job: JobOptions) -> tuple[str, pd.DataFrame]:
+    """Write the prompt set as ``prompts.parquet`` under ``--out``; returns its URI and (prompt_id, category)."""
+    table = load_prompt_set(options.prompts, job.storage_options)
+    if options.max_prompts:
+        table = table.slice(0, options.max_prompts)
+    ids = prompt_ids(table.select(["prompt"]))
+    if len(set(ids)) != len(ids):  # the same prompt twice: keep the first, as the sets are paired by prompt
+        first = sorted({i: n for n, i in reversed(list(enumerate(ids)))}.values())
+        table, ids = table.take(first), ids[first]
+    table = table.append_column("prompt_id", pa.array(list(ids), pa.string()))
+    out = Storage(options.out, job.storage_options)
+    buffer = io.BytesIO()
+    pq.write_table(table.select(["prompt_id", "prompt", "category"]), buffer)
+    out.write_atomic(out.path("prompts.parquet"), buffer.getvalue())
+    return out.url("prompts.parquet"), table.select(["prompt_id", "category"]).to_pandas()
+
+
+def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, generation: GenerationSettings,
+                 connect: Callable[[], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Generate and score every sampler's images (reusing what exists), then write the report.
+
+    Returns:
+        The report summary (``report/report.json``).
+    """
+    from pipeline.generate import run_generate
+
+    if job.scorer is None:
+        raise ValueError("evaluation needs a scorer: pass --scorer (hps-v2, hps-v2.1, clip, ...)")
+    samplers = {name: SamplerConfig.from_spec(spec) for name, spec in
+                ((sampler_name(s), s) for s in [options.baseline, *options.candidates])}
+    baseline, candidates = sampler_name(options.baseline), [sampler_name(c) for c in options.candidates]
+    if baseline in candidates:
+        raise ValueError(f"the baseline {options.baseline!r} is also a candidate; drop it from --candidates")
+    prompts_uri, categories = prepare_prompts(options, job)
+    out = Storage(options.out, job.storage_options)
+    connected, frames = False, []
+    for name, sampler in samplers.items():
+        run_job = job.model_copy(update={"prompts": prompts_uri, "num_images": options.seeds_per_prompt,
+                                         "seed": options.seed})
+        config = GenerateConfig(job=run_job, model=model,
+                                generation=generation.model_copy(update={"sampler": sampler}))
+        run_job = run_job.model_copy(update={"out": out.url("runs", f"{name}-{config.config_hash()}")})
+        config = config.model_copy(update={"job": run_job})
+        log(f"maskray evaluate: sampler {name} -> {run_job.out}")
+        run_generate(config, log=log, connect=None if connected or connect is None else connect)
+        connected = True
+        run_out = Storage(run_job.out, job.storage_options)
+        metrics = pq.read_table(io.BytesIO(run_out.read(run_out.path("metrics.parquet")))).to_pandas()
+        frames.append(metrics.assign(sampler=name))
+    scores = pd.concat(frames, ignore_index=True).merge(categories, on="prompt_id", how="left")
+    summary = write_report_to(out, scores, baseline, candidates, job.storage_options, options.bootstrap_seed)
+    for name in candidates:
+        c = summary["comparisons"][name]["overall"]
+        log(f"maskray evaluate: {name} vs {baseline}: win rate {100 * c['win_rate']:.1f}% "
+            f"({c['wins']}/{c['ties']}/{c['losses']} W/T/L, p={c['sign_test_p']:.3g}), "
+            f"mean diff {c['mean_difference']:+.4f}")
+    log(f"maskray evaluate: report in {out.url('report')}/ (report.md, report.json, win_rates.png, scores.png, "
+        "grid.png)")
+    return summary
+
+
+def write_report_to(out: Storage, scores: pd.DataFrame, baseline: str, candidates: list[str],
+                    storage_options: dict, seed: int) -> dict:
+    """Write the report under ``--out/report``: directly on local disk, via a temp folder for object stores."""
+    def read_image(uri: str) -> bytes:
+        storage = Storage(uri, storage_options)
+        return storage.read(storage.root)
+
+    if out.local:
+        return write_report(scores, baseline, candidates, Path(out.path("report")), read_image, seed)
+    with tempfile.TemporaryDirectory(prefix="maskray-report-") as folder:
+        summary = write_report(scores, baseline, candidates, Path(folder), read_image, seed)
+        for file in Path(folder).iterdir():
+            out.write_atomic(out.path("report", file.name), file.read_bytes())
+    return summary
