@@ -175,7 +175,8 @@ def test_burst_beyond_the_queue_gets_429_not_500_and_server_recovers(server):
 def test_timeout_gives_504_and_frees_the_generator(server):
     before = _stats()
     started = time.perf_counter()
-    response = _post(server, {"prompt": "slow", "size": "256x256", "steps": 256, "guidance": 9.0})
+    # 512x512 x 256 steps takes minutes on this CPU (~0.3-1 s a step), far past the 10 s request_timeout_s
+    response = _post(server, {"prompt": "slow", "size": "512x512", "steps": 256, "guidance": 9.0})
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
     assert time.perf_counter() - started < 30
     # the abandoned generate call stops at its next step, so the next request is not stuck behind it
