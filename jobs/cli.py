@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("jobs.sample_cmd", "Generate images for a few prompts in this process (no Ray)."),
     "serve": ("jobs.serve_cmd", "Serve the model over HTTP (OpenAI Images API) with Ray Serve."),
     "generate": ("jobs.generate_cmd", "Generate a scored image dataset from Parquet prompt shards on Ray Data (resumable)."),
+    "quantize": ("jobs.quantize_cmd", "Quantize a model's transformer (w8a16, w4a16, w8a8, w4a8, scq) and write a checkpoint."),
 }
 
 

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     pipe = mgt.load_pipeline(model_config.model, dtype=model_config.dtype, device=model_config.device,
-                             variant=model_config.variant)
+                             variant=model_config.variant, quant=model_config.quant, tome=model_config.tome,
+                             tome_reuse=model_config.tome_reuse)
     jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(prompts) for k in range(args.num_images)]
     steps = settings.steps or pipe.defaults.steps
     out = Path(args.out)

@@ -18,7 +18,7 @@ import torch
 from diffusers import VQModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgt import loading, sampling
+from mgt import efficient, loading, sampling
 from mgt.amused import AmusedTransformer
 from mgt.meissonic import MeissonicTransformer
 from mgt.sampler_config import SamplerConfig
@@ -212,13 +212,21 @@ def load_transformer(
     device: str | torch.device | None = "cpu",
     variant: str | None = None,
     cache_dir: str | None = None,
+    quant: str | None = None,
+    tome: float = 0.0,
+    tome_reuse: int = 5,
 ) -> torch.nn.Module:
     """The transformer of a model: ``forward(token_ids, encoder_hidden_states, pooled_projections,
-    micro_conds, timestep) -> logits (B, codebook, H, W)``; it builds the RoPE ids itself."""
+    micro_conds, timestep) -> logits (B, codebook, H, W)``; it builds the RoPE ids itself.
+
+    ``quant``, ``tome`` and ``tome_reuse`` as in :func:`load_pipeline`."""
+    if efficient.needs_pipeline(quant):  # A8 presets calibrate on the whole model's own generations
+        return load_pipeline(path_or_id, dtype, device, variant, cache_dir, quant, tome, tome_reuse).transformer
     model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
     cls = MeissonicTransformer if detect_family(model_dir) == "meissonic" else AmusedTransformer
-    return loading.load_component(cls, model_dir / "transformer", loading.resolve_dtype(dtype),
-                                  loading.resolve_device(device), variant)
+    transformer = efficient.load_transformer(cls, model_dir, loading.resolve_dtype(dtype),
+                                             loading.resolve_device(device), variant, quant, cache_dir)
+    return efficient.apply_tome(transformer, tome, tome_reuse)
 
 
 def load_pipeline(
@@ -227,11 +235,17 @@ def load_pipeline(
     device: str | torch.device | None = "auto",
     variant: str | None = None,
     cache_dir: str | None = None,
+    quant: str | None = None,
+    tome: float = 0.0,
+    tome_reuse: int = 5,
 ) -> MGTPipeline:
     """Load a whole model (registered name, local folder, ``s3://``/``gs://`` URI or hub id).
 
     ``dtype`` applies to the transformer and text encoder; the VQ decoder stays in fp32 unless fp16/bf16
     is asked for, in which case diffusers' ``force_upcast`` rule still decodes fp16 in fp32.
+    ``quant``: None, a preset (w8a16, w4a16, w8a8, w4a8, scq; quantized here) or the path/URI of a
+    ``maskray quantize`` checkpoint (its transformer replaces the model's, never loaded in full precision).
+    ``tome``: TomeMGT merge ratio rho in the dual-stream blocks (0 = off), one plan per ``tome_reuse`` blocks.
     """
     model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
     family = detect_family(model_dir)
@@ -241,14 +255,17 @@ def load_pipeline(
             raise loading.ModelLoadError(f"missing subfolder {model_dir / sub}; a model folder needs "
                                          f"{', '.join(s + '/' for s in loading.SUBFOLDERS)}")
     cls = MeissonicTransformer if family == "meissonic" else AmusedTransformer
-    transformer = loading.load_component(cls, model_dir / "transformer", torch_dtype, torch_device, variant)
+    transformer = efficient.load_transformer(cls, model_dir, torch_dtype, torch_device, variant, quant, cache_dir)
     vqvae = loading.load_component(VQModel, model_dir / "vqvae", torch_dtype, torch_device, variant)
     text_encoder = _load_text_encoder(model_dir / "text_encoder", torch_dtype, torch_device, variant)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     mask_token_id = _mask_token_id(model_dir, transformer)
     defaults = _defaults(model_dir, family, transformer, vqvae, tokenizer)
     text = TextConditioner(tokenizer, text_encoder, defaults.text_max_length)
-    return MGTPipeline(family, transformer, vqvae, text, defaults, mask_token_id, name=str(path_or_id))
+    pipe = MGTPipeline(family, transformer, vqvae, text, defaults, mask_token_id, name=str(path_or_id))
+    efficient.calibrate_pipeline(pipe, quant)
+    efficient.apply_tome(pipe.transformer, tome, tome_reuse)
+    return pipe
 
 
 def _load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None):

@@ -1,0 +1,64 @@
+"""The efficient-inference options of ``load_pipeline``/``load_transformer`` (arXiv 2411.10781 §7).
+
+``quant`` is None, a preset name (quantized while loading; A8 presets calibrate on the model's own
+generations of ``DEFAULT_CALIBRATION_PROMPTS``) or the path/URI of a checkpoint written by
+``maskray quantize`` (loaded directly, never materialising the full-precision transformer).
+``tome`` is TomeMGT's merge ratio rho (0 = off). optimum-quanto is imported only when ``quant`` is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mgt import loading
+from mgt.quant_config import PRESETS
+
+
+def needs_pipeline(quant: str | None) -> bool:
+    """True for presets whose calibration generates data with the whole pipeline (the A8 presets)."""
+    return quant in PRESETS and PRESETS[quant].calibrate
+
+
+def load_transformer(cls: type, model_dir: Path, dtype: torch.dtype, device: torch.device, variant: str | None,
+                     quant: str | None, cache_dir: str | None = None) -> torch.nn.Module:
+    """The transformer of ``model_dir``: full precision, quantized with a weight-only preset, or a checkpoint.
+
+    A8 presets come back in full precision: :func:`calibrate_pipeline` quantizes them once the text
+    encoder is loaded.
+    """
+    if quant is None or quant in PRESETS:
+        transformer = loading.load_component(cls, model_dir / "transformer", dtype, device, variant)
+        if quant is not None and not needs_pipeline(quant):
+            from optimum.quanto import freeze
+
+            from mgt.quantization import quantize_transformer
+
+            freeze(quantize_transformer(transformer, quant))
+        return transformer
+    from mgt.quantized_checkpoint import load_quantized
+
+    expected = loading.read_config(model_dir / "transformer")
+    transformer = load_quantized(quant, dtype, device, cache_dir, expected_config=expected)
+    if not isinstance(transformer, cls):
+        raise loading.ModelLoadError(f"quantized checkpoint {quant} holds a {type(transformer).__name__} but "
+                                     f"{model_dir} needs a {cls.__name__}")
+    return transformer
+
+
+def calibrate_pipeline(pipe, quant: str | None) -> None:
+    """Quantize and calibrate ``pipe.transformer`` in place for an A8 preset (no-op otherwise)."""
+    if needs_pipeline(quant):
+        from mgt.scq import quantize_pipeline
+
+        quantize_pipeline(pipe, quant)
+
+
+def apply_tome(transformer: torch.nn.Module, tome: float, tome_reuse: int = 5) -> torch.nn.Module:
+    """Patch TomeMGT into ``transformer``'s dual-stream blocks when ``tome`` > 0."""
+    if tome:
+        from mgt.tome import TomeMGT
+
+        TomeMGT(tome, tome_reuse).apply(transformer)
+    return transformer
