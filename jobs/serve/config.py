@@ -36,8 +36,10 @@ class ServeConfig(BaseModel):
                                         "first one arrives, in seconds.")
     max_ongoing_requests: int = Field(8, ge=1, description="Requests one generator replica holds at once "
                                       "(their images share batches).")
-    max_queued_requests: int = Field(32, ge=-1, description="Requests each caller queues for the generator "
-                                     "beyond max_ongoing_requests before new ones get a 429/503; -1 is unbounded.")
+    max_queued_requests: int = Field(32, ge=-1, description="Requests each caller (ingress replica) queues for "
+                                     "the generator beyond max_ongoing_requests before new ones get a 429/503; -1 "
+                                     "is unbounded. Serve counts requests still being routed as queued, so leave "
+                                     "headroom for simultaneous arrivals.")
     backpressure_status: Literal[429, 503] = Field(429, description="HTTP status of a request turned away because "
                                                    "the queue is full.")
     retry_after_s: int = Field(5, ge=0, description="Retry-After header, in seconds, sent with a turned-away "
