@@ -155,16 +155,16 @@ class MGTPipeline:
         micro = self.micro_conds(hidden.shape[0], width, height)
         hidden, pooled = hidden.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
 
-        def predict(tokens: torch.Tensor, step_value: int) -> torch.Tensor:
+        def predict(tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
             model_input = torch.cat([tokens, tokens]) if use_cfg else tokens
             timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
             logits = self.transformer(model_input, hidden, pooled, micro, timestep)
-            return sampling.apply_guidance(logits, guidance) if use_cfg else logits
+            return sampling.apply_guidance(logits, scale) if use_cfg else sampling.to_token_major(logits)
 
         scale = self.vae_scale_factor
         shape = (len(prompts), height // scale, width // scale)
         result = sampling.sample(predict, shape, steps, self.make_generators(seeds), self.mask_token_id,
-                                 sampler, device=self.device, on_step=on_step)
+                                 sampler, guidance=guidance, device=self.device, on_step=on_step)
         images = self.decode(result.tokens) if decode else None
         return GenerationOutput(result.tokens.cpu(), images, result.nfe, time.perf_counter() - started)
 

@@ -1,16 +1,78 @@
-"""The typed sampler configuration shared by Python, YAML/JSON, the CLI and HTTP requests."""
+"""The typed sampler configuration shared by Python, YAML/JSON, the CLI and HTTP requests.
+
+One :class:`SamplerConfig` composes the mask schedule, the CFG-scale schedule and the three enhanced-inference
+techniques of arXiv 2411.10781 (noise regularization, differential sampling, masked Z-Sampling). A technique
+is on when its section is set; every default equals the released code (paper-spec §3-§6, §12).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+TECHNIQUES = ("noise", "differential", "zsampling")
+PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
+           "noise+differential", "all")
+
+
+class NoiseRegularizationConfig(BaseModel):
+    """Gaussian noise sigma(u) * N(0, I) on the post-CFG logits before the softmax (paper-spec §3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    amplitude: float = Field(2.0, ge=0, description="A in sigma(u) = A * f(u); 0 draws no noise (= vanilla).")
+    schedule: Literal["abs_cos", "cos_half", "linear", "one_minus_pow", "const"] = Field(
+        "abs_cos", description="f(u) with u = i/(T-1) (0 at the first, fully masked step): abs_cos |cos(pi u)| "
+        "(released code), cos_half cos(pi u / 2), linear 1 - u, one_minus_pow 1 - u**power, const 1.")
+    power: float = Field(0.6, gt=0, description="Exponent of the one_minus_pow schedule; ignored by the others.")
+
+
+class DifferentialSamplingConfig(BaseModel):
+    """Resample the most stable positions from max(p - P_prev, floor), renormalised (paper-spec §4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ratio: float = Field(0.75, ge=0, le=1, description="z: share of positions modified, those of smallest "
+                         "KL(p || P_prev); 0 modifies none (= vanilla).")
+    ratio_of: Literal["all", "masked"] = Field("all", description="z counts all N positions (released code: "
+                                               "3072 of 4096) or only the still-masked ones.")
+    floor: float = Field(1e-6, gt=0, description="Floor of p - P_prev before renormalising.")
+    store_modified_prev: bool = Field(True, description="Keep the modified distribution as P_prev (released "
+                                      "code) instead of the raw softmax.")
+
+
+class MaskedZSamplingConfig(BaseModel):
+    """Zigzag: forward step, inversion pass at weak guidance, re-mask, re-denoise (paper-spec §5)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inversion_cfg: float = Field(0.0, description="CFG scale s_inv of the inversion pass; 0 keeps only the "
+                                 "unconditional (negative-prompt) branch, 1 only the conditional one.")
+    num_steps: int | None = Field(None, ge=0, description="lambda: zigzag on steps 0..lambda-1; unset means "
+                                  "T-1 (every step but the last); at most T-1.")
+    remask_rule: Literal["top_conf_all", "low_conf_all", "top_conf_new", "random"] = Field(
+        "top_conf_all", description="Which tokens go back to [MASK]: highest / lowest inversion max-probability "
+        "among all known tokens, highest among the tokens just revealed, or uniformly random known tokens.")
+    remask_count: Literal["revealed-1", "revealed"] = Field(
+        "revealed-1", description="How many: the forward step's revealed count minus 1 (released code), or all.")
 
 
 class SamplerConfig(BaseModel):
-    """How the masked tokens are drawn and re-masked at each step (vanilla = diffusers' AmusedScheduler)."""
+    """How the masked tokens are drawn and re-masked at each step; vanilla = diffusers' AmusedScheduler.
+
+    Written as a mapping (Python, YAML, JSON, HTTP) with the fields below, e.g.
+    ``{"noise": {"amplitude": 1.5}, "zsampling": {}}``, or ``{"preset": "zsampling+noise", ...overrides}``.
+    On the command line: ``PRESET`` or ``PRESET:key=value,key=value``, where PRESET is ``vanilla``, ``all``
+    or ``+``-joined techniques (``noise``, ``differential``, ``zsampling``, in any order), keys are dotted
+    field paths and values are JSON (bare words are strings), e.g.
+    ``zsampling+noise:noise.amplitude=1.5,zsampling.inversion_cfg=0.5`` or
+    ``vanilla:mask_schedule=arccos,gumbel_temperature=[3,0]``. Naming a field of a technique turns it on;
+    ``noise=null`` turns it off.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -25,22 +87,88 @@ class SamplerConfig(BaseModel):
         description="Start and end of the Gumbel-noise temperature on the re-masking confidence, annealed "
         "linearly over the steps (Meissonic/aMUSEd: 2 -> 0).",
     )
+    guidance_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="CFG scale per step: constant s (Meissonic), or MaskGIT's linear ramp "
+        "1 + (s - 1) * i/(T-1) from the plain conditional to s.")
+    noise: NoiseRegularizationConfig | None = Field(None, description="Noise regularization; unset is off.")
+    differential: DifferentialSamplingConfig | None = Field(None, description="Differential sampling; unset "
+                                                             "is off.")
+    zsampling: MaskedZSamplingConfig | None = Field(None, description="Masked Z-Sampling; unset is off.")
 
     @classmethod
     def from_spec(cls, spec: "str | dict | SamplerConfig") -> "SamplerConfig":
-        """A config from a preset name (``vanilla``), a JSON object string, a mapping, or a config."""
+        """A config from a preset, a CLI spec (see the class docstring), a JSON object string or a mapping."""
         if isinstance(spec, SamplerConfig):
             return spec
         if isinstance(spec, dict):
-            return cls.model_validate(spec)
+            values = dict(spec)
+            preset = values.pop("preset", "vanilla")
+            return _validate(_merge(preset_values(preset), values), spec)
         text = spec.strip()
-        if text in ("", "vanilla"):
-            return cls()
         if text.startswith("{"):
-            return cls.model_validate(json.loads(text))
-        raise ValueError(f"unknown sampler {spec!r}; use a preset (vanilla) or a JSON object of SamplerConfig fields")
+            return cls.from_spec(json.loads(text))
+        preset, _, overrides = text.partition(":")
+        values = preset_values(preset.strip() or "vanilla")
+        for key, value in _parse_overrides(overrides, spec):
+            _merge(values, _nest(key.split("."), value))
+        return _validate(values, spec)
 
     def config_hash(self) -> str:
         """A short stable hash of every field: all of them change the pixels."""
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """The field mapping of a preset: ``vanilla``, ``all`` or ``+``-joined techniques in any order."""
+    parts = [p.strip() for p in preset.split("+")]
+    if preset == "all":
+        parts = list(TECHNIQUES)
+    elif preset == "vanilla":
+        parts = []
+    if any(p not in TECHNIQUES for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"unknown sampler preset {preset!r}; use one of {', '.join(PRESETS)} (techniques "
+                         f"{', '.join(TECHNIQUES)} joined by '+' in any order), optionally followed by "
+                         f"':key=value,...' overrides, or a mapping of SamplerConfig fields")
+    return {part: {} for part in parts}
+
+
+_KEY_START = re.compile(r",\s*(?=[A-Za-z_][\w.]*\s*=)")  # a comma that starts the next key=value
+
+
+def _parse_overrides(text: str, spec: str) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in filter(None, (s.strip() for s in _KEY_START.split(text))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"sampler spec {spec!r}: {item!r} is not key=value; write e.g. "
+                             f"'zsampling+noise:noise.amplitude=1.5,zsampling.inversion_cfg=0.5'")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw.strip()
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    return {path[0]: value} if len(path) == 1 else {path[0]: _nest(path[1:], value)}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``extra`` into ``base`` (in place) and return it; a mapping into None or {} enables it."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = dict(value) if isinstance(value, dict) else value
+    return base
+
+
+def _validate(values: dict[str, Any], spec: Any) -> SamplerConfig:
+    try:
+        return SamplerConfig.model_validate(values)
+    except ValidationError as error:
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                    for e in error.errors()]
+        raise ValueError(f"invalid sampler {spec!r}: " + "; ".join(problems)) from None

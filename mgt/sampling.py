@@ -1,9 +1,10 @@
-"""The sampling loop of masked generative transformers (arXiv 2411.10781 §2.1; diffusers' AmusedScheduler).
+"""The sampling loop of masked generative transformers (arXiv 2411.10781 §2-§3; diffusers' AmusedScheduler).
 
-Every sample owns a ``torch.Generator``: the multinomial draw and the Gumbel noise of sample ``b`` come
-from ``generators[b]`` alone, so a sample's tokens depend on (prompt, seed, config) and never on the
-other samples of its batch. With one sample and the same generator the tokens equal
-``AmusedScheduler.step``'s bit for bit. Confidence math runs in float32 whatever the model dtype.
+Every sample owns a ``torch.Generator``: the noise, the multinomial draw, the Gumbel noise and the random
+re-mask of sample ``b`` come from ``generators[b]`` alone, in that order, so a sample's tokens depend on
+(prompt, seed, config) and never on the other samples of its batch. With one sample, the same generator and
+the vanilla config the tokens equal ``AmusedScheduler.step``'s bit for bit (per step: multinomial over
+(L, C), then Gumbel ``uniform_`` over L). Confidence math runs in float32 whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Callable, Sequence
 import torch
 
 from mgt import schedules
+from mgt.differential_sampling import DifferentialSampling
+from mgt.noise_regularization import NoiseRegularization
 from mgt.sampler_config import SamplerConfig
+from mgt.z_sampling import MaskedZSampling
 
-# predict(tokens (B, h, w), step_value) -> logits (B, codebook, h, w), already classifier-free guided.
-Predictor = Callable[[torch.Tensor, int], torch.Tensor]
+# predict(tokens (B, h, w), step_value, guidance) -> (B, h*w, codebook) float32 logits, classifier-free
+# guided with scale `guidance` (see apply_guidance), token-major.
+Predictor = Callable[[torch.Tensor, int, float], torch.Tensor]
 
 
 @dataclass
@@ -27,9 +32,13 @@ class SamplingResult:
 
 
 def apply_guidance(logits: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance on a ``[uncond; cond]`` logits batch: ``u + s * (c - u)`` in float32."""
+    """Classifier-free guidance on a `(2B, C, h, w)` ``[uncond; cond]`` batch -> `(B, h*w, C)` float32.
+
+    ``u + s * (c - u)``, the reference's float32 arithmetic. When ``logits`` is float32 the mix is computed
+    in place in its ``cond`` half (a model output is not read again), which saves one full-size tensor.
+    """
     uncond, cond = logits.float().chunk(2)
-    return cond.sub(uncond).mul_(guidance).add_(uncond)
+    return to_token_major(cond.sub_(uncond).mul_(guidance).add_(uncond))
 
 
 def to_token_major(logits: torch.Tensor) -> torch.Tensor:
@@ -45,11 +54,11 @@ def gumbel_noise(length: int, generator: torch.Generator, device: torch.device) 
 
 
 def draw_tokens(probs: torch.Tensor, tokens: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One multinomial draw per position from each sample's own generator; known tokens are kept.
+    """One multinomial draw per position from each sample's own generator (the caller keeps known tokens).
 
     Args:
         probs: `(B, L, C)` float32 distributions.
-        tokens: `(B, L)` current tokens (mask id where unknown).
+        tokens: `(B, L)` current tokens; the draws are returned on their device.
     """
     drawn = torch.stack([
         torch.multinomial(probs[b].to(generators[b].device), 1, generator=generators[b])[:, 0]
@@ -96,7 +105,7 @@ def vanilla_step(
     mask_token_id: int,
     sampler: SamplerConfig = SamplerConfig(),
 ) -> torch.Tensor:
-    """One step of the reference sampler.
+    """One step of the reference sampler, ``AmusedScheduler.step``, from the same pieces :func:`sample` uses.
 
     Args:
         logits: `(B, L, C)` float32 guided logits (token-major, see :func:`to_token_major`).
@@ -111,12 +120,17 @@ def vanilla_step(
     drawn = torch.where(unknown, draw_tokens(probs, tokens, generators), tokens)
     if step_index == num_steps - 1:
         return drawn
-    schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
-    counts = unknown.sum(-1).tolist()
-    num_to_mask = [schedules.num_to_mask(schedule, step_index, num_steps, tokens.shape[1], n) for n in counts]
+    num_to_mask = mask_counts(sampler, unknown, step_index, num_steps)
     token_probs = probs.gather(-1, drawn[..., None])[..., 0]
     temperature = gumbel_temperatures(sampler, num_steps)[step_index]
     return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperature, generators, mask_token_id)
+
+
+def mask_counts(sampler: SamplerConfig, unknown: torch.Tensor, step_index: int, num_steps: int) -> list[int]:
+    """``m_i`` of every sample: tokens still masked after step ``step_index``, from the mask schedule."""
+    schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
+    length = unknown.shape[1]
+    return [schedules.num_to_mask(schedule, step_index, num_steps, length, n) for n in unknown.sum(-1).tolist()]
 
 
 def gumbel_temperatures(sampler: SamplerConfig, num_steps: int) -> torch.Tensor:
@@ -132,21 +146,57 @@ def sample(
     generators: Sequence[torch.Generator],
     mask_token_id: int,
     sampler: SamplerConfig = SamplerConfig(),
+    guidance: float = 1.0,
     device: torch.device | str = "cpu",
     on_step: Callable[[int], None] | None = None,
 ) -> SamplingResult:
     """Run the sampler from a fully masked `(B, h, w)` grid to final tokens.
 
-    ``predict(tokens, t)`` gets the step value ``t = T-1-i`` that the reference pipeline passes.
+    Per step: forward + CFG -> noise regularization on the guided logits -> softmax -> differential sampling
+    on the probabilities -> multinomial draw -> re-mask the lowest confidences. Masked Z-Sampling wraps a
+    step with an inversion pass, a re-mask and a re-denoise at the same step. ``predict(tokens, t, s)``
+    gets the step value ``t = T-1-i`` that the reference pipeline passes and the step's CFG scale ``s``
+    (``guidance`` through ``sampler.guidance_schedule``; ``s_inv`` for the inversion pass).
     """
     batch, height, width = shape
     if len(generators) != batch:
         raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {batch}")
-    tokens = torch.full(shape, mask_token_id, dtype=torch.long, device=device)
+    noise = NoiseRegularization.from_config(sampler.noise) if sampler.noise else None
+    differential = DifferentialSampling.from_config(sampler.differential) if sampler.differential else None
+    zsampling = MaskedZSampling.from_config(sampler.zsampling) if sampler.zsampling else None
+    zigzag_steps = zsampling.zigzag_steps(num_steps) if zsampling else 0
+    temperatures = gumbel_temperatures(sampler, num_steps)
+    tokens = torch.full((batch, height * width), mask_token_id, dtype=torch.long, device=device)
+    probs = None  # the softmax buffer, reused by every step
+    nfe = 0
+
+    def step(current: torch.Tensor, i: int, num_to_mask: list[int]) -> torch.Tensor:
+        nonlocal probs, nfe
+        scale = schedules.guidance_scale(sampler.guidance_schedule, guidance, i, num_steps)
+        logits = predict(current.view(batch, height, width), num_steps - 1 - i, scale)
+        nfe += 1
+        unknown = current == mask_token_id
+        if noise is not None:  # differential sampling ranks every position, so then all of them get noise
+            noise.perturb_(logits, None if differential else unknown, i, num_steps, generators)
+        probs = torch.softmax(logits, dim=-1, out=probs)
+        dist = probs if differential is None else differential(probs, unknown, is_last_step=i == num_steps - 1)
+        drawn = torch.where(unknown, draw_tokens(dist, current, generators), current)
+        if i == num_steps - 1:
+            return drawn
+        token_probs = dist.gather(-1, drawn[..., None])[..., 0]
+        return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
+                                        mask_token_id)
+
     for i in range(num_steps):
-        logits = to_token_major(predict(tokens, num_steps - 1 - i))
-        flat = vanilla_step(logits, tokens.reshape(batch, -1), i, num_steps, generators, mask_token_id, sampler)
-        tokens = flat.reshape(batch, height, width)
+        num_to_mask = mask_counts(sampler, tokens == mask_token_id, i, num_steps)
+        if i < zigzag_steps:  # Z-Sampling: the inversion pass at t_{i+1} and s_inv runs with no technique;
+            # the re-denoise keeps the vanilla step's mask count, so the mask schedule is unchanged
+            forward = step(tokens, i, num_to_mask)
+            inversion = predict(forward.view(batch, height, width), num_steps - 2 - i, zsampling.inversion_cfg)
+            nfe += 1
+            tokens = step(zsampling.remask(tokens, forward, inversion, generators, mask_token_id), i, num_to_mask)
+        else:
+            tokens = step(tokens, i, num_to_mask)
         if on_step is not None:
             on_step(i)
-    return SamplingResult(tokens=tokens, nfe=num_steps)
+    return SamplingResult(tokens=tokens.view(batch, height, width), nfe=nfe)

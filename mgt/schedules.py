@@ -1,9 +1,10 @@
-"""Mask schedules: the fraction of tokens still masked after each step (arXiv 2411.10781 §2, §6).
+"""Mask and CFG-scale schedules (arXiv 2411.10781 §2, §6; MaskGIT's guidance ramp).
 
-A schedule maps progress ``r = (i+1)/T`` (the share of steps done after step ``i``) to a mask ratio in
+A mask schedule maps progress ``r = (i+1)/T`` (the share of steps done after step ``i``) to a mask ratio in
 [0, 1] that falls from 1 towards 0. ``cosine`` and ``linear`` are computed exactly as diffusers'
 ``AmusedScheduler.step`` does (float32 torch arithmetic), so the per-step mask counts are bit-identical
 to the reference sampler; the others are the families the paper's "new mask schedule" is drawn from.
+The CFG-scale schedule gives the guidance of each step.
 """
 
 from __future__ import annotations
@@ -61,3 +62,16 @@ def num_to_mask(schedule: MaskSchedule, step_index: int, num_steps: int, seq_len
     """
     wanted = int(torch.floor(seq_len * mask_ratio(schedule, step_index, num_steps)).item())
     return max(1, min(num_masked - 1, wanted))
+
+
+def guidance_scale(schedule: str, guidance: float, step_index: int, num_steps: int) -> float:
+    """CFG scale of step ``step_index``: ``constant`` s (Meissonic), or ``linear``, MaskGIT's ramp.
+
+    MaskGIT mixes ``(1 + w_k) c - w_k u`` with ``w_k = w k/(S-1)``; in our ``u + s (c - u)`` form that is
+    ``s_i = 1 + (s - 1) i/(T-1)``: the plain conditional at the first step, ``s`` at the last.
+    """
+    if schedule == "constant":
+        return guidance
+    if schedule == "linear":
+        return 1.0 + (guidance - 1.0) * (step_index / (num_steps - 1) if num_steps > 1 else 1.0)
+    raise ValueError(f"unknown guidance schedule {schedule!r}; choose constant or linear")
