@@ -25,7 +25,6 @@ REQUIRED_COLUMNS = {
     "prompt": "the text prompt (str; '' is an unconditional sample)",
     "seed": "the sample's seed (int64): the image depends only on (prompt, seed, settings)",
 }
-OPTIONAL_COLUMNS = {"negative_prompt": "per-row negative prompt (str); '' or missing means the run's setting"}
 ERROR_PROMPT_CHARS = 80
 
 
@@ -58,8 +57,9 @@ class Generator:
         self.image_format, self.image_quality, self.fail_fast = image_format, int(image_quality), fail_fast
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
-        self.pipe = mgt.load_pipeline(self.model.model, dtype=self.model.dtype, device=self.model.device,
-                                      variant=self.model.variant)
+        # ModelConfig's fields are load_pipeline's keyword arguments (dtype, device, variant, quantization,
+        # token merging ...), so an engine option added to the config reaches every actor unchanged.
+        self.pipe = mgt.load_pipeline(self.model.model, **self.model.model_dump(exclude={"model"}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Generate one image per row.

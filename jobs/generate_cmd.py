@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from pydantic import ValidationError
+
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.config import GenerateConfig, JobOptions
@@ -39,7 +41,10 @@ def resolve_config(args: argparse.Namespace) -> GenerateConfig:
     parts = {"job": build_model(JobOptions, file_values, args),
              "model": build_model(ModelConfig, file_values, args),
              "generation": build_model(GenerationSettings, file_values, args)}
-    return GenerateConfig.model_validate({k: v.model_dump() for k, v in parts.items()})
+    try:
+        return GenerateConfig.model_validate({k: v.model_dump() for k, v in parts.items()})
+    except ValidationError as error:  # cross-model checks, e.g. an unknown --scorer
+        raise ValueError("invalid options: " + "; ".join(item["msg"] for item in error.errors())) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.generate import run_generate
 
     address = os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    else:
-        ray.init(address=address)
+
+    def connect() -> None:  # after the input checks, so a bad prompt file fails in a second
+        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
+
     try:
-        summary = run_generate(config)
+        summary = run_generate(config, connect=connect)
     finally:
         ray.shutdown()
     return 0 if summary["rows"] == summary["expected"] else 1

@@ -17,7 +17,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.scorer import ScorerConfig
 from mgt.config import GenerationSettings, ModelConfig
@@ -50,8 +50,8 @@ class JobOptions(BaseModel):
     generator_cpus: float | None = Field(None, gt=0, description="CPUs reserved per generator actor. Unset: 1, "
                                          "or 0.5 on clusters with at most 4 CPUs so read and write tasks still run.")
     torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads per actor. Unset: Ray's "
-                                      "setting (the actor's CPUs, at least 1) on GPU actors; on CPU actors the "
-                                      "cluster's CPUs divided by the pool size.")
+                                      "setting, the actor's CPUs rounded down, at least 1 (more threads than "
+                                      "reserved cores stall every op when the machine is busy).")
     scorer: str | None = Field(None, description="Scorer name (hps-v2, hps-v2.1, clip) or unset for no scoring. "
                                "The real HPS weights are downloaded once from the hub (xswu/HPSv2).")
     scorer_checkpoint: str | None = Field(None, description="Scorer weights: local .pt, hub id or s3:// URI "
@@ -85,6 +85,11 @@ class GenerateConfig(BaseModel):
     job: JobOptions = Field(default_factory=JobOptions, description="Input, output and stage sizing.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model and where it runs.")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Per-image settings.")
+
+    @model_validator(mode="after")
+    def _check_scorer(self) -> GenerateConfig:
+        self.scorer_config()  # an unknown scorer name fails here, before Ray starts
+        return self
 
     def hashed_factors(self) -> dict[str, Any]:
         """The values that change output files, by name (what ``config_hash`` covers)."""

@@ -59,10 +59,8 @@ def plan_stages(config: GenerateConfig, resources: dict[str, float]) -> tuple[St
         actors = max(1, int(gpus // job.generator_gpus))
     else:
         actors = max(1, int(cpus // 2))
-    threads = job.torch_threads
-    if threads is None and job.generator_gpus == 0:
-        threads = max(1, int(cpus // actors))
-    generator = StagePlan(actors, job.generator_cpus or default_cpus, job.generator_gpus, job.batch_size, threads)
+    generator = StagePlan(actors, job.generator_cpus or default_cpus, job.generator_gpus, job.batch_size,
+                          job.torch_threads)
     if job.scorer is None:
         return generator, None
     scorer = StagePlan(job.scorer_actors, job.scorer_cpus or job.generator_cpus or default_cpus, job.scorer_gpus,
@@ -98,20 +96,24 @@ def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, do
 
 def run_constants(config: GenerateConfig, attempt: int) -> dict:
     """The metrics columns that are the same for every row of this run."""
-    extra = config.model.model_dump(mode="json", exclude={"model", "dtype", "variant", *UNHASHED_MODEL_FIELDS})
-    quantization = ",".join(f"{k}={v}" for k, v in sorted(extra.items()) if v not in (None, False, "none"))
+    fields = type(config.model).model_fields
+    extra = {k: v for k, v in config.model.model_dump(exclude={"model", "dtype", "variant",
+                                                               *UNHASHED_MODEL_FIELDS}).items()
+             if v != fields[k].default}  # quantization / token merging when set, e.g. "fp16,quant=w4a8"
+    quantization = ",".join([config.model.dtype, *(f"{k}={v}" for k, v in sorted(extra.items()))])
     sampler = config.generation.sampler
-    return {"model": config.model.model, "quantization": f"{config.model.dtype}" + (f",{quantization}"
-                                                                                    if quantization else ""),
+    return {"model": config.model.model, "quantization": quantization,
             "sampler": sampler.model_dump_json(), "sampler_hash": sampler.config_hash(),
             "config_hash": config.config_hash(), "scorer": config.job.scorer, "attempt": attempt}
 
 
-def run_generate(config: GenerateConfig, log: Callable[[str], None] = print) -> dict:
+def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
+                 connect: Callable[[], None] | None = None) -> dict:
     """Generate every missing (prompt_id, sample_idx) of ``config.job.prompts`` into ``config.job.out``.
 
-    Order: scan the prompts (errors here leave ``--out`` untouched), check ``--out``'s config hash, read
-    the completion records, open an attempt, run the plan, finalize. Requires ``ray.init`` first.
+    Order: scan the prompts (errors here leave ``--out`` untouched), check ``--out``'s config hash, call
+    ``connect`` (the job's ``ray.init``; None when Ray is already up), read the completion records, open an
+    attempt, run the plan, finalize.
 
     Returns:
         The run summary (see ``pipeline.manifest.finalize``).
@@ -121,6 +123,8 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print) -> 
     out = Storage(job.out, job.storage_options)
     scan = scan_prompts(job.prompts, prompts, job.num_images)
     existing = run_manifest.check_out(out, config)
+    if connect is not None:
+        connect()
     generator, scorer = plan_stages(config, ray.cluster_resources())
     records = run_manifest.completed(out)
     done = frozenset(sample_key(p, i) for p, i in zip(records["prompt_id"].to_pylist(),

@@ -1,0 +1,133 @@
+"""``maskray generate`` end to end on real Ray (loopback, 2 CPUs), tiny models: local disk, S3 (moto server),
+a generator actor killed mid-run, and refusals that leave ``--out`` untouched."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+SETTINGS = {"steps": 2, "width": 32, "height": 32}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def config(prompts: str, out: str, **job):
+    from pipeline.config import GenerateConfig
+
+    return GenerateConfig.model_validate({"job": {"prompts": prompts, "out": out, "batch_size": 2, **job},
+                                          "generation": SETTINGS})
+
+
+def shards(folder: Path, count: int, per_shard: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for shard in range(count):
+        shard_ids = [f"s{shard}/p{i}" for i in range(per_shard)]  # '/' in ids must not escape --out
+        pq.write_table(pa.table({"prompt_id": shard_ids, "prompt": [f"shape {p}" for p in shard_ids]}),
+                       folder / f"part-{shard}.parquet")
+        ids += shard_ids
+    return ids
+
+
+def check_exactly_once(metrics: pa.Table, ids: list[str], num_images: int) -> None:
+    keys = list(zip(metrics["prompt_id"].to_pylist(), metrics["sample_idx"].to_pylist()))
+    assert sorted(keys) == sorted((p, i) for p in ids for i in range(num_images))
+
+
+def test_end_to_end_local_with_tiny_hps(ray_local, tmp_path, fixtures_dir):
+    from pipeline.generate import run_generate
+
+    ids = shards(tmp_path / "prompts", count=3, per_shard=2)
+    hps = fixtures_dir / "hps-tiny"
+    cfg = config(str(tmp_path / "prompts"), str(tmp_path / "out"), num_images=2, webdataset=True,
+                 scorer="hps-v2", scorer_checkpoint=str(hps / "hps_tiny_checkpoint.pt"),
+                 scorer_model=str(hps / "model_config.json"))
+    summary = run_generate(cfg, log=lambda _: None)
+    assert (summary["rows"], summary["errors"], summary["generated"]) == (12, 0, 12)
+    metrics = pq.read_table(tmp_path / "out" / "metrics.parquet")
+    check_exactly_once(metrics, ids, 2)
+    assert np.isfinite(metrics["score"].to_numpy()).all() and summary["mean_score"] is not None
+    assert set(metrics["nfe"].to_pylist()) == {2} and metrics["error"].null_count == 12
+    assert set(metrics["config_hash"].to_pylist()) == {cfg.config_hash()}
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 12
+    for uri in metrics["image_uri"].to_pylist():
+        assert Path(uri).parent == tmp_path / "out" / "images"
+        assert Image.open(uri).convert("RGB").size == (32, 32)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 12
+    assert manifest["packages"]["ray"] == ray_local.__version__ and manifest["config"]["job"]["seed"] == 0
+    tars = list((tmp_path / "out" / "webdataset").glob("*.tar"))
+    assert len(tars) == len(list((tmp_path / "out" / "_parts").glob("*.parquet")))
+
+
+@pytest.fixture
+def moto_s3():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    yield options
+    server.stop()
+
+
+def test_end_to_end_on_s3(ray_local, tmp_path, moto_s3):
+    import s3fs
+
+    from pipeline.generate import run_generate
+
+    fs = s3fs.S3FileSystem(**moto_s3)
+    fs.mkdir("bucket")
+    ids = shards(tmp_path / "prompts", count=2, per_shard=3)
+    fs.put(str(tmp_path / "prompts") + "/", "bucket/prompts/", recursive=True)
+    summary = run_generate(config("s3://bucket/prompts/", "s3://bucket/run", storage_options=moto_s3,
+                                  image_format="webp"), log=lambda _: None)
+    assert (summary["rows"], summary["errors"]) == (6, 0)
+    metrics = pq.read_table(io.BytesIO(fs.cat_file("bucket/run/metrics.parquet")))
+    check_exactly_once(metrics, ids, 1)
+    for uri in metrics["image_uri"].to_pylist():
+        assert uri.startswith("s3://bucket/run/images/") and uri.endswith(".webp")
+        assert Image.open(io.BytesIO(fs.cat_file(uri))).format == "WEBP"
+    assert fs.exists("bucket/run/manifest.json")
+
+
+def test_refusals_leave_out_untouched(tmp_path):
+    from pipeline.generate import run_generate
+    from pipeline.manifest import RunConfigMismatch
+    from pipeline.prompts import PromptInputError
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["a", None]}), bad)
+    with pytest.raises(PromptInputError, match="null 'prompt'"):
+        run_generate(config(str(bad), str(tmp_path / "out")), log=lambda _: None)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), good)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"config_hash": "0123456789ab", "attempts": [],
+                                                   "hashed_factors": {"generation": {"steps": 16}}}))
+    with pytest.raises(RunConfigMismatch, match=r"generation.steps: 16 -> 2.*choose a new --out"):
+        run_generate(config(str(good), str(out)), log=lambda _: None)
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
