@@ -9,7 +9,8 @@ left untouched. Under Z-Sampling, "previous" is the previous step call (the inve
 
 Cost: no model call, a handful of fused in-place passes over `(N, K)`. The state is one `(N, K)` float32
 distribution per sample (128 MiB at 4096 x 8192; twice that with ``store_modified_prev=False``, which keeps
-the raw softmax apart from the one drawn from), plus one `(N, K)` KL scratch shared by the batch.
+the raw softmax apart from the one drawn from); the KL terms go into the step's logits buffer, which the
+loop no longer needs after the softmax.
 """
 
 from __future__ import annotations
@@ -47,19 +48,20 @@ class DifferentialSampling:
         self.ratio, self.ratio_of, self.floor, self.store_modified_prev = ratio, ratio_of, floor, store_modified_prev
         self.prev: torch.Tensor | None = None  # (B, L, C) P_prev per sample
         self._spare: torch.Tensor | None = None  # (B, L, C) the modified p when the raw one is stored
-        self._scratch: torch.Tensor | None = None  # (L, C) KL terms, shared by the samples
 
     @classmethod
     def from_config(cls, config: DifferentialSamplingConfig) -> "DifferentialSampling":
         return cls(config.ratio, config.ratio_of, config.floor, config.store_modified_prev)
 
-    def __call__(self, probs: torch.Tensor, unknown: torch.Tensor, is_last_step: bool) -> torch.Tensor:
+    def __call__(self, probs: torch.Tensor, unknown: torch.Tensor, is_last_step: bool,
+                 scratch: torch.Tensor) -> torch.Tensor:
         """The distributions to draw from and to score the confidence with.
 
         Args:
             probs: `(B, L, C)` float32 softmax of this step (after noise regularization). Not modified.
             unknown: `(B, L)` bool, positions masked before this step.
             is_last_step: the final step is left untouched, as in the released code.
+            scratch: `(B, L, C)` float32 buffer that may be overwritten (the loop passes the spent logits).
 
         Returns:
             `(B, L, C)`: ``probs`` itself on the first call and the last step, else a buffer owned by this
@@ -67,7 +69,6 @@ class DifferentialSampling:
         """
         if self.prev is None:
             self.prev = probs.clone().clamp_min_(_TINY)
-            self._scratch = torch.empty_like(probs[0])
             if not self.store_modified_prev:
                 self._spare = torch.empty_like(probs)
             return probs
@@ -75,19 +76,21 @@ class DifferentialSampling:
             return probs
         out = self.prev if self.store_modified_prev else self._spare
         for b in range(probs.shape[0]):
-            divergence = self.divergence(probs[b], self.prev[b])
+            divergence = self.divergence(probs[b], self.prev[b], scratch[b])
             selected = self.select(divergence, unknown[b])
             self._modify(probs[b], self.prev[b], selected, out[b])
             if not self.store_modified_prev:
                 torch.clamp_min(probs[b], _TINY, out=self.prev[b])
         return out
 
-    def divergence(self, probs: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """``KL(p_j || P_prev_j) = sum_v p log(p / P_prev)`` of every row: `(L, C)` x 2 -> `(L,)`.
+    @staticmethod
+    def divergence(probs: torch.Tensor, prev: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """``KL(p_j || P_prev_j) = sum_v p log(p / P_prev)`` of every row: `(L, C)` x 3 -> `(L,)`.
 
-        ``p / P_prev`` is floored at the smallest normal float32 before the log so that ``p = 0`` adds 0.
+        ``p / P_prev`` (written into ``scratch``) is floored at the smallest normal float32 before the log so
+        that ``p = 0`` adds 0.
         """
-        ratio = torch.div(probs, prev, out=self._scratch).clamp_min_(_TINY)
+        ratio = torch.div(probs, prev, out=scratch).clamp_min_(_TINY)
         return ratio.log_().mul_(probs).sum(-1)
 
     def select(self, divergence: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:

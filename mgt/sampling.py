@@ -179,7 +179,10 @@ def sample(
         if noise is not None:  # differential sampling ranks every position, so then all of them get noise
             noise.perturb_(logits, None if differential else unknown, i, num_steps, generators)
         probs = torch.softmax(logits, dim=-1, out=probs)
-        dist = probs if differential is None else differential(probs, unknown, is_last_step=i == num_steps - 1)
+        if differential is None:
+            dist = probs
+        else:  # the logits are spent: their buffer takes the KL terms
+            dist = differential(probs, unknown, is_last_step=i == num_steps - 1, scratch=logits)
         drawn = torch.where(unknown, draw_tokens(dist, current, generators), current)
         if i == num_steps - 1:
             return drawn

@@ -93,7 +93,8 @@ def test_noise_comes_from_each_samples_generator_on_masked_rows_only():
 
 def test_noise_on_all_rows_and_zero_amplitude_draws_nothing():
     logits = torch.zeros(1, 5, 3)
-    NoiseRegularization(amplitude=1.0, schedule="const").perturb_(logits, None, 2, 4, [torch.Generator().manual_seed(1)])
+    const = NoiseRegularization(amplitude=1.0, schedule="const")
+    const.perturb_(logits, None, 2, 4, [torch.Generator().manual_seed(1)])
     assert torch.equal(logits[0], torch.randn(5, 3, generator=torch.Generator().manual_seed(1)))
     generator = torch.Generator().manual_seed(1)
     state = generator.get_state()
@@ -103,6 +104,9 @@ def test_noise_on_all_rows_and_zero_amplitude_draws_nothing():
 
 # ------------------------------------------------------------------------------------------ differential sampling
 
+SCRATCH = torch.empty(2, 40, 16)  # the loop lends its spent logits; any (B, L, C) buffer will do
+
+
 def _distributions(seed, batch=2, length=40, codes=16):
     return torch.softmax(torch.randn(batch, length, codes, generator=torch.Generator().manual_seed(seed)) * 2, -1)
 
@@ -111,25 +115,25 @@ def test_differential_modifies_exactly_z_rows_and_rows_sum_to_one():
     diff = DifferentialSampling(ratio=0.75)
     unknown = torch.ones(2, 40, dtype=torch.bool)
     first = _distributions(0)
-    assert diff(first, unknown, is_last_step=False) is first  # first call untouched
+    assert diff(first, unknown, is_last_step=False, scratch=SCRATCH) is first  # first call untouched
     second = _distributions(1)
-    out = diff(second, unknown, is_last_step=False)
+    out = diff(second, unknown, is_last_step=False, scratch=SCRATCH)
     changed = (out != second).any(-1)
     assert changed.sum(-1).tolist() == [30, 30]  # Z = 0.75 * 40 per sample
     assert torch.allclose(out.sum(-1), torch.ones(2, 40), atol=1e-5)
     assert (out >= 0).all()
     third = _distributions(2)
-    assert diff(third, unknown, is_last_step=True) is third  # last step untouched
+    assert diff(third, unknown, is_last_step=True, scratch=SCRATCH) is third  # last step untouched
 
 
 def test_differential_picks_the_smallest_kl_and_resamples_from_the_positive_difference():
     diff = DifferentialSampling(ratio=0.5, floor=1e-6)
     prev, cur = _distributions(3, batch=1), _distributions(4, batch=1)
-    diff(prev, torch.ones(1, 40, dtype=torch.bool), False)
-    out = diff(cur, torch.ones(1, 40, dtype=torch.bool), False)
+    diff(prev, torch.ones(1, 40, dtype=torch.bool), False, scratch=SCRATCH)
+    out = diff(cur, torch.ones(1, 40, dtype=torch.bool), False, scratch=SCRATCH)
     kl = torch.nn.functional.kl_div(prev[0].log(), cur[0], reduction="none").sum(-1)
     stable = torch.topk(kl, 20, largest=False).indices
-    assert torch.allclose(diff.divergence(cur[0], prev[0]), kl, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(diff.divergence(cur[0], prev[0], SCRATCH[0]), kl, rtol=1e-4, atol=1e-6)
     expected = (cur[0, stable] - prev[0, stable]).clamp_min(1e-6)
     assert torch.allclose(out[0, stable], expected / expected.sum(-1, keepdim=True), atol=1e-6)
     assert (out[0] != cur[0]).any(-1).nonzero()[:, 0].sort().values.tolist() == stable.sort().values.tolist()
@@ -139,17 +143,17 @@ def test_differential_state_options():
     unknown = torch.zeros(1, 40, dtype=torch.bool)
     unknown[0, :10] = True
     masked_only = DifferentialSampling(ratio=0.5, ratio_of="masked")
-    masked_only(_distributions(5, batch=1), unknown, False)
+    masked_only(_distributions(5, batch=1), unknown, False, scratch=SCRATCH)
     cur = _distributions(6, batch=1)
-    changed = (masked_only(cur, unknown, False) != cur).any(-1)[0]
+    changed = (masked_only(cur, unknown, False, scratch=SCRATCH) != cur).any(-1)[0]
     assert changed.sum() == 5 and not changed[10:].any()
     raw = DifferentialSampling(store_modified_prev=False)
-    raw(_distributions(5, batch=1), unknown, False)
-    out = raw(cur, unknown, False)
+    raw(_distributions(5, batch=1), unknown, False, scratch=SCRATCH)
+    out = raw(cur, unknown, False, scratch=SCRATCH)
     assert torch.equal(raw.prev, cur) and not torch.equal(out, cur)  # P_prev = raw softmax, draw from p'
     stored = DifferentialSampling()
-    stored(_distributions(5, batch=1), unknown, False)
-    assert stored(cur, unknown, False) is stored.prev  # released code: P_prev = the modified distribution
+    stored(_distributions(5, batch=1), unknown, False, scratch=SCRATCH)
+    assert stored(cur, unknown, False, scratch=SCRATCH) is stored.prev  # released code: P_prev = modified p
 
 
 # ------------------------------------------------------------------------------------------ masked Z-Sampling
