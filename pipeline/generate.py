@@ -143,5 +143,5 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     score = "n/a" if summary["mean_score"] is None else f"{summary['mean_score']:.4f}"
     log(f"maskray generate: {summary['rows']}/{summary['expected']} samples under {out.uri} "
         f"({summary['generated']} generated now, {summary['errors']} errors, "
-        f"{summary['images_per_second'] or 0:.2f} images/s, mean score {score})")
+        f"{summary['images_per_second'] or 0:.2f} images/s incl. actor start-up, mean score {score})")
     return summary

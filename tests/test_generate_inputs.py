@@ -181,8 +181,11 @@ def test_scoring_stage_with_tiny_hps(generator, fixtures_dir):
 def test_sink_keeps_escaping_ids_inside_out(tmp_path, generator):
     out = tmp_path / "out"
     batch = generator({"prompt": np.array(["a", "b", "c"], dtype=object), "seed": np.array([1, 2, 3])})
-    batch.update(prompt_id=np.array(["../x", "a/b", "../../etc/passwd"], dtype=object),
-                 sample_idx=np.array([0, 1, 0]), negative_prompt=np.array(["", "", ""], dtype=object))
+    batch.update(prompt_id=np.array(["../x", "a/b", "../../etc/passwd", "failed"], dtype=object),
+                 sample_idx=np.array([0, 1, 0, 0]), negative_prompt=np.array(["", "", "", ""], dtype=object))
+    for column, value in (("prompt", "d"), ("seed", 4), ("image", b""), ("nfe", 0), ("gen_seconds", 0.1),
+                          ("error", "RuntimeError: boom")):  # a failed row: recorded, no image file
+        batch[column] = np.append(batch[column], np.array([value], dtype=batch[column].dtype))
     run = {"model": "tiny-meissonic", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h",
            "config_hash": "c", "scorer": None, "attempt": 0}
     sink = SampleSink(Storage(str(out)), run, "png", webdataset=True)
@@ -191,7 +194,10 @@ def test_sink_keeps_escaping_ids_inside_out(tmp_path, generator):
     assert all(p.startswith("out/") for p in written)
     assert len([p for p in written if p.startswith("out/images/")]) == 3
     metrics = pq.read_table(out / "_parts" / f"{part}.parquet")
-    assert sorted(metrics["prompt_id"].to_pylist()) == ["../../etc/passwd", "../x", "a/b"]
-    assert all(os.path.isfile(u) for u in metrics["image_uri"].to_pylist())
+    assert sorted(metrics["prompt_id"].to_pylist()) == ["../../etc/passwd", "../x", "a/b", "failed"]
+    uris = dict(zip(metrics["prompt_id"].to_pylist(), metrics["image_uri"].to_pylist()))
+    errors = dict(zip(metrics["prompt_id"].to_pylist(), metrics["error"].to_pylist()))
+    assert uris.pop("failed") is None and errors.pop("failed") == "RuntimeError: boom"
+    assert all(os.path.isfile(u) for u in uris.values()) and set(errors.values()) == {None}
     with tarfile.open(out / "webdataset" / f"{part}.tar") as tar:
         assert len([m for m in tar.getnames() if m.endswith(".png")]) == 3
