@@ -1,7 +1,8 @@
 """Masked Z-Sampling, arXiv 2411.10781 §3 (Enhanced Inference): zigzag between denoising and inversion.
 
-The discrete analogue of Z-Sampling (arXiv 2412.10891). Released algorithm (paper-spec §5, code name
-"zigzag"), for each step ``i < lambda`` (default ``lambda = T-1``):
+The discrete analogue of Z-Sampling (arXiv 2412.10891). Released algorithm
+(github.com/xie-lab-ml/Bags_of_Tricks_Meissonic @ 6beeec1, ``--method zigzag``; paper-spec §5), for each step
+``i < lambda`` (default ``lambda = T-1``):
 
 1. forward: ``x' = Step(x_i, t_i; s)``, the ordinary step with every other technique on;
 2. inversion: the model on ``x'`` at ``t_{i+1}`` with the weak CFG scale ``s_inv`` (default 0: the negative-prompt
