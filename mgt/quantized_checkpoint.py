@@ -36,6 +36,7 @@ CONFIG = "config.json"
 QUANTIZATION_MAP = "quantization_map.json"
 INFO = "maskray_quantization.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+ALIGNMENT = 64  # bytes
 FAMILIES: dict[str, type] = {"meissonic": MeissonicTransformer, "amused": AmusedTransformer}
 
 
@@ -128,6 +129,9 @@ def load_quantized(uri: str, dtype: torch.dtype | None = None, device: str | tor
     state = load_file(folder / WEIGHTS, device=str(loading.resolve_device(device)))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # safetensors tensors sit at arbitrary offsets of the file buffer; quanto's CPU int8 kernel
+    # (torch._weight_int8pack_mm, bf16) crashes on unaligned data, so unaligned tensors get their own copy.
+    state = {k: v if v.data_ptr() % ALIGNMENT == 0 else v.clone() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -119,6 +119,18 @@ def test_save_load_round_trip_gives_identical_logits(quantized, batches, tmp_pat
             assert torch.equal(batch.run(model), batch.run(loaded))
 
 
+def test_bf16_checkpoint_runs_under_inference_mode(batches, tmp_path):
+    """bf16 int8 weights take quanto's CPU int8pack kernel, which needs aligned data, in the pipeline's mode."""
+    model = mgt.load_transformer("tiny-meissonic", dtype="bf16", quant="w8a16")
+    save_quantized(model, str(tmp_path / "bf16"), preset="w8a16", source_model="tiny-meissonic")
+    loaded = load_quantized(str(tmp_path / "bf16"))
+    batch = batches[0]
+    args = (batch.token_ids, batch.encoder_hidden_states.bfloat16(), batch.pooled_projections.bfloat16(),
+            batch.micro_conds.bfloat16(), batch.timestep)
+    with torch.inference_mode():
+        assert torch.equal(model(*args), loaded(*args))
+
+
 def test_save_refuses_unfrozen_and_load_refuses_other_model(pipe, quantized, tmp_path):
     unfrozen = quantization.quantize_transformer(copy.deepcopy(pipe.transformer), "w8a16")
     with pytest.raises(ValueError, match="not frozen"):
