@@ -31,6 +31,11 @@ class ModelConfig(BaseModel):
                         "blocks (arXiv 2411.10781 §7.1; 0 = off, the paper's default is 0.25, 0.75 the maximum).")
     tome_reuse: int = Field(5, ge=1, description="Dual-stream blocks sharing one TomeMGT merge plan (1 = recompute "
                             "the plan in every block).")
+    micro_batch: int | None = Field(1, ge=1, description="Samples per transformer forward, each with its CFG pair. "
+                                    "1 keeps every image bit-identical whether generated alone or in a batch "
+                                    "(matmuls over other row counts take other kernels); unset runs the whole "
+                                    "batch in one forward (faster on big GPUs; sensitive samplers may then "
+                                    "give other tokens in another batch).")
 
 
 class GenerationSettings(BaseModel):

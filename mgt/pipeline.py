@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -65,7 +65,8 @@ class MGTPipeline:
     defaults: ModelDefaults
     mask_token_id: int
     name: str = ""
-    extra: dict = field(default_factory=dict)
+    # Samples per transformer forward (each with its CFG pair); None = the whole batch in one forward.
+    micro_batch: int | None = 1
 
     @property
     def device(self) -> torch.device:
@@ -155,11 +156,22 @@ class MGTPipeline:
         micro = self.micro_conds(hidden.shape[0], width, height)
         hidden, pooled = hidden.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
 
+        batch = len(prompts)
+        step = self.micro_batch or batch
+        chunks = [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
         def predict(tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
-            model_input = torch.cat([tokens, tokens]) if use_cfg else tokens
+            # One forward per micro-batch: a matmul over other row counts may take another kernel, so running
+            # each sample's CFG pair alone keeps its logits, hence its tokens, independent of its batch-mates.
             timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
-            logits = self.transformer(model_input, hidden, pooled, micro, timestep)
-            return sampling.apply_guidance(logits, scale) if use_cfg else sampling.to_token_major(logits)
+            outputs = []
+            for rows in chunks:
+                cond = (torch.cat([torch.arange(rows.start, rows.stop), torch.arange(rows.start, rows.stop) + batch])
+                        if use_cfg else rows)
+                model_input = torch.cat([tokens[rows], tokens[rows]]) if use_cfg else tokens[rows]
+                logits = self.transformer(model_input, hidden[cond], pooled[cond], micro[cond], timestep)
+                outputs.append(sampling.apply_guidance(logits, scale) if use_cfg else sampling.to_token_major(logits))
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
         scale = self.vae_scale_factor
         shape = (len(prompts), height // scale, width // scale)
@@ -238,6 +250,7 @@ def load_pipeline(
     quant: str | None = None,
     tome: float = 0.0,
     tome_reuse: int = 5,
+    micro_batch: int | None = 1,
 ) -> MGTPipeline:
     """Load a whole model (registered name, local folder, ``s3://``/``gs://`` URI or hub id).
 
@@ -246,7 +259,11 @@ def load_pipeline(
     ``quant``: None, a preset (w8a16, w4a16, w8a8, w4a8, scq; quantized here) or the path/URI of a
     ``maskray quantize`` checkpoint (its transformer replaces the model's, never loaded in full precision).
     ``tome``: TomeMGT merge ratio rho in the dual-stream blocks (0 = off), one plan per ``tome_reuse`` blocks.
+    ``micro_batch``: samples per transformer forward (1: every image is bit-identical alone or in a batch;
+    None: the whole batch in one forward, faster on large GPUs).
     """
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1 or None, got {micro_batch}")
     model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
     family = detect_family(model_dir)
     torch_dtype, torch_device = loading.resolve_dtype(dtype), loading.resolve_device(device)
@@ -262,7 +279,8 @@ def load_pipeline(
     mask_token_id = _mask_token_id(model_dir, transformer)
     defaults = _defaults(model_dir, family, transformer, vqvae, tokenizer)
     text = TextConditioner(tokenizer, text_encoder, defaults.text_max_length)
-    pipe = MGTPipeline(family, transformer, vqvae, text, defaults, mask_token_id, name=str(path_or_id))
+    pipe = MGTPipeline(family, transformer, vqvae, text, defaults, mask_token_id, name=str(path_or_id),
+                       micro_batch=micro_batch)
     efficient.calibrate_pipeline(pipe, quant)
     efficient.apply_tome(pipe.transformer, tome, tome_reuse)
     return pipe
