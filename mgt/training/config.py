@@ -1,0 +1,30 @@
+"""Settings of ``maskray train-shapes`` (pydantic only, so the CLI's help loads no torch)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainShapesConfig(BaseModel):
+    """Settings of ``maskray train-shapes``; the defaults reproduce the shipped checkpoints."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, ge=0, description="Seeds weights, masking and the scene stream: same seed, same model.")
+    vq_steps: int = Field(1200, ge=1, description="Training steps of the VQ tokenizer (batch 24 random 32x32 crops).")
+    steps: int = Field(1000, ge=1, description="Training steps of the transformer and text encoder.")
+    batch_size: int = Field(24, ge=1, description="Scenes per transformer training step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the transformer and text encoder (AdamW, "
+                      "warm-up then cosine decay over --steps).")
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by the empty prompt, "
+                                "so that classifier-free guidance works.")
+    minutes: float | None = Field(None, gt=0, description="Wall-clock cap on transformer training; it stops "
+                                  "early (not reproducibly) when reached. Unset: run all --steps.")
+    scorer_steps: int = Field(1500, ge=1, description="Training steps of the shapes scorer's detector (batch 32).")
+    shape_steps: int = Field(600, ge=1, description="Training steps of the shapes scorer's window shape "
+                             "classifier (32 scenes per step).")
+    sample_steps: int = Field(16, ge=1, description="Default sampling steps T written into the model; the "
+                              "timestep conditioning is trained for this T.")
+    guidance: float = Field(3.0, ge=0, description="Default CFG scale written into the model.")
+    threads: int = Field(1, ge=1, description="Torch CPU threads (one is fastest on a busy 2-core machine; "
+                         "results depend on it through float summation order).")

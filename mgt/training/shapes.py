@@ -1,0 +1,102 @@
+"""``shapes-meissonic`` and the ``shapes`` scorer, trained end to end and written in the layouts they load from.
+
+``train_model`` runs two stages into one folder: the VQ tokenizer (``vqvae/`` is written as soon as it
+is trained, so an interrupted run resumes after it) and then the transformer with its text encoder,
+after which the whole hub layout is written (``transformer/ vqvae/ text_encoder/ tokenizer/ scheduler/
+model_index.json``) plus ``training.json`` with the settings and the measured figures. ``train_scorer``
+trains the scene detector and writes it with ``save_pretrained``. Both are reproducible by seed: the
+same settings and thread count give the same weights (``minutes`` can only end a run early).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from diffusers import VQModel
+
+from mgt import scenes
+from mgt.tiny import write_model, write_tokenizer
+from mgt.training.config import TrainShapesConfig
+from mgt.training.detector import train_detector, train_shape_classifier
+from mgt.training.generator import TEXT_LENGTH, train_generator
+from mgt.training.vq import reconstruction_psnr, train_vq
+
+Progress = Callable[[str, int, int, float], None]  # (stage, step, total steps, loss)
+PSNR_SCENES = 256  # held-out scenes the reconstruction PSNR is measured on
+
+
+def model_defaults(config: TrainShapesConfig) -> dict:
+    """``_maskray_defaults`` of the written model (read by ``mgt.pipeline``)."""
+    return {"steps": config.sample_steps, "guidance": config.guidance, "negative_prompt": "",
+            "width": scenes.SIZE, "height": scenes.SIZE, "text_max_length": TEXT_LENGTH}
+
+
+def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None = None) -> dict:
+    """Train VQ, then transformer + text encoder, into ``out`` (hub layout); returns the report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    vq_key = {"seed": config.seed, "vq_steps": config.vq_steps, "threads": config.threads}
+    record = {"config": config.model_dump(), **({"vq": vq_key, "vq_seconds": record["vq_seconds"]}
+                                                  if record.get("vq") == vq_key else {})}
+
+    started = time.monotonic()
+    if "vq" in record and (out / "vqvae" / "config.json").is_file():  # resume after the finished VQ stage
+        vq = VQModel.from_pretrained(out / "vqvae").eval().requires_grad_(False)
+    else:
+        vq = train_vq(config.seed, config.vq_steps, on_step=_stage(progress, "vq", config.vq_steps))
+        vq.save_pretrained(out / "vqvae")
+        record.update(vq=vq_key, vq_seconds=round(time.monotonic() - started, 1))
+        record_path.write_text(json.dumps(record, indent=2))
+    record["vq_psnr_db"] = round(reconstruction_psnr(vq, scenes.held_out_seeds(PSNR_SCENES)), 2)
+
+    words = scenes.vocabulary()
+    tokenizer = write_tokenizer(out / "tokenizer", words)
+    started = time.monotonic()
+    deadline = None if config.minutes is None else started + 60 * config.minutes
+    transformer, text_encoder, done = train_generator(
+        vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
+        config.cond_dropout, should_stop=lambda: deadline is not None and time.monotonic() > deadline,
+        on_step=_stage(progress, "generator", config.steps))
+    write_model(out, transformer, vq, "meissonic", defaults=model_defaults(config), seed=config.seed, words=words)
+    text_encoder.save_pretrained(out / "text_encoder")  # replaces the random encoder write_model put there
+    record.update(generator_steps_done=done, generator_seconds=round(time.monotonic() - started, 1))
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def train_scorer(config: TrainShapesConfig, out: Path, progress: Progress | None = None) -> dict:
+    """Train the shapes scorer into ``out``: the scene detector (``config.json`` + safetensors; an
+    interrupted run resumes after it) and the window shape classifier (``shape_classifier/``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    key = {"seed": config.seed, "scorer_steps": config.scorer_steps, "threads": config.threads}
+    record = {"config": config.model_dump(), **({"detector": key, "detector_seconds": record["detector_seconds"]}
+                                                  if record.get("detector") == key else {})}
+    started = time.monotonic()
+    if "detector" not in record or not (out / "config.json").is_file():
+        detector = train_detector(config.seed, config.scorer_steps,
+                                  on_step=_stage(progress, "detector", config.scorer_steps))
+        detector.save_pretrained(out)
+        record.update(detector=key, detector_seconds=round(time.monotonic() - started, 1))
+        record_path.write_text(json.dumps(record, indent=2))
+    started = time.monotonic()
+    shapes = train_shape_classifier(config.seed, config.shape_steps,
+                                    on_step=_stage(progress, "shape classifier", config.shape_steps))
+    shapes.save_pretrained(out / "shape_classifier")
+    record.update(shape_classifier_seconds=round(time.monotonic() - started, 1))
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _stage(progress: Progress | None, name: str, total: int) -> Callable[[int, float], None] | None:
+    if progress is None:
+        return None
+    return lambda step, loss: progress(name, step, total, loss)
+
