@@ -152,6 +152,7 @@ class TomeMGT:
         self.last_lengths: list[int] = []  # image tokens seen by attention in each block of the last call
         self._handles: list = []
         self._blocks: list[FluxTransformerBlock] = []
+        self._transformer: torch.nn.Module | None = None
 
     def apply(self, transformer: torch.nn.Module) -> "TomeMGT":
         blocks = list(getattr(transformer, "transformer_blocks", []))
