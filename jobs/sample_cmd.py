@@ -61,9 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from PIL.PngImagePlugin import PngInfo
     from tqdm import tqdm
 
-    pipe = mgt.load_pipeline(model_config.model, dtype=model_config.dtype, device=model_config.device,
-                             variant=model_config.variant, quant=model_config.quant, tome=model_config.tome,
-                             tome_reuse=model_config.tome_reuse)
+    # ModelConfig's fields are load_pipeline's keyword arguments, so every engine option reaches the model.
+    pipe = mgt.load_pipeline(model_config.model, **model_config.model_dump(exclude={"model"}))
     jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(prompts) for k in range(args.num_images)]
     steps = settings.steps or pipe.defaults.steps
     out = Path(args.out)
