@@ -76,6 +76,15 @@ register_scorer("hps-v2.1", functools.partial(_build_hps, "v2.1"))
 register_scorer("clip", _build_clip)
 
 
+def _build_shapes(**options: Any) -> Scorer:
+    from actors.shapes_scorer import ShapesScorer
+
+    return ShapesScorer(**options)
+
+
+register_scorer("shapes", _build_shapes)
+
+
 # ---------------------------------------------------------------------------------------------------
 # config
 
