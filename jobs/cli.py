@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help). Keep the help here so `maskray --help` imports nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("jobs.sample_cmd", "Generate images for a few prompts in this process (no Ray)."),
+    "train-shapes": ("jobs.train_cmd", "Train the shapes-meissonic model or the shapes scorer on procedural scenes."),
     "serve": ("jobs.serve_cmd", "Serve the model over HTTP (OpenAI Images API) with Ray Serve."),
     "generate": ("jobs.generate_cmd", "Generate a scored image dataset from Parquet prompt shards on Ray Data (resumable)."),
     "evaluate": ("jobs.evaluate_cmd", "Win rates of candidate samplers against a baseline (same prompt and seed) on Ray."),

@@ -12,7 +12,7 @@ class TrainShapesConfig(BaseModel):
 
     seed: int = Field(0, ge=0, description="Seeds weights, masking and the scene stream: same seed, same model.")
     vq_steps: int = Field(1200, ge=1, description="Training steps of the VQ tokenizer (batch 24 random 32x32 crops).")
-    steps: int = Field(1000, ge=1, description="Training steps of the transformer and text encoder.")
+    steps: int = Field(3000, ge=1, description="Training steps of the transformer and text encoder.")
     batch_size: int = Field(24, ge=1, description="Scenes per transformer training step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of the transformer and text encoder (AdamW, "
                       "warm-up then cosine decay over --steps).")
