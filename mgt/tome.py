@@ -51,6 +51,22 @@ class MergePlan:
     merged: torch.Tensor
     targets: torch.Tensor
 
+    def __post_init__(self):
+        # Every token's slot in the merged sequence [kept sources ; destinations]: merge is one scatter-add
+        # (then a mean), unmerge one gather, whatever the number of blocks sharing the plan.
+        batch, kept_len = self.unmerged.shape
+        src = self.src_positions.expand(batch, -1)
+        num_dst = self.dst_positions.shape[1]
+        slots = torch.empty(batch, src.shape[1] + num_dst, dtype=torch.long, device=src.device)
+        arange = torch.arange(kept_len + num_dst, device=src.device)
+        slots.scatter_(1, src.gather(1, self.unmerged), arange[:kept_len].expand(batch, -1))
+        slots.scatter_(1, self.dst_positions.expand(batch, -1), arange[kept_len:].expand(batch, -1))
+        slots.scatter_(1, src.gather(1, self.merged), kept_len + self.targets)
+        counts = torch.zeros(batch, kept_len + num_dst, device=src.device)
+        counts.scatter_add_(1, slots, torch.ones(slots.shape, device=src.device))
+        self.slots, self.inverse_counts = slots, counts.reciprocal_()[..., None]
+        self.rope_cache: tuple | None = None  # (source tables, merged tables) of the blocks sharing this plan
+
     @property
     def removed(self) -> int:
         return self.merged.shape[1]
@@ -58,33 +74,17 @@ class MergePlan:
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """`(batch, N, C)` -> `(batch, N - r, C)` = [unmerged sources ; destinations], merged by mean."""
         batch, _, channels = x.shape
-        src = _take(x, self.src_positions.expand(batch, -1))
-        dst = _take(x, self.dst_positions.expand(batch, -1))
-        kept = _take(src, self.unmerged)
-        moved = _take(src, self.merged)
-        dst = dst.scatter_reduce(1, self.targets[..., None].expand(-1, -1, channels), moved, reduce="mean",
-                                 include_self=True)
-        return torch.cat([kept, dst], dim=1)
+        out = x.new_zeros(batch, self.inverse_counts.shape[1], channels)
+        out.scatter_add_(1, self.slots[..., None].expand(batch, -1, channels), x)
+        return out.mul_(self.inverse_counts.to(x.dtype))
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """`(batch, N - r, C)` -> `(batch, N, C)`: every merged source gets its destination's value."""
-        batch, _, channels = x.shape
-        kept_len = self.unmerged.shape[1]
-        kept, dst = x[:, :kept_len], x[:, kept_len:]
-        src_positions = self.src_positions.expand(batch, -1)
-        out = x.new_empty(batch, src_positions.shape[1] + self.dst_positions.shape[1], channels)
-        out.scatter_(1, _index(self.dst_positions.expand(batch, -1), channels), dst)
-        out.scatter_(1, _index(src_positions.gather(1, self.unmerged), channels), kept)
-        out.scatter_(1, _index(src_positions.gather(1, self.merged), channels), _take(dst, self.targets))
-        return out
-
-
-def _index(positions: torch.Tensor, channels: int) -> torch.Tensor:
-    return positions[..., None].expand(-1, -1, channels)
+        return x.gather(1, self.slots[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def _take(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, _index(positions, x.shape[-1]))
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def bipartite_plan(metric: torch.Tensor, rows: int, cols: int, removed: int,
@@ -231,12 +231,17 @@ def merged_block_forward(block: FluxTransformerBlock, plan: MergePlan, hidden_st
     if lengths is not None:
         lengths.append(merged.shape[1])
     text_len = encoder_hidden_states.shape[1]
-    rope = tuple(_merged_rope(table, plan, text_len, merged.shape[0]) for table in image_rotary_emb)
+    if plan.rope_cache is None or plan.rope_cache[0] is not image_rotary_emb:
+        plan.rope_cache = (image_rotary_emb, tuple(_merged_rope(t, plan, text_len, merged.shape[0])
+                                                   for t in image_rotary_emb))
+    rope = plan.rope_cache[1]
     attn_output, context_attn_output = _joint_attention(block.attn, merged, norm_context, rope)
-    hidden_states = hidden_states + plan.unmerge(gate_msa.unsqueeze(1) * attn_output)
+    # Gates are per sample, not per token, so gating after the unmerge is the same and one pass cheaper.
+    hidden_states = torch.addcmul(hidden_states, plan.unmerge(attn_output), gate_msa.unsqueeze(1))
 
-    norm_hidden = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    hidden_states = hidden_states + plan.unmerge(gate_mlp.unsqueeze(1) * block.ff(plan.merge(norm_hidden)))
+    norm_hidden = torch.addcmul(shift_mlp[:, None], block.norm2(hidden_states), 1 + scale_mlp[:, None])
+    hidden_states = torch.addcmul(hidden_states, plan.unmerge(block.ff(plan.merge(norm_hidden))),
+                                  gate_mlp.unsqueeze(1))
 
     # The text stream is FluxTransformerBlock.forward's, unchanged (diffusers 0.42.1).
     encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
