@@ -18,3 +18,14 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"reference fixtures not found at {FIXTURES}: the repo must sit beside shared/")
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray (2 CPUs, loopback, no dashboard) for one test module; Ray Data progress bars off."""
+    import ray
+
+    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -14,16 +14,6 @@ from jobs.evaluation.run import EvaluateOptions, run_evaluate, split_candidates
 SETTINGS = {"steps": 3, "width": 32, "height": 32}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def test_candidate_lists_split_at_top_level_commas():
     assert split_candidates("noise,differential") == ["noise", "differential"]
     assert split_candidates("noise,zsampling+noise:noise.amplitude=1.5,zsampling.num_steps=2,all") == [

@@ -17,16 +17,6 @@ from PIL import Image
 SETTINGS = {"steps": 2, "width": 32, "height": 32}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def config(prompts: str, out: str, **job):
     from pipeline.config import GenerateConfig
 

@@ -13,20 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"steps": 4, "width": 32, "height": 32}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 def config(prompts: str, out: str, **job):

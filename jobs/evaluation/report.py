@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from jobs.evaluation.stats import PairedComparison, compare
+from jobs.evaluation.stats import compare
 
 KEY = ["prompt_id", "sample_idx"]
 
