@@ -31,6 +31,8 @@ class ModelLoadError(ValueError):
 
 # Registered names resolve to a builder that writes the model into the given folder.
 _REGISTRY: dict[str, Callable[[Path], None]] = {}
+# Checkpoints that ship inside the package resolve to their folder directly (nothing to build or download).
+_SHIPPED: dict[str, Path] = {"shapes-meissonic": Path(__file__).resolve().parent / "assets" / "shapes-meissonic"}
 
 
 def register_model(name: str, build: Callable[[Path], None]) -> None:
@@ -42,7 +44,7 @@ def register_model(name: str, build: Callable[[Path], None]) -> None:
 
 def registered_models() -> list[str]:
     _ensure_builtin_registrations()
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *_SHIPPED])
 
 
 def _ensure_builtin_registrations() -> None:
@@ -88,13 +90,15 @@ def resolve_model_path(
 ) -> Path:
     """A local folder holding the model named by ``path_or_id``.
 
-    Order: a registered name (built once into the cache), an existing local folder, an object-store
-    URI (downloaded once into the cache), then a hub id (``huggingface_hub.snapshot_download``, which
-    honours ``HF_HUB_OFFLINE``).
+    Order: a checkpoint shipped in the package (``mgt/assets/``), a registered name (built once into the
+    cache), an existing local folder, an object-store URI (downloaded once into the cache), then a hub id
+    (``huggingface_hub.snapshot_download``, which honours ``HF_HUB_OFFLINE``).
     """
     _ensure_builtin_registrations()
     spec = str(path_or_id)
     root = cache_dir(cache)
+    if spec in _SHIPPED:
+        return _SHIPPED[spec]
     if spec in _REGISTRY:
         return _build_registered(spec, root / "models" / spec)
     local = Path(spec).expanduser()

@@ -1,0 +1,133 @@
+"""The shapes benchmark: scenes, the shipped ``shapes-meissonic`` model, the ``shapes`` scorer, and training."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mgt
+from actors.scorer import build_scorer
+from actors.shapes_scorer import ShapesScorer, held_out_accuracy
+from jobs.cli import main
+from mgt import scenes
+from mgt.loading import resolve_model_path
+from mgt.tiny import write_tokenizer
+from mgt.training.config import TrainShapesConfig
+from mgt.training.data import training_seeds
+from mgt.training.shapes import train_model, train_scorer
+from mgt.training.vq import reconstruction_psnr
+
+PSNR_THRESHOLD_DB = 18.0
+SCORE_MARGIN = 0.4  # shipped model's mean shapes score minus the random-weight model's, at least
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return ShapesScorer()
+
+
+def test_scenes_are_deterministic_and_captions_read_back():
+    first, again = scenes.render_batch(range(40)), scenes.render_batch(range(40))
+    assert np.array_equal(first[0], again[0]) and first[1] == again[1]
+    assert len({s.caption for s in first[1]}) > 30  # seeds give different scenes
+    for scene in first[1] + scenes.render_batch(scenes.held_out_seeds(200))[1]:
+        assert 1 <= len(scene.objects) <= 3
+        assert scenes.parse_caption(scene.caption) == scene.spec
+        assert scenes.satisfies(scene.spec, scene.objects, scene.background)
+        rng = random.Random(scene.seed)
+        negative = scenes.perturb(scene, rng)
+        assert not scenes.satisfies(negative, scene.objects, scene.background)
+        assert scenes.parse_caption(scenes.write_caption(negative, rng)) == negative
+
+
+def test_training_never_sees_held_out_scenes():
+    seeds = training_seeds(run_seed=10**6, step=10**7, batch_size=64, part=2)
+    assert max(seeds) < scenes.HELD_OUT_START <= min(scenes.held_out_seeds(5))
+
+
+def test_caption_grammar_errors_name_the_forms():
+    spec = scenes.parse_caption("A red circle above a blue square.")
+    assert spec.relation == "above" and [p.colour for p in spec.phrases] == ["red", "blue"]
+    with pytest.raises(ValueError, match="not in the shapes grammar.*a red circle above a blue square"):
+        scenes.parse_caption("a photo of an astronaut riding a horse")
+
+
+def test_every_caption_word_is_one_token(tmp_path):
+    tokenizer = write_tokenizer(tmp_path, scenes.vocabulary())
+    assert [w for w in scenes.vocabulary() if len(tokenizer.tokenize(w)) != 1] == []
+
+
+def test_shipped_vq_round_trip_psnr():
+    vqvae = mgt.load_pipeline("shapes-meissonic", device="cpu").vqvae
+    psnr = reconstruction_psnr(vqvae, scenes.held_out_seeds(64, start=5000))
+    assert psnr > PSNR_THRESHOLD_DB
+
+
+def test_scorer_held_out_accuracy(scorer):
+    report = held_out_accuracy(scorer, count=300, seed=1)
+    assert report["accuracy"] >= 0.95, report
+    assert report["mean_score_positive"] > 0.8 > 0.2 > report["mean_score_negative"]
+
+
+def test_shapes_scorer_is_registered_and_rejects_foreign_prompts():
+    scorer = build_scorer("shapes", batch_size=2)
+    image = scenes.render(scenes.make_scene(7))
+    good, bad = scorer.score([image, image], [scenes.make_scene(7).caption, scenes.make_scene(8).caption])
+    assert good > 0.5 > bad
+    with pytest.raises(ValueError, match="shapes grammar"):
+        scorer.score([image], ["a watercolour of a fox"])
+
+
+@pytest.mark.xfail(strict=True, reason="known defect of the shipped checkpoint: its VQ spreads flat regions over many "
+                   "codes, so the generator cannot learn the token maps and does not follow prompts yet (issue 9)")
+def test_shipped_model_matches_prompts_far_better_than_random_weights(scorer):
+    prompts = [scenes.make_scene(seed).caption for seed in scenes.held_out_seeds(24, start=9000)]
+    seeds = list(range(len(prompts)))
+    means = {}
+    for name in ("shapes-meissonic", "tiny-meissonic"):
+        out = mgt.load_pipeline(name, device="cpu").generate(prompts, seeds)
+        means[name] = float(np.mean(scorer.score([Image.fromarray(im) for im in out.images], prompts)))
+    assert means["shapes-meissonic"] - means["tiny-meissonic"] >= SCORE_MARGIN, means
+
+
+def test_shipped_model_resolves_inside_the_package():
+    folder = resolve_model_path("shapes-meissonic")
+    assert folder.parent.name == "assets" and folder.parent.parent.name == "mgt"
+    defaults = json.loads((folder / "model_index.json").read_text())["_maskray_defaults"]
+    assert defaults["width"] == defaults["height"] == 64 and defaults["negative_prompt"] == ""
+
+
+def test_short_training_run_end_to_end(tmp_path):
+    config = TrainShapesConfig(vq_steps=2, steps=2, batch_size=4, scorer_steps=2, shape_steps=2)
+    report = train_model(config, tmp_path / "model")
+    assert report["generator_steps_done"] == 2 and report["vq"]["vq_steps"] == 2
+    pipe = mgt.load_pipeline(str(tmp_path / "model"), device="cpu")
+    out = pipe.generate(["a red circle above a blue square"], [0], steps=2)
+    assert out.images.shape == (1, 64, 64, 3)
+    train_scorer(config, tmp_path / "scorer")
+    score = ShapesScorer(checkpoint=tmp_path / "scorer").score([Image.fromarray(out.images[0])],
+                                                             ["a red circle above a blue square"])
+    assert 0.0 <= score[0] <= 1.0
+
+
+def test_train_shapes_command_resumes_after_the_vq_stage(tmp_path, capsys):
+    args = ["train-shapes", "--out", str(tmp_path), "--vq-steps", "1", "--steps", "1", "--batch-size", "2"]
+    assert main(args) == 0
+    vq_weights = (tmp_path / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert main([*args[:-4], "--steps", "2", "--batch-size", "2"]) == 0
+    assert (tmp_path / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes() == vq_weights
+    assert json.loads((tmp_path / "training.json").read_text())["generator_steps_done"] == 2
+    assert '"vq_psnr_db"' in capsys.readouterr().out
+
+
+def test_train_shapes_help_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom jobs.cli import main\nwith contextlib.redirect_stdout(io.StringIO()) as f:\n"
+            "    try: main(['train-shapes', '--help'])\n    except SystemExit: pass\n"
+            "print('torch' in sys.modules, '--scorer-steps' in f.getvalue(), '--minutes' in f.getvalue())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "True"]
