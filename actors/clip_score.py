@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPModel, CLIPProcessor
 
-from actors.scorer import check_pairs, chunks, resolve_device, resolve_dtype
+from actors.scorer import resolve_device, resolve_dtype, score_in_chunks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,11 +74,7 @@ class CLIPScorer:
             ValueError: ``len(images) != len(prompts)``.
             TypeError: An element is not a PIL image or not a string.
         """
-        check_pairs(images, prompts)
-        scores: list[float] = []
-        for part in chunks(len(images), self.batch_size):
-            scores.extend(self._score_batch(images[part], prompts[part]))
-        return scores
+        return score_in_chunks(images, prompts, self.batch_size, self._score_batch)
 
     def _score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         with self._tokenizer_lock:

@@ -27,7 +27,7 @@ import torchvision.transforms.functional as TF
 from open_clip.utils import to_2tuple
 from torchvision.transforms import InterpolationMode
 
-from actors.scorer import check_pairs, chunks, resolve_device, resolve_dtype
+from actors.scorer import resolve_device, resolve_dtype, score_in_chunks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -326,11 +326,7 @@ class HPSv2Scorer:
             ValueError: ``len(images) != len(prompts)``.
             TypeError: An element is not a PIL image or not a string.
         """
-        check_pairs(images, prompts)
-        scores: list[float] = []
-        for part in chunks(len(images), self.batch_size):
-            scores.extend(self._score_batch(images[part], prompts[part]))
-        return scores
+        return score_in_chunks(images, prompts, self.batch_size, self._score_batch)
 
     def _score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         pixels = torch.stack([preprocess(image, self.image_size, self.resize_mode) for image in images])

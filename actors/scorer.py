@@ -196,3 +196,13 @@ def chunks(count: int, batch_size: int | None) -> list[slice]:
     """Slices covering ``range(count)`` in pieces of ``batch_size`` (one piece when it is ``None``)."""
     step = batch_size or max(count, 1)
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def score_in_chunks(images: Sequence[Any], prompts: Sequence[Any], batch_size: int | None,
+                    score_batch: Callable[[Sequence[Any], Sequence[Any]], list[float]]) -> list[float]:
+    """Check the (image, prompt) pairs, then score them ``batch_size`` at a time, in input order."""
+    check_pairs(images, prompts)
+    scores: list[float] = []
+    for part in chunks(len(images), batch_size):
+        scores.extend(score_batch(images[part], prompts[part]))
+    return scores
