@@ -8,7 +8,6 @@ are lightly degraded (blur, noise) so the detector also reads the softer images 
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from mgt import scenes
 from mgt.scene_detector import STRIDE, SceneDetector, ShapeClassifier, crop_windows
 from mgt.training.data import scene_tensors, training_seeds
+from mgt.training.schedule import warmup_cosine
 
 POSITIVE_WEIGHT = 20.0
 ATTRIBUTE_REACH = 4.0  # pixels from an object's centre within which a cell learns its attributes
@@ -81,8 +81,7 @@ def train_detector(seed: int, steps: int, batch_size: int = 32, lr: float = 3e-3
     torch.manual_seed(seed)
     model = SceneDetector().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 30) * (
-        0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))))
+    schedule = warmup_cosine(optimizer, steps, warmup=30, floor=0.02)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         images, batch = scene_tensors(training_seeds(seed, step, batch_size, part=2))
@@ -106,8 +105,7 @@ def train_shape_classifier(seed: int, steps: int, batch_size: int = 32, lr: floa
     torch.manual_seed(seed)
     model = ShapeClassifier().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 30) * (
-        0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))))
+    schedule = warmup_cosine(optimizer, steps, warmup=30, floor=0.02)
     generator = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):
         images, batch = scene_tensors(training_seeds(seed, step, batch_size, part=3))

@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from mgt.meissonic import MeissonicTransformer
 from mgt.training.data import scene_tensors, training_seeds
+from mgt.training.schedule import warmup_cosine
 from mgt.training.vq import encode_tokens
 
 TEXT_WIDTH = 64
@@ -105,8 +106,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     parameters = [*transformer.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = max(1, min(100, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
+    schedule = warmup_cosine(optimizer, steps, warmup=warmup, floor=0.05)
     generator = torch.Generator().manual_seed(seed)
     mask_id = transformer.mask_token_id
     micro = torch.tensor([MICRO_CONDS] * batch_size)
