@@ -14,31 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-SETTINGS = {"steps": 2, "width": 32, "height": 32}
-
-
-def config(prompts: str, out: str, **job):
-    from pipeline.config import GenerateConfig
-
-    return GenerateConfig.model_validate({"job": {"prompts": prompts, "out": out, "batch_size": 2, **job},
-                                          "generation": SETTINGS})
-
-
-def shards(folder: Path, count: int, per_shard: int) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = []
-    for shard in range(count):
-        shard_ids = [f"s{shard}/p{i}" for i in range(per_shard)]  # '/' in ids must not escape --out
-        pq.write_table(pa.table({"prompt_id": shard_ids, "prompt": [f"shape {p}" for p in shard_ids]}),
-                       folder / f"part-{shard}.parquet")
-        ids += shard_ids
-    return ids
-
-
-def check_exactly_once(metrics: pa.Table, ids: list[str], num_images: int) -> None:
-    keys = list(zip(metrics["prompt_id"].to_pylist(), metrics["sample_idx"].to_pylist()))
-    assert sorted(keys) == sorted((p, i) for p in ids for i in range(num_images))
-
+from generate_helpers import check_exactly_once, config, shards
 
 def test_end_to_end_local_with_tiny_hps(ray_local, tmp_path, fixtures_dir):
     from pipeline.generate import run_generate

@@ -11,36 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from generate_helpers import check_exactly_once, config, shards
+
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = {"steps": 4, "width": 32, "height": 32}
-
-
-def config(prompts: str, out: str, **job):
-    from pipeline.config import GenerateConfig
-
-    return GenerateConfig.model_validate({"job": {"prompts": prompts, "out": out, "batch_size": 2, **job},
-                                          "generation": SETTINGS})
-
-
-def shards(folder: Path, count: int, per_shard: int) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = []
-    for shard in range(count):
-        shard_ids = [f"s{shard}-p{i}" for i in range(per_shard)]
-        pq.write_table(pa.table({"prompt_id": shard_ids, "prompt": [f"shape {p}" for p in shard_ids]}),
-                       folder / f"part-{shard}.parquet")
-        ids += shard_ids
-    return ids
-
-
-def check_exactly_once(metrics: pa.Table, ids: list[str], num_images: int) -> None:
-    keys = list(zip(metrics["prompt_id"].to_pylist(), metrics["sample_idx"].to_pylist()))
-    assert sorted(keys) == sorted((p, i) for p in ids for i in range(num_images))
-
-
 def _generator_processes() -> list:
     import psutil
 
@@ -59,8 +34,8 @@ def _generator_processes() -> list:
 def test_killed_generator_actor_still_exactly_once(ray_local, tmp_path):
     from pipeline.generate import run_generate
 
-    ids = shards(tmp_path / "prompts", count=2, per_shard=6)
-    cfg = config(str(tmp_path / "prompts"), str(tmp_path / "out"), num_images=2)
+    ids = shards(tmp_path / "prompts", count=2, per_shard=6, separator="-")
+    cfg = config(str(tmp_path / "prompts"), str(tmp_path / "out"), steps=4, num_images=2)
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run_generate(cfg, log=lambda _: None)))
     runner.start()
@@ -84,7 +59,7 @@ def test_killed_generator_actor_still_exactly_once(ray_local, tmp_path):
 def test_driver_crash_then_rerun_generates_only_the_rest(ray_local, tmp_path):
     from pipeline.generate import run_generate
 
-    ids = shards(tmp_path / "prompts", count=3, per_shard=6)
+    ids = shards(tmp_path / "prompts", count=3, per_shard=6, separator="-")
     out, parts = tmp_path / "out", tmp_path / "out" / "_parts"
     command = [sys.executable, "-m", "jobs.cli", "generate", "--prompts", str(tmp_path / "prompts"), "--out",
                str(out), "--batch-size", "2", "--steps", "4", "--width", "32", "--height", "32"]
@@ -101,7 +76,7 @@ def test_driver_crash_then_rerun_generates_only_the_rest(ray_local, tmp_path):
     done = [(k, i) for blob in before.values() for k, i in zip(*_keys(blob))]
     assert 2 <= len(before) and len(done) < 18, "the driver was not killed mid-run"
 
-    summary = run_generate(config(str(tmp_path / "prompts"), str(out)), log=lambda _: None)
+    summary = run_generate(config(str(tmp_path / "prompts"), str(out), steps=4), log=lambda _: None)
     assert summary["rows"] == 18 and summary["generated"] == 18 - len(done)
     check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
     after = {p.name: p.read_bytes() for p in parts.glob("*.parquet")}
