@@ -2,8 +2,8 @@
 
 ``--part model`` trains the VQ tokenizer, then the Meissonic transformer with its CLIP text encoder, and
 writes the hub layout to ``--out`` (loadable with ``--model FOLDER``); ``--part scorer`` trains the scene
-detector of the ``shapes`` scorer. With the defaults and ``--seed 0`` they reproduce the checkpoints that
-ship in ``mgt/assets/``.
+detector of the ``shapes`` scorer. The defaults reproduce the model that ships in ``mgt/assets/``; the
+shipped scorer was trained with ``--threads 1`` (each folder's ``training.json`` holds its settings).
 """
 
 from __future__ import annotations

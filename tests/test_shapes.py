@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mgt
@@ -17,9 +18,9 @@ from mgt.tiny import write_tokenizer
 from mgt.training.config import TrainShapesConfig
 from mgt.training.data import training_seeds
 from mgt.training.shapes import train_model, train_scorer
-from mgt.training.vq import reconstruction_psnr
+from mgt.training.vq import LATENT_CHANNELS, LEVELS, build_vqvae, reconstruction_psnr
 
-PSNR_THRESHOLD_DB = 18.0
+PSNR_THRESHOLD_DB = 22.0  # the shipped VQ measures 24.1 dB on 256 held-out scenes
 SCORE_MARGIN = 0.4  # shipped model's mean shapes score minus the random-weight model's, at least
 
 
@@ -59,6 +60,18 @@ def test_every_caption_word_is_one_token(tmp_path):
     assert [w for w in scenes.vocabulary() if len(tokenizer.tokenize(w)) != 1] == []
 
 
+def test_grid_codebook_lookup_is_per_channel_rounding():
+    """The VQ trains with diffusers' nearest-code lookup on the fixed grid; that must equal rounding each
+    latent channel to the nearest level, clamped to the grid, so every code stays reachable."""
+    vq = build_vqvae(channels=(8, 8))
+    latents = 3 * torch.randn(2, LATENT_CHANNELS, 5, 5, generator=torch.Generator().manual_seed(0))
+    quantized, _, (_, _, indices) = vq.quantize(latents)
+    assert torch.equal(quantized, latents.round().clamp(min(LEVELS), max(LEVELS)))
+    assert torch.equal(vq.quantize.embedding.weight[indices], quantized.permute(0, 2, 3, 1).reshape(-1, LATENT_CHANNELS))
+    assert vq.config.num_vq_embeddings == len(LEVELS) ** LATENT_CHANNELS
+    assert not vq.quantize.embedding.weight.requires_grad
+
+
 def test_shipped_vq_round_trip_psnr():
     vqvae = mgt.load_pipeline("shapes-meissonic", device="cpu").vqvae
     psnr = reconstruction_psnr(vqvae, scenes.held_out_seeds(64, start=5000))
@@ -80,8 +93,8 @@ def test_shapes_scorer_is_registered_and_rejects_foreign_prompts():
         scorer.score([image], ["a watercolour of a fox"])
 
 
-@pytest.mark.xfail(strict=True, reason="known defect of the shipped checkpoint: its VQ spreads flat regions over many "
-                   "codes, so the generator cannot learn the token maps and does not follow prompts yet (issue 9)")
+@pytest.mark.xfail(strict=True, reason="known defect of the shipped checkpoint (issue 9): the generator draws the "
+                   "prompt's colours but as blobs, not shapes, so the scorer rejects its images; it needs more training")
 def test_shipped_model_matches_prompts_far_better_than_random_weights(scorer):
     prompts = [scenes.make_scene(seed).caption for seed in scenes.held_out_seeds(24, start=9000)]
     seeds = list(range(len(prompts)))
