@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mgt import scenes
 from mgt.scene_detector import STRIDE, SceneDetector, ShapeClassifier, crop_windows
 from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.schedule import warmup_cosine
+from mgt.training.schedule import optimizer_step, warmup_cosine
 
 POSITIVE_WEIGHT = 20.0
 ATTRIBUTE_REACH = 4.0  # pixels from an object's centre within which a cell learns its attributes
@@ -86,12 +86,9 @@ def train_detector(seed: int, steps: int, batch_size: int = 32, lr: float = 3e-3
     for step in range(steps):
         images, batch = scene_tensors(training_seeds(seed, step, batch_size, part=2))
         loss = detector_loss(model, degrade(images, generator), targets(batch, images.shape[-1] // STRIDE))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        value = optimizer_step(optimizer, schedule, loss)
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, value)
     return model.eval().requires_grad_(False)
 
 
@@ -115,10 +112,7 @@ def train_shape_classifier(seed: int, steps: int, batch_size: int = 32, lr: floa
         crops = crop_windows(degrade(images, generator), centres, torch.tensor([b for b, _ in objects]))
         labels = torch.tensor([scenes.SHAPES.index(o.shape) for _, o in objects])
         loss = F.cross_entropy(model(crops), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        value = optimizer_step(optimizer, schedule, loss)
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, value)
     return model.eval().requires_grad_(False)

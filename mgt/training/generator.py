@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from mgt.meissonic import MeissonicTransformer
 from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.schedule import warmup_cosine
+from mgt.training.schedule import optimizer_step, warmup_cosine
 from mgt.training.vq import encode_tokens
 
 TEXT_WIDTH = 64
@@ -120,14 +120,10 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         masked, mask, t = mask_tokens(tokens, mask_id, generator)
         logits = transformer(masked, hidden, pooled, micro, sampler_timestep(t, sampler_steps))
         loss = F.cross_entropy(logits.permute(0, 2, 3, 1)[mask], tokens[mask])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        value = optimizer_step(optimizer, schedule, loss, clip=parameters)
         done = step + 1
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, value)
         if should_stop():
             break
     return transformer.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), done

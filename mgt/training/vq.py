@@ -33,7 +33,7 @@ from diffusers import VQModel
 
 from mgt import scenes
 from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.schedule import warmup_cosine
+from mgt.training.schedule import optimizer_step, warmup_cosine
 
 LEVELS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # grid values per latent channel
 LATENT_CHANNELS = 4
@@ -82,12 +82,9 @@ def train_vq(seed: int, steps: int, batch_size: int = 16, lr: float = 1e-3,
         quantized, _, _ = vq.quantize(latents)  # straight-through: the grid point's value, gradient to latents
         reconstruction = vq.decoder(vq.post_quant_conv(quantized))
         loss = _weighted_l1(reconstruction, images, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        value = optimizer_step(optimizer, schedule, loss)
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, value)
     return vq.eval().requires_grad_(False)
 
 
