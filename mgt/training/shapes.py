@@ -37,12 +37,8 @@ def model_defaults(config: TrainShapesConfig) -> dict:
 def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None = None) -> dict:
     """Train VQ, then transformer + text encoder, into ``out`` (hub layout); returns the report."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    record_path = out / "training.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     vq_key = {"seed": config.seed, "vq_steps": config.vq_steps, "threads": config.threads}
-    record = {"config": config.model_dump(), **({"vq": vq_key, "vq_seconds": record["vq_seconds"]}
-                                                  if record.get("vq") == vq_key else {})}
+    record, record_path = _start_record(out, config, "vq", vq_key)
 
     started = time.monotonic()
     if "vq" in record and (out / "vqvae" / "config.json").is_file():  # resume after the finished VQ stage
@@ -73,12 +69,8 @@ def train_scorer(config: TrainShapesConfig, out: Path, progress: Progress | None
     """Train the shapes scorer into ``out``: the scene detector (``config.json`` + safetensors; an
     interrupted run resumes after it) and the window shape classifier (``shape_classifier/``)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    record_path = out / "training.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     key = {"seed": config.seed, "scorer_steps": config.scorer_steps, "threads": config.threads}
-    record = {"config": config.model_dump(), **({"detector": key, "detector_seconds": record["detector_seconds"]}
-                                                  if record.get("detector") == key else {})}
+    record, record_path = _start_record(out, config, "detector", key)
     started = time.monotonic()
     if "detector" not in record or not (out / "config.json").is_file():
         detector = train_detector(config.seed, config.scorer_steps,
@@ -93,6 +85,20 @@ def train_scorer(config: TrainShapesConfig, out: Path, progress: Progress | None
     record.update(shape_classifier_seconds=round(time.monotonic() - started, 1))
     record_path.write_text(json.dumps(record, indent=2))
     return record
+
+
+def _start_record(out: Path, config: TrainShapesConfig, first_stage: str, key: dict) -> tuple[dict, Path]:
+    """The new ``training.json`` record of a run into ``out`` (created) and its path.
+
+    The record holds this run's config, plus the first stage's entry (``key`` and its seconds) when the
+    previous run in ``out`` finished that stage with the same ``key``: the caller then resumes after it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "training.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    seconds = f"{first_stage}_seconds"
+    finished = {first_stage: key, seconds: previous[seconds]} if previous.get(first_stage) == key else {}
+    return {"config": config.model_dump(), **finished}, path
 
 
 def _stage(progress: Progress | None, name: str, total: int) -> Callable[[int, float], None] | None:
