@@ -10,19 +10,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PROMPTS = [
+PROMPTS = [  # captions in the shapes grammar (mgt/scenes.py), which shapes-meissonic was trained on
     "a red circle above a blue square",
     "a green triangle on a white background",
-    "a photo of an astronaut riding a horse",
-    "a watercolor painting of a lighthouse at dusk",
-    "a bowl of ramen, studio lighting",
-    "a cat wearing a tiny wizard hat",
-    "an isometric pixel-art castle",
-    "a foggy pine forest at sunrise",
-    "a vintage poster of a hot air balloon",
-    "a close-up of a dew-covered spider web",
-    "a neon-lit street in the rain at night",
-    "a minimalist line drawing of a fox",
+    "a large yellow diamond in the center",
+    "two purple circles",
+    "a small orange cross on the left",
+    "a cyan square to the right of a pink triangle",
+    "three blue squares on a black background",
+    "a picture of a red diamond and a green circle",
+    "an image of a large pink circle at the top",
+    "a yellow triangle below a purple cross",
+    "there is a blue circle, a red square and a yellow triangle",
+    "a small green square at the bottom on a beige background",
 ]
 
 

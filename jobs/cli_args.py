@@ -31,7 +31,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
         annotation = _strip_optional(field.annotation)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         default = field.get_default(call_default_factory=True)
-        default_text = "family default" if default is None else default
+        default_text = "unset" if default is None else default
         kwargs["help"] = f"{field.description} (default: {default_text})"
         if typing.get_origin(annotation) is Literal:
             kwargs["choices"] = list(typing.get_args(annotation))

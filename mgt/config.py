@@ -18,7 +18,8 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str = Field("tiny-meissonic", description="Registered name (tiny-meissonic, tiny-monetico, tiny-amused), "
+    model: str = Field("tiny-meissonic", description="Registered name (random-weight tiny-meissonic, "
+                       "tiny-monetico, tiny-amused; shapes-meissonic, trained on the shape scenes), "
                        "local folder in the hub layout, s3:// or gs:// URI, or hub id such as MeissonFlow/Meissonic.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights and activations precision of the "
                                                    "transformer and text encoder (sampling math is always fp32).")
@@ -39,18 +40,20 @@ class ModelConfig(BaseModel):
 
 
 class GenerationSettings(BaseModel):
-    """Per-image generation settings; None means the model family's default."""
+    """Per-image generation settings; None means the model's default (its `_maskray_defaults` or family)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int | None = Field(None, ge=1, description="Sampling steps T (Meissonic 64, aMUSEd 12).")
-    guidance: float | None = Field(None, ge=0, description="Classifier-free guidance scale; CFG runs when > 1 "
-                                   "(Meissonic 9, aMUSEd 10).")
+    steps: int | None = Field(None, ge=1, description="Sampling steps T; unset: the model's default (Meissonic 64, "
+                                 "aMUSEd 12, shapes-meissonic 16).")
+    guidance: float | None = Field(None, ge=0, description="Classifier-free guidance scale; CFG runs when > 1; "
+                                   "unset: the model's default (Meissonic 9, aMUSEd 10, shapes-meissonic 3).")
     width: int | None = Field(None, gt=0, description="Image width in pixels (multiple of the VQ scale factor, "
-                              "x2 when the transformer down-samples).")
+                              "x2 when the transformer down-samples); unset: the model's default.")
     height: int | None = Field(None, gt=0, description="Image height in pixels (same rule as width).")
-    negative_prompt: str | None = Field(None, description="Negative prompt for the unconditional CFG branch "
-                                        "(Meissonic: the reference negative prompt; aMUSEd: empty).")
+    negative_prompt: str | None = Field(None, description="Negative prompt for the unconditional CFG branch; "
+                                        "unset: the model's default (Meissonic: the reference negative prompt; "
+                                        "aMUSEd and shapes-meissonic: empty).")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Sampler configuration.")
 
     @field_validator("sampler", mode="before")

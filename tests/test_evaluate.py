@@ -47,7 +47,7 @@ def test_end_to_end_and_rerun_generates_only_the_new_candidate(ray_local, tmp_pa
     hps = fixtures_dir / "hps-tiny"
     job = JobOptions(scorer="hps-v2", scorer_checkpoint=str(hps / "hps_tiny_checkpoint.pt"),
                      scorer_model=str(hps / "model_config.json"), batch_size=3)
-    model, generation = ModelConfig(device="cpu"), GenerationSettings(**SETTINGS)
+    model, generation = ModelConfig(model="tiny-meissonic", device="cpu"), GenerationSettings(**SETTINGS)
     out = tmp_path / "eval"
     options = EvaluateOptions(prompts=[str(prompts)], out=str(out), candidates=["noise"], seeds_per_prompt=2)
     summary = run_evaluate(options, job, model, generation, log=lambda _: None)

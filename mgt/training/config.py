@@ -12,8 +12,8 @@ class TrainShapesConfig(BaseModel):
 
     seed: int = Field(0, ge=0, description="Seeds weights, masking and the scene stream: same seed, same model.")
     vq_steps: int = Field(3000, ge=1, description="Training steps of the VQ tokenizer (batch 16 random 32x32 crops).")
-    steps: int = Field(4500, ge=1, description="Training steps of the transformer and text encoder.")
-    batch_size: int = Field(24, ge=1, description="Scenes per transformer training step.")
+    steps: int = Field(6000, ge=1, description="Training steps of the transformer and text encoder.")
+    batch_size: int = Field(16, ge=1, description="Scenes per transformer training step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of the transformer and text encoder (AdamW, "
                       "warm-up then cosine decay over --steps).")
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by the empty prompt, "

@@ -88,7 +88,7 @@ def encode_text(tokenizer: CLIPTokenizer, encoder: CLIPTextModelWithProjection,
 
 
 def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int, sampler_steps: int,
-                    batch_size: int = 24, lr: float = 1e-3, cond_dropout: float = 0.1,
+                    batch_size: int = 16, lr: float = 1e-3, cond_dropout: float = 0.1,
                     should_stop: Callable[[], bool] = lambda: False,
                     on_step: Callable[[int, float], None] | None = None,
                     ) -> tuple[MeissonicTransformer, CLIPTextModelWithProjection, int]:
