@@ -43,8 +43,12 @@ class StagePlan:
 def plan_stages(config: GenerateConfig, resources: dict[str, float]) -> tuple[StagePlan, StagePlan | None]:
     """Pool sizes and per-actor resources for the generator and scorer stages on a cluster of ``resources``.
 
+    Unset CPU shares are 1 per actor (0.5 on clusters of at most 4 CPUs), lowered so that one CPU stays free
+    for Ray Data's read and write tasks: without it the read task never starts and the job waits forever.
+
     Raises:
-        ValueError: GPUs are requested but the cluster has none (names the flag to change).
+        ValueError: GPUs are requested but the cluster has none, or explicit CPU shares leave no CPU for the
+            read and write tasks (names the flags to change).
     """
     job = config.job
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
@@ -59,13 +63,22 @@ def plan_stages(config: GenerateConfig, resources: dict[str, float]) -> tuple[St
         actors = max(1, int(gpus // job.generator_gpus))
     else:
         actors = max(1, int(cpus // 2))
-    generator = StagePlan(actors, job.generator_cpus or default_cpus, job.generator_gpus, job.batch_size,
-                          job.torch_threads)
+    scorer_actors = job.scorer_actors if job.scorer is not None else 0
+    pool = actors + scorer_actors
+    if cpus > 1 and pool * default_cpus > cpus - 1:  # unset shares leave one CPU for the read and write tasks
+        default_cpus = (cpus - 1) / pool
+    generator_cpus = job.generator_cpus or default_cpus
+    scorer_cpus = job.scorer_cpus or job.generator_cpus or default_cpus
+    reserved = actors * generator_cpus + scorer_actors * scorer_cpus
+    if reserved > cpus - 1 and cpus > 1:
+        raise ValueError(f"the actor pools reserve {reserved:g} of the cluster's {cpus:g} CPUs ({actors} generator x "
+                         f"{generator_cpus:g} + {scorer_actors} scorer x {scorer_cpus:g}), leaving less than the 1 CPU "
+                         f"that Ray Data's read and write tasks need, so the job would wait forever; lower "
+                         f"--generator-cpus / --scorer-cpus or --generator-actors / --scorer-actors")
+    generator = StagePlan(actors, generator_cpus, job.generator_gpus, job.batch_size, job.torch_threads)
     if job.scorer is None:
         return generator, None
-    scorer = StagePlan(job.scorer_actors, job.scorer_cpus or job.generator_cpus or default_cpus, job.scorer_gpus,
-                       job.scorer_batch_size, None)
-    return generator, scorer
+    return generator, StagePlan(scorer_actors, scorer_cpus, job.scorer_gpus, job.scorer_batch_size, None)
 
 
 def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, done: frozenset[str],

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
+from pipeline.generate import plan_stages
 from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, sample_key, scan_prompts
 from pipeline.sink import SampleSink, image_name
 from pipeline.storage import Storage
@@ -112,6 +113,26 @@ def test_every_job_option_declares_whether_it_is_hashed():
     assert not set(HASHED_OPTIONS) & set(UNHASHED_OPTIONS)
     for name, field in JobOptions.model_fields.items():
         assert field.description, name
+
+
+@pytest.mark.parametrize("cpus, job, generator_cpus, scorer_cpus", [
+    (2, {}, 0.5, None),  # one generator, no scorer
+    (2, {"scorer": "shapes"}, 0.5, 0.5),
+    # two generators and a scorer at 0.5 each would leave 0.5 CPU: the read task (1 CPU) never started
+    (2, {"scorer": "shapes", "generator_actors": 2}, 1 / 3, 1 / 3),
+    (16, {"scorer": "shapes"}, 1.0, 1.0),
+])
+def test_unset_cpu_shares_leave_a_cpu_for_reads_and_writes(cpus, job, generator_cpus, scorer_cpus):
+    generator, scorer = plan_stages(GenerateConfig(job=job), {"CPU": float(cpus)})
+    assert generator.num_cpus == pytest.approx(generator_cpus)
+    assert (scorer and scorer.num_cpus) == (scorer_cpus and pytest.approx(scorer_cpus))
+    assert generator.actors * generator.num_cpus + (scorer.num_cpus if scorer else 0) <= cpus - 1
+
+
+def test_cpu_shares_that_starve_reads_are_refused_with_the_flags_to_change():
+    config = GenerateConfig(job={"generator_actors": 2, "generator_cpus": 0.5, "scorer": "shapes"})
+    with pytest.raises(ValueError, match="reserve 1.5 of the cluster's 2 CPUs.*lower --generator-cpus"):
+        plan_stages(config, {"CPU": 2.0})
 
 
 def test_config_hash_covers_pixels_not_placement():
