@@ -12,6 +12,8 @@ class TrainShapesConfig(BaseModel):
 
     seed: int = Field(0, ge=0, description="Seeds weights, masking and the scene stream: same seed, same model.")
     vq_steps: int = Field(3000, ge=1, description="Training steps of the VQ tokenizer (batch 16 random 32x32 crops).")
+    text_steps: int = Field(1000, ge=0, description="Caption-only pre-training steps of the text encoder "
+                            "(batch 128 captions) before the joint steps; 0 skips it.")
     steps: int = Field(6000, ge=1, description="Training steps of the transformer and text encoder.")
     batch_size: int = Field(16, ge=1, description="Scenes per transformer training step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of the transformer and text encoder (AdamW, "

@@ -1,4 +1,7 @@
-"""Training the generator: our Meissonic transformer and a small CLIP text encoder, jointly, from scratch.
+"""Training the generator: our Meissonic transformer and a small CLIP text encoder, from scratch.
+
+The text encoder is first pre-trained on captions alone (:mod:`mgt.training.caption_encoder`: why), then
+trained jointly with the transformer.
 
 The objective is Meissonic's (``train/train_meissonic.py``, models-spec §1.9): ``t ~ U(0, 1)``, mask
 rate ``cos(pi/2 t)``, ``round(L * rate)`` tokens (at least one) masked at random positions, cross-entropy
@@ -18,7 +21,7 @@ before step ``i`` the vanilla sampler has ``cos(pi/2 * i/T)`` of the tokens mask
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from diffusers import VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgt.meissonic import MeissonicTransformer
+from mgt.training.caption_encoder import pretrain_text_encoder
 from mgt.training.data import scene_tensors, training_seeds
 from mgt.training.schedule import optimizer_step, warmup_cosine
 from mgt.training.vq import encode_tokens
@@ -87,22 +91,39 @@ def encode_text(tokenizer: CLIPTokenizer, encoder: CLIPTextModelWithProjection,
     return out.hidden_states[-2], out.text_embeds
 
 
+class TrainedGenerator(NamedTuple):
+    """What :func:`train_generator` returns: both models in eval mode and the figures of the run."""
+
+    transformer: MeissonicTransformer
+    text_encoder: CLIPTextModelWithProjection
+    steps_done: int
+    caption_accuracy: float | None  # held-out accuracy of the text pre-training heads; None if skipped
+
+
 def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int, sampler_steps: int,
-                    batch_size: int = 16, lr: float = 1e-3, cond_dropout: float = 0.1,
+                    batch_size: int = 16, lr: float = 1e-3, cond_dropout: float = 0.1, text_steps: int = 1000,
                     should_stop: Callable[[], bool] = lambda: False,
                     on_step: Callable[[int, float], None] | None = None,
-                    ) -> tuple[MeissonicTransformer, CLIPTextModelWithProjection, int]:
-    """Train transformer and text encoder for up to ``steps`` steps; returns both (eval mode) and the steps done.
+                    on_text_step: Callable[[int, float], None] | None = None,
+                    ) -> TrainedGenerator:
+    """Pre-train the text encoder on captions, then train it with the transformer for up to ``steps`` steps.
 
     Args:
         vq: the trained tokenizer; scenes are encoded with it on the fly.
         sampler_steps: ``T`` of the timestep rule (the model's default sampling steps).
         cond_dropout: share of captions replaced by ``""`` (the unconditional branch of CFG).
+        text_steps: steps of caption-only pre-training of the text encoder
+            (:func:`mgt.training.caption_encoder.pretrain_text_encoder`) before the joint steps; 0 skips it.
         should_stop: checked after each step (a wall-clock budget); the lr schedule follows ``steps``.
     """
     torch.manual_seed(seed)
     transformer = build_transformer(vq.config.num_vq_embeddings).train()
-    text_encoder = build_text_encoder(tokenizer, transformer.config.pooled_projection_dim).train()
+    text_encoder = build_text_encoder(tokenizer, transformer.config.pooled_projection_dim)
+    caption_accuracy = None
+    if text_steps:
+        caption_accuracy = pretrain_text_encoder(tokenizer, text_encoder, seed, text_steps, TEXT_LENGTH,
+                                                 on_step=on_text_step)
+    text_encoder.train()
     parameters = [*transformer.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = max(1, min(100, steps // 10))
@@ -126,4 +147,5 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
             on_step(step, value)
         if should_stop():
             break
-    return transformer.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), done
+    return TrainedGenerator(transformer.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False),
+                            done, caption_accuracy)

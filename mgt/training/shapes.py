@@ -54,13 +54,16 @@ def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None 
     tokenizer = write_tokenizer(out / "tokenizer", words)
     started = time.monotonic()
     deadline = None if config.minutes is None else started + 60 * config.minutes
-    transformer, text_encoder, done = train_generator(
+    run = train_generator(
         vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
-        config.cond_dropout, should_stop=lambda: deadline is not None and time.monotonic() > deadline,
-        on_step=_stage(progress, "generator", config.steps))
-    write_model(out, transformer, vq, "meissonic", defaults=model_defaults(config), seed=config.seed, words=words)
-    text_encoder.save_pretrained(out / "text_encoder")  # replaces the random encoder write_model put there
-    record.update(generator_steps_done=done, generator_seconds=round(time.monotonic() - started, 1))
+        config.cond_dropout, config.text_steps,
+        should_stop=lambda: deadline is not None and time.monotonic() > deadline,
+        on_step=_stage(progress, "generator", config.steps),
+        on_text_step=_stage(progress, "text encoder", config.text_steps))
+    write_model(out, run.transformer, vq, "meissonic", defaults=model_defaults(config), seed=config.seed, words=words)
+    run.text_encoder.save_pretrained(out / "text_encoder")  # replaces the random encoder write_model put there
+    record.update(text_caption_accuracy=run.caption_accuracy, generator_steps_done=run.steps_done,
+                  generator_seconds=round(time.monotonic() - started, 1))
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
