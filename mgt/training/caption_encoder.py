@@ -86,8 +86,12 @@ def pretrain_text_encoder(tokenizer: CLIPTokenizer, encoder: CLIPTextModelWithPr
     return float((predictions == targets)[filled].float().mean())
 
 
+def caption_ids(tokenizer: CLIPTokenizer, captions: list[str], max_length: int) -> torch.Tensor:
+    """Token ids `(B, max_length)`, padded and truncated as the pipeline's text conditioner pads them."""
+    return tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
+                     return_tensors="pt").input_ids
+
+
 def _logits(tokenizer: CLIPTokenizer, encoder: CLIPTextModelWithProjection, heads: torch.nn.Linear,
             captions: list[str], max_length: int) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt").input_ids
-    return heads(encoder(ids).text_embeds)
+    return heads(encoder(caption_ids(tokenizer, captions, max_length)).text_embeds)

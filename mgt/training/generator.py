@@ -29,7 +29,7 @@ from diffusers import VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgt.meissonic import MeissonicTransformer
-from mgt.training.caption_encoder import pretrain_text_encoder
+from mgt.training.caption_encoder import caption_ids, pretrain_text_encoder
 from mgt.training.data import scene_tensors, training_seeds
 from mgt.training.schedule import optimizer_step, warmup_cosine
 from mgt.training.vq import encode_tokens
@@ -85,9 +85,7 @@ def sampler_timestep(t: torch.Tensor, steps: int) -> torch.Tensor:
 def encode_text(tokenizer: CLIPTokenizer, encoder: CLIPTextModelWithProjection,
                 prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate hidden states `(B, TEXT_LENGTH, TEXT_WIDTH)` and ``text_embeds``, as ``mgt.text`` reads them."""
-    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=TEXT_LENGTH,
-                    return_tensors="pt").input_ids
-    out = encoder(ids, output_hidden_states=True, return_dict=True)
+    out = encoder(caption_ids(tokenizer, prompts, TEXT_LENGTH), output_hidden_states=True, return_dict=True)
     return out.hidden_states[-2], out.text_embeds
 
 
