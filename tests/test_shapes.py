@@ -2,6 +2,7 @@
 
 import json
 import random
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -18,9 +19,10 @@ from mgt.tiny import write_tokenizer
 from mgt.training.caption_encoder import IGNORE, caption_targets, head_sizes, pretrain_text_encoder
 from mgt.training.config import TrainShapesConfig
 from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.generator import TEXT_LENGTH, build_text_encoder
+from mgt.training.generator import MICRO_CONDS, TEXT_LENGTH, build_text_encoder
 from mgt.training.shapes import train_model, train_scorer
-from mgt.training.vq import LATENT_CHANNELS, LEVELS, build_vqvae, reconstruct, reconstruction_psnr
+from mgt.training.vq import (LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct,
+                             reconstruction_psnr)
 
 PSNR_THRESHOLD_DB = 30.0  # the shipped VQ measures 33.3 dB on 256 held-out scenes
 RECONSTRUCTION_SCORE = 0.8  # shapes score of the shipped VQ's round trips of held-out scenes, at least
@@ -28,6 +30,9 @@ RECONSTRUCTION_SCORE = 0.8  # shapes score of the shipped VQ's round trips of he
 TEXT_PRETRAIN_STEPS, TEXT_PRETRAIN_ACCURACY = 150, 0.8  # held-out accuracy of the caption heads (measured 0.95;
 # untrained: 0.16)
 SCORE_MARGIN = 0.4  # shipped model's mean shapes score minus the random-weight model's, at least
+CAPTION_NATS = 0.5  # object-token cross-entropy with every token masked: the empty caption costs at least this
+# (measured 3.19 against 2.23 with the caption)
+SHAPE_WORD_NATS = 0.1  # ... and a caption with another shape word at least this (measured 2.24: 0.008)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +124,40 @@ def test_shipped_model_matches_prompts_far_better_than_random_weights(scorer):
         out = mgt.load_pipeline(name, device="cpu").generate(prompts, seeds)
         means[name] = float(np.mean(scorer.score([Image.fromarray(im) for im in out.images], prompts)))
     assert means["shapes-meissonic"] - means["tiny-meissonic"] >= SCORE_MARGIN, means
+
+
+def _all_masked_object_loss(captions_of: Callable[[scenes.Scene], str]) -> float:
+    """The shipped model's cross-entropy on the object tokens of 64 held-out single-object scenes at the first
+    sampling step (every token masked), conditioned on ``captions_of(scene)``."""
+    pipe = mgt.load_pipeline("shapes-meissonic", device="cpu")
+    seeds = [seed for seed in scenes.held_out_seeds(400, start=5000) if len(scenes.make_scene(seed).objects) == 1][:64]
+    images, batch = scene_tensors(seeds)
+    with torch.no_grad():
+        tokens = encode_tokens(pipe.vqvae, images)
+        objects = tokens != torch.mode(tokens.flatten(1), dim=1).values[:, None, None]
+        hidden, pooled = pipe.text.encode([captions_of(scene) for scene in batch])
+        logits = pipe.transformer(torch.full_like(tokens, pipe.transformer.mask_token_id), hidden, pooled,
+                                  torch.tensor([MICRO_CONDS] * len(seeds)), torch.tensor([pipe.defaults.steps - 1]))
+        return torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[objects], tokens[objects]).item()
+
+
+def _with_another_shape(scene: scenes.Scene) -> str:
+    shape = scene.objects[0].shape
+    other = random.Random(scene.seed).choice([s for s in scenes.SHAPES if s != shape])
+    return scene.caption.replace(scenes.PLURALS[shape], scenes.PLURALS[other]).replace(shape, other)
+
+
+def test_shipped_model_reads_the_caption():
+    caption, empty = _all_masked_object_loss(lambda s: s.caption), _all_masked_object_loss(lambda s: "")
+    assert empty - caption >= CAPTION_NATS, (caption, empty)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect of the shipped generator (issue 9), the cause of its blobs: the "
+                   "caption lowers the object tokens' cross-entropy by about 1 nat (test above) but swapping its shape "
+                   "word changes it by 0.008 (2.230 vs 2.238): colour, size and position are read, shape is not")
+def test_shipped_model_reads_the_shape_word():
+    caption, swapped = _all_masked_object_loss(lambda s: s.caption), _all_masked_object_loss(_with_another_shape)
+    assert swapped - caption >= SHAPE_WORD_NATS, (caption, swapped)
 
 
 def test_caption_targets_name_what_the_caption_asks_for():
