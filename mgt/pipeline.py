@@ -182,13 +182,20 @@ class MGTPipeline:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
-        """VQ-decode `(B, h, w)` token ids to `(B, H, W, 3)` uint8 images (fp16 VQ upcast, as diffusers)."""
+        """VQ-decode `(B, h, w)` token ids to `(B, H, W, 3)` uint8 images (fp16 VQ upcast, as diffusers).
+
+        Decodes ``micro_batch`` images per call, as the transformer runs: convolutions over another batch
+        size may take another kernel and move a pixel by one level, so an image would depend on its batch.
+        """
         vq = self.vqvae
         if vq.dtype == torch.float16 and vq.config.force_upcast:
             vq = vq.float()
         batch, h, w = tokens.shape
-        pixels = vq.decode(tokens.to(vq.device), force_not_quantize=True,
-                           shape=(batch, h, w, vq.config.latent_channels)).sample.clip(0, 1)
+        step = self.micro_batch or batch
+        pixels = torch.cat([
+            vq.decode(tokens[start:start + step].to(vq.device), force_not_quantize=True,
+                      shape=(min(step, batch - start), h, w, vq.config.latent_channels)).sample.clip(0, 1)
+            for start in range(0, batch, step)])
         return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
