@@ -157,8 +157,7 @@ class MGTPipeline:
         hidden, pooled = hidden.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
 
         batch = len(prompts)
-        step = self.micro_batch or batch
-        chunks = [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+        chunks = self.micro_batches(batch)
 
         def predict(tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
             # One forward per micro-batch: a matmul over other row counts may take another kernel, so running
@@ -180,6 +179,11 @@ class MGTPipeline:
         images = self.decode(result.tokens) if decode else None
         return GenerationOutput(result.tokens.cpu(), images, result.nfe, time.perf_counter() - started)
 
+    def micro_batches(self, batch: int) -> list[slice]:
+        """The row slices of a batch of ``batch`` samples that run together (``micro_batch`` rows each)."""
+        step = self.micro_batch or batch
+        return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
         """VQ-decode `(B, h, w)` token ids to `(B, H, W, 3)` uint8 images (fp16 VQ upcast, as diffusers).
@@ -191,11 +195,10 @@ class MGTPipeline:
         if vq.dtype == torch.float16 and vq.config.force_upcast:
             vq = vq.float()
         batch, h, w = tokens.shape
-        step = self.micro_batch or batch
         pixels = torch.cat([
-            vq.decode(tokens[start:start + step].to(vq.device), force_not_quantize=True,
-                      shape=(min(step, batch - start), h, w, vq.config.latent_channels)).sample.clip(0, 1)
-            for start in range(0, batch, step)])
+            vq.decode(tokens[rows].to(vq.device), force_not_quantize=True,
+                      shape=(rows.stop - rows.start, h, w, vq.config.latent_channels)).sample.clip(0, 1)
+            for rows in self.micro_batches(batch)])
         return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
