@@ -145,17 +145,45 @@ def render_rayjob(spec: ClusterSpec, command: str) -> dict[str, Any]:
 
 
 def render_rayservice(spec: ClusterSpec, root: Path) -> dict[str, Any]:
-    """A RayService for the Serve app of ``serve_config``; cluster edits roll out on a new cluster."""
+    """A RayService for the Serve app of ``serve_config``; cluster edits roll out on a new cluster.
+
+    Every pod gets the app's API key from ``credentials_secret`` as a required variable, so a Secret without
+    the key stops the pods from starting instead of serving without auth.
+    """
     serve_config = (root / spec.serve_config).read_text()
+    cluster = cluster_spec(spec.model_copy(update={"min_workers": max(1, spec.min_workers)}))
+    key_names = api_key_env_names(yaml.safe_load(serve_config))
+    if key_names and not spec.credentials_secret:
+        raise ValueError(f"the serve config {spec.serve_config} needs an API key ({', '.join(key_names)}) but "
+                         "credentials_secret is unset: name the Secret that holds it, or set allow_unauthenticated "
+                         "in the app's args to serve without auth")
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            container["env"] = container["env"] + [
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": spec.credentials_secret, "key": name}}}
+                for name in key_names]
     return {
         "apiVersion": "ray.io/v1", "kind": "RayService", "metadata": _metadata(spec, f"{spec.name}-serve"),
         "spec": {
             "serveConfigV2": serve_config,
             "upgradeStrategy": {"type": "NewCluster"},
             "rayClusterDeletionDelaySeconds": 60,
-            "rayClusterConfig": cluster_spec(spec.model_copy(update={"min_workers": max(1, spec.min_workers)})),
+            "rayClusterConfig": cluster,
         },
     }
+
+
+def api_key_env_names(serve_config: dict[str, Any]) -> list[str]:
+    """The API-key variables (``api_key_env``) of the maskray apps in a Serve config that require a key."""
+    from jobs.serve.config import ServeConfig
+
+    names = []
+    for application in serve_config.get("applications", []):
+        if application.get("import_path") == "jobs.serve.app:build_app":
+            config = ServeConfig.model_validate(application.get("args") or {})
+            if not config.allow_unauthenticated and config.api_key_env not in names:
+                names.append(config.api_key_env)
+    return names
 
 
 def render_all(spec: ClusterSpec, root: Path) -> dict[str, dict[str, Any]]:

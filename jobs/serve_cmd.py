@@ -1,21 +1,30 @@
-"""``maskray serve``: start Ray Serve with the OpenAI-compatible images endpoint and keep it up until Ctrl-C.
+"""``maskray serve``: start Ray Serve with the OpenAI-compatible images endpoint and keep it up until stopped.
 
 The model flags come from :class:`mgt.config.ModelConfig` and the serving flags from
 :class:`jobs.serve.config.ServeConfig`, so ``--help`` shows the same defaults and text as the YAML keys.
 Precedence: flag > ``--config`` file (the ServeConfig keys, ``model:`` as a mapping or a name) > default.
+
+A non-loopback ``--host`` needs an API key (or ``--allow-unauthenticated``, warned about); SIGTERM and Ctrl-C
+(SIGINT) shut Serve and the Ray processes this command started down before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
+import signal
 import time
+from collections.abc import Mapping
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.serve.config import ServeConfig
 from mgt.config import ModelConfig
 
 HELP = "Serve the model over HTTP (OpenAI Images API) with Ray Serve."
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +55,36 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     return build_model(ServeConfig, {**file_values, "model": model}, serving, source="serving options")
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IPs (127.0.0.0/8, ::1); hostnames and 0.0.0.0 count as exposed."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(config: ServeConfig, host: str, environ: Mapping[str, str]) -> ServeConfig:
+    """The config to serve with ``host``: without an API key, loopback is served as is (only this machine reaches
+    it), any other address only with ``allow_unauthenticated``, and then with a warning.
+
+    Raises:
+        ValueError: a non-loopback host, no key, and no ``--allow-unauthenticated``.
+    """
+    if environ.get(config.api_key_env):
+        return config
+    if is_loopback(host):
+        return config.model_copy(update={"allow_unauthenticated": True})
+    if not config.allow_unauthenticated:
+        raise ValueError(f"refusing to serve on {host} without an API key: set {config.api_key_env} to the bearer "
+                         "token clients must send, bind a loopback --host (127.0.0.1), or pass "
+                         "--allow-unauthenticated to let anyone who reaches the port generate images")
+    logger.warning(f"serving on {host} WITHOUT authentication (--allow-unauthenticated, {config.api_key_env} "
+                   "unset): anyone who reaches the port can generate images")
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build_config(args)
+    config = check_auth(build_config(args), args.host, os.environ)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
@@ -55,19 +92,23 @@ def run(args: argparse.Namespace) -> int:
     from jobs.serve.app import build_application
 
     ray.init(address=args.address, include_dashboard=False)
+    # After ray.init, SIGTERM went through Ray's C++ failure-signal handler, which aborted the process (exit 134)
+    # a few seconds into the shutdown below and left Ray processes behind; now it stops the server as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         # The proxy's own timeout backs up the ingress's 504, a little later so the JSON answer wins.
         serve.start(http_options={"host": args.host, "port": args.port,
                                   "request_timeout_s": config.request_timeout_s + 30})
         serve.run(build_application(config), name=args.app_name, route_prefix="/")
         base = f"http://{args.host}:{args.port}"
-        print(f"serving {config.model_id} at {base}/v1/images/generations (docs {base}/docs); Ctrl-C stops",
-              flush=True)
+        print(f"serving {config.model_id} at {base}/v1/images/generations (docs {base}/docs); Ctrl-C or SIGTERM "
+              "stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM must not cut the shutdown short
         serve.shutdown()
         ray.shutdown()
     return 0

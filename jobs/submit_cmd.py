@@ -8,12 +8,17 @@ the upload must stay under Ray's 100 MiB limit), the job runs ``python -m jobs.c
 cluster, and its logs stream here until it ends. Output paths are resolved on the cluster, so ``--out`` must
 be an object-store URI or an absolute path on storage the cluster shares; a rerun with the same ``--out``
 resumes the run.
+
+Credentials are not sent: the job's environment variables are shown by the Ray dashboard and ``ray job list``
+to anyone who can reach them, so the job uses the cluster's own (the KubeRay manifests mount a Secret). Only
+the settings in ``FORWARDED_ENV`` are forwarded; ``--forward-env NAME`` forwards another variable, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shlex
 import subprocess
@@ -25,8 +30,9 @@ HELP = "Submit `generate` or `evaluate` to a Ray cluster (Ray Jobs API), stream 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray's dashboard upload limit
 EXCLUDES = [".git", ".ci", "tests", "out", "samples", "eval", "bench-results", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_TOKEN", "MASKRAY_CACHE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "MASKRAY_CACHE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")  # settings, no secrets
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra environment variable for the job; repeatable. Set here: "
                         + ", ".join(FORWARDED_ENV) + " are forwarded.")
+    parser.add_argument("--forward-env", action="append", default=[], metavar="NAME",
+                        help="Also forward this variable from here (e.g. HF_TOKEN); repeatable. Its value is then "
+                        "visible in the Ray dashboard and `ray job list`: prefer the cluster's own credentials.")
     parser.add_argument("--entrypoint-num-gpus", type=float, default=0, help="GPUs reserved for the driver.")
     parser.add_argument("--working-dir", default=str(Path(__file__).resolve().parents[1]),
                         help="Folder uploaded as the job's working_dir (default: this repository).")
@@ -83,12 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if size > MAX_UPLOAD_BYTES:
         raise ValueError(f"working_dir {folder} is {size / 2**20:.0f} MiB, over Ray's 100 MiB upload limit; "
                          "remove large untracked files or bake the code into the image (infra/Dockerfile)")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    for item in args.env:
-        if "=" not in item:
-            raise ValueError(f"--env {item!r} must be KEY=VALUE")
-        key, value = item.split("=", 1)
-        env[key] = value
+    env = job_env(os.environ, args.env, args.forward_env)
     submission_id = args.submission_id or f"maskray-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     entrypoint = shlex.join(["python", "-m", "jobs.cli", args.command, *job_args])
     try:
@@ -116,6 +120,29 @@ def run(args: argparse.Namespace) -> int:
         status = client.get_job_status(job_id)
     print(f"job {job_id} {status.value}; output: {out or 'see args'}")
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def job_env(environ: dict[str, str], pairs: list[str], forward: list[str]) -> dict[str, str]:
+    """The job's environment variables: the ``FORWARDED_ENV`` settings set here, ``--env KEY=VALUE`` pairs and the
+    ``--forward-env`` names, warning (by name, never by value) about those the Ray dashboard will show.
+
+    Raises:
+        ValueError: a pair without ``=``, or a forwarded name that is not set here.
+    """
+    env = {k: environ[k] for k in FORWARDED_ENV if k in environ}
+    for item in pairs:
+        if "=" not in item:
+            raise ValueError(f"--env {item!r} must be KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key] = value
+    for name in forward:
+        if name not in environ:
+            raise ValueError(f"--forward-env {name}: {name} is not set in this environment")
+        env[name] = environ[name]
+    if forward:
+        logger.warning(f"forwarding {', '.join(forward)} to the job: anyone who can reach the Ray dashboard or run "
+                       "`ray job list` on this cluster can read the value(s); prefer the cluster's own credentials")
+    return env
 
 
 async def _stream_logs(client, job_id: str) -> None:

@@ -13,6 +13,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -26,6 +27,7 @@ API_KEY = "test-key-4f2a"
 KEY_ENV = "MASKRAY_TEST_SERVE_API_KEY"  # not MASKRAY_API_KEY: other tests' servers must stay open
 APP = "maskray-test"
 SMALL = {"size": "32x32", "steps": 4}  # tiny model: 4x4 tokens after the down block, a few ms per step
+MAX_BODY = 65536  # the app's max_request_bytes: small, so over-limit bodies are quick to send
 
 
 def _free_port() -> int:
@@ -51,7 +53,8 @@ def server():
                   "model": str(HPS_TINY / "model_config.json"), "device": "cpu"}
         serve.run(build_app({"model": "tiny-meissonic", "scorer": scorer, "max_batch_size": 4,
                              "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 6,
-                             "request_timeout_s": 10, "retry_after_s": 3, "api_key_env": KEY_ENV}),
+                             "request_timeout_s": 10, "retry_after_s": 3, "api_key_env": KEY_ENV,
+                             "max_request_bytes": MAX_BODY}),
                   name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -159,6 +162,69 @@ def test_auth_is_enforced(server):
     assert "/v1/images/generations" in requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
 
 
+def _status_of_unsent_body(url: str, headers: dict[str, str]) -> int:
+    """Status of a POST whose headers announce a 60 MB body that is never sent: an answer within the socket's
+    timeout means the server decided without reading the body."""
+    address = urlsplit(url)
+    lines = ["POST /v1/images/generations HTTP/1.1", f"Host: {address.netloc}", "Content-Type: application/json",
+             "Content-Length: 60000000", *(f"{name}: {value}" for name, value in headers.items())]
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status_line = sock.makefile("rb").readline()
+    return int(status_line.split()[1])
+
+
+def test_key_is_checked_and_body_capped_before_the_body_is_read(server):
+    assert _status_of_unsent_body(server, {}) == 401
+    assert _status_of_unsent_body(server, {"Authorization": "Bearer wrong"}) == 401
+    assert _status_of_unsent_body(server, {"Authorization": f"Bearer {API_KEY}"}) == 413
+    # no Content-Length: a chunked body is counted as it arrives and refused once past the cap
+    chunks = (b"x" * 16384 for _ in range(2 * MAX_BODY // 16384))
+    response = requests.post(f"{server}/v1/images/generations", data=chunks, timeout=30,
+                             headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert str(MAX_BODY) in response.json()["error"]["message"]
+
+
+def test_errors_quote_only_a_prefix_of_the_input(server):
+    long_prompt = _post(server, {"prompt": "p" * 50_000, **SMALL})
+    assert long_prompt.status_code == 422 and long_prompt.json()["error"]["param"] == "prompt"
+    unknown_model = _post(server, {"prompt": "x", "model": "m" * 50_000, **SMALL})
+    assert unknown_model.status_code == 404 and unknown_model.json()["error"]["param"] == "model"
+    for response in (long_prompt, unknown_model):
+        message = response.json()["error"]["message"]
+        assert len(message) < 400 and "(50002 characters)" in message, message
+
+
+def test_settings_the_engine_refuses_get_a_json_422(server):
+    from openai import OpenAI, UnprocessableEntityError
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(UnprocessableEntityError) as refused:  # zigzag on 50 steps of a 4-step generation
+        client.images.generate(prompt="x", size="32x32", response_format="b64_json",
+                               extra_body={"steps": 4, "sampler": "zsampling:zsampling.num_steps=50"})
+    error = refused.value.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert "zsampling.num_steps=50" in error["message"] and "Traceback" not in error["message"]
+    assert _post(server, {"prompt": "x", "sampler": "zsampling", **SMALL}).status_code == 200
+
+
+def test_compute_budget_refuses_costly_requests_naming_the_limit(server):
+    from openai import OpenAI, UnprocessableEntityError
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(UnprocessableEntityError) as refused:
+        client.images.generate(prompt="x", n=10, size="2048x2048", response_format="b64_json",
+                               extra_body={"steps": 256})
+    error = refused.value.response.json()["error"]
+    assert error["code"] == "over_budget"
+    assert "max_pixel_steps" in error["message"] and f"{10 * 2048 * 2048 * 256:,}" in error["message"]
+    # the default still allows n=10 at the tiny model's default size and steps, and Meissonic's README request
+    budget = ServeConfig().max_pixel_steps
+    assert 10 * 64 * 64 * 16 <= budget and 4 * 1024 * 1024 * 64 <= budget
+    assert _post(server, {"prompt": "x", "n": 10, "size": "64x64", "steps": 16}).status_code == 200
+
+
 def test_burst_beyond_the_queue_gets_429_not_500_and_server_recovers(server):
     body = {"prompt": "burst", "seed": 0, "size": "64x64", "steps": 8}
     # 4 held + 6 queued; Serve may turn away a few more than that when requests arrive together
@@ -199,6 +265,7 @@ def test_serve_config_yaml_validates_against_ray_schema():
     assert module == app_module.__name__ and getattr(app_module, attribute) is app_module.build_app
     config = app_module.parse_config(application.args)
     assert config.scorer is not None and config.model.device == "cuda"
+    assert document["http_options"]["host"] == "0.0.0.0" and not config.allow_unauthenticated  # a key is required
     names = {deployment.name for deployment in application.deployments}
     assert names == {"ImagesAPI", "ImageGenerator", "ImageScorer"}
     generator = next(d for d in application.deployments if d.name == "ImageGenerator")

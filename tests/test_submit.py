@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main
-from jobs.submit_cmd import check_out_path, upload_size
+from jobs.submit_cmd import check_out_path, job_env, upload_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,3 +95,36 @@ def test_submit_generate_end_to_end(ray_head, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["errors"] == 0
     assert len(list((out / "images").iterdir())) == manifest["counts"]["rows"] > 0
+
+
+def test_credentials_reach_the_job_only_through_forward_env(ray_head):
+    secrets = {"AWS_ACCESS_KEY_ID": "aws-id-0x41", "AWS_SECRET_ACCESS_KEY": "aws-secret-0x5f3",
+               "HF_TOKEN": "hf-secret-0x77"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", **secrets}
+
+    def submit(job_id: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--address", ray_head, "--submission-id",
+                               job_id, "--no-wait", *flags, "generate", "--help"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def job_list() -> str:  # what anyone who reaches the dashboard sees
+        listed = subprocess.run(["ray", "job", "list", "--address", ray_head], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        return listed.stdout
+
+    default = submit("maskray-test-env-1")
+    assert default.returncode == 0, default.stderr[-2000:]
+    listed = job_list()
+    assert "maskray-test-env-1" in listed and not any(value in listed for value in secrets.values())
+    opted_in = submit("maskray-test-env-2", "--forward-env", "HF_TOKEN")
+    assert opted_in.returncode == 0, opted_in.stderr[-2000:]
+    assert "HF_TOKEN" in opted_in.stderr and "hf-secret-0x77" not in opted_in.stdout + opted_in.stderr  # the warning
+    listed = job_list()
+    assert "hf-secret-0x77" in listed and "aws-secret-0x5f3" not in listed
+
+
+def test_forward_env_names_must_be_set_here():
+    with pytest.raises(ValueError, match="--forward-env HF_TOKEN"):
+        job_env({}, [], ["HF_TOKEN"])
+    assert job_env({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "t"}, ["A=b"], []) == {"HF_HUB_OFFLINE": "1", "A": "b"}

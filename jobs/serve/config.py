@@ -10,6 +10,7 @@ deployment options here (replicas, queue bounds, GPUs) are the builder's default
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -55,7 +56,15 @@ class ServeConfig(BaseModel):
     target_ongoing_requests: float = Field(4, gt=0, description="Requests per generator replica the autoscaler "
                                            "aims for.")
     api_key_env: str = Field("MASKRAY_API_KEY", description="Environment variable of the replicas holding the "
-                             "bearer token clients must send; when it is unset or empty, no auth is required.")
+                             "bearer token clients must send (in Kubernetes: from the Secret the manifests mount).")
+    allow_unauthenticated: bool = Field(False, description="Serve without a bearer token when api_key_env is unset "
+                                        "or empty (logged as a warning at start). Off, the endpoint refuses to "
+                                        "start without a key; `maskray serve` on a loopback --host needs no key.")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body, in bytes; a longer one "
+                                   "gets a 413 before it is read or parsed (a valid request is a few kB).")
+    max_pixel_steps: int = Field(4 * 1024 * 1024 * 64, ge=1, description="Compute budget of one request: n x "
+                                 "width x height x steps; a costlier request gets a 422. The default allows 4 "
+                                 "images of 1024x1024 at 64 steps (Meissonic's defaults).")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -78,6 +87,20 @@ class ServeConfig(BaseModel):
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}); "
                              f"raise max_replicas to at least {self.min_replicas} or lower min_replicas")
         return self
+
+    def api_key(self, environ: Mapping[str, str]) -> str | None:
+        """The bearer token clients must send, read from ``environ[api_key_env]``; None means no auth.
+
+        Raises:
+            ValueError: the variable is unset or empty and ``allow_unauthenticated`` is off, so a missing key
+                never turns auth off silently.
+        """
+        key = environ.get(self.api_key_env) or None
+        if key is None and not self.allow_unauthenticated:
+            raise ValueError(f"no API key: the environment variable {self.api_key_env} is unset or empty; set it to "
+                             "the bearer token clients must send (in Kubernetes, from the Secret the manifests "
+                             "mount), or set allow_unauthenticated (--allow-unauthenticated) to serve without auth")
+        return key
 
     @property
     def model_id(self) -> str:

@@ -41,6 +41,16 @@ class ImageJob:
         return self.settings.model_dump_json()
 
 
+def check_settings(pipe, settings: GenerationSettings) -> None:
+    """Raise the engine's own ValueError for settings ``pipe.generate`` would refuse, before any work starts: a
+    size off the model's grid, or Masked Z-Sampling zigzagging on more steps than T-1."""
+    from mgt.z_sampling import MaskedZSampling
+
+    pipe.check_size(settings.width, settings.height)
+    if settings.sampler.zsampling is not None:
+        MaskedZSampling.from_config(settings.sampler.zsampling).zigzag_steps(settings.steps)
+
+
 def load_model(config: ModelConfig):
     """The pipeline of ``config``; every ModelConfig field reaches ``mgt.load_pipeline`` by name, so a field the
     loader does not know fails loudly instead of being silently ignored."""
@@ -80,6 +90,7 @@ class ImageGenerator:
             negative_prompt: the unconditional branch's text; None is the family default.
             settings: steps, guidance, width, height and sampler, all resolved (no negative prompt).
         """
+        check_settings(self.pipe, settings)  # a refusal is the client's: no image of it joins a batch
         jobs = [ImageJob(prompt, seed, negative_prompt, settings) for seed in seeds]
         try:
             results = await asyncio.gather(*(self._generate_batch(job) for job in jobs))

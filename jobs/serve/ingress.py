@@ -1,10 +1,12 @@
 """The FastAPI front door: OpenAI-compatible routes, auth, limits, and errors that say what to do.
 
-Every failure is a JSON body in OpenAI's error shape with a status a client can act on: 422 for a bad field
-(naming it), 401 for a missing or wrong bearer token, 404 for an unknown model, 429 (or 503) with
-``Retry-After`` when the generator's queue is full, 504 when a request outlives ``request_timeout_s``. A full
-queue never surfaces as a 500: Serve raises ``BackPressureError`` in this replica's handle call, and it is
-turned into the 429 here rather than into Serve's plain-text default.
+Every failure is a JSON body in OpenAI's error shape with a status a client can act on: 401 for a missing or
+wrong bearer token and 413 for a body over ``max_request_bytes`` (both before the body is parsed), 422 for a bad
+field (naming it), for settings the engine refuses or for a request over the compute budget, 404 for an unknown
+model, 429 (or 503) with ``Retry-After`` when the generator's queue is full, 504 when a request outlives
+``request_timeout_s``, and 500 only for a fault of the server. A full queue never surfaces as a 500: Serve
+raises ``BackPressureError`` in this replica's handle call, and it is turned into the 429 here rather than into
+Serve's plain-text default. An error message quotes at most a short prefix of what the client sent.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at run time.
 """
@@ -12,6 +14,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the route signatur
 import asyncio
 import base64
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -23,6 +26,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.generator import encode_image
 from jobs.serve.config import ServeConfig
@@ -31,13 +36,17 @@ from jobs.serve.openai_schema import (ErrorResponse, ImageData, ImageGenerationR
 from mgt.config import GenerationSettings
 from mgt.sampler_config import SamplerConfig
 
+logger = logging.getLogger("ray.serve")
+
 app = FastAPI(
     title="maskray images API",
     description="OpenAI-compatible image generation with masked generative transformers (Meissonic, aMUSEd) and "
     "the samplers of arXiv 2411.10781. Send `Authorization: Bearer <key>` when the server has an API key.",
     version="1",
 )
-_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 422, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 429, 500, 503, 504)}
+PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}  # no key needed
+QUOTE_CHARS = 80  # of a client's value quoted in an error message
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
@@ -47,6 +56,19 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def quote(value) -> str:
+    """``repr(value)``, cut to a short prefix that says how long the whole was: errors never echo a big input."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, error: Exception) -> JSONResponse:
+    # Starlette re-raises after answering, so the traceback still reaches the replica's log.
+    return error_response(500, f"internal server error ({type(error).__name__}); the server log has the details",
+                          "server_error", code="internal_error")
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
     problems, params = [], []
@@ -54,7 +76,7 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
         path = [str(part) for part in item["loc"] if part != "body"]
         param = ".".join(path) or "body"
         params.append(param)
-        got = f" (got {item['input']!r})" if "input" in item and path else ""
+        got = f" (got {quote(item['input'])})" if "input" in item and path else ""
         problems.append(f"{param}: {item['msg']}{got}")
     return error_response(422, "; ".join(problems), "invalid_request_error", params[0], "invalid_value")
 
@@ -62,6 +84,12 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
 def encode_png(image: np.ndarray) -> str:
     """Base64 of the lossless PNG of one ``(H, W, 3)`` uint8 image (deterministic: same pixels, same bytes)."""
     return base64.b64encode(encode_image(image, "png")).decode("ascii")
+
+
+def _cause(error: Exception) -> str:
+    """The message of the exception a deployment raised (Ray wraps it in one holding the remote traceback)."""
+    message = str(getattr(error, "cause", error))
+    return message if len(message) <= 4 * QUOTE_CHARS else message[:4 * QUOTE_CHARS] + "..."
 
 
 async def _await_or_cancel(response: DeploymentResponse):
@@ -72,6 +100,62 @@ async def _await_or_cancel(response: DeploymentResponse):
     except BaseException:
         response.cancel()
         raise
+
+
+class RequestGuard:
+    """ASGI middleware: the bearer token is checked and the body capped before any route reads or parses it.
+
+    FastAPI reads and parses a route's JSON body before its dependencies run, so these checks cannot be route
+    dependencies: a client without a key could make the replica parse a body of any size. The key and the cap
+    are those of the ``ImagesAPI`` instance this replica runs (Serve's replica context), from its ServeConfig.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        front_door = serve.get_replica_context().servable_object
+        denied = None if _route_path(scope) in PUBLIC_PATHS else front_door.check_key(Headers(scope=scope))
+        if denied is None:
+            denied, receive = await _read_capped(scope, receive, front_door.config.max_request_bytes)
+        await (denied or self.app)(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+async def _read_capped(scope: Scope, receive: Receive, limit: int) -> tuple[JSONResponse | None, Receive]:
+    """A 413 if the body is over ``limit`` bytes (by Content-Length, else counted as chunks arrive), or None and
+    a ``receive`` that replays the body read here to the app."""
+    declared = Headers(scope=scope).get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit
+    messages, size = [], 0
+    while not too_large:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":  # the client left: the app sees the disconnect
+            break
+        size += len(message.get("body", b""))
+        too_large = size > limit
+        if not message.get("more_body", False):
+            break
+    if too_large:
+        return error_response(413, f"the request body is over this server's limit of {limit} bytes "
+                              "(max_request_bytes); a valid request is a few kB", "invalid_request_error",
+                              code="request_too_large"), receive
+
+    async def replay() -> dict:
+        return messages.pop(0) if messages else await receive()
+
+    return None, replay
+
+
+app.add_middleware(RequestGuard)  # before @serve.ingress, which takes a copy of the app
 
 
 # The front door only awaits other deployments, so one replica holds many requests; its queue bound is a last
@@ -85,13 +169,17 @@ class ImagesAPI:
         self.config = config
         self.generator = generator
         self.scorer = scorer
-        self.api_key = os.environ.get(config.api_key_env) or None
+        self.api_key = config.api_key(os.environ)
+        if self.api_key is None:
+            logger.warning(f"serving WITHOUT authentication (allow_unauthenticated; {config.api_key_env} is unset): "
+                           "anyone who reaches this endpoint can generate images")
         self.model = await generator.describe.remote()
 
-    def _unauthorized(self, request: Request) -> JSONResponse | None:
+    def check_key(self, headers: Headers) -> JSONResponse | None:
+        """None if the request may proceed, else the 401 (called by ``RequestGuard`` before the body is read)."""
         if self.api_key is None:
             return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             return None
         return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
@@ -103,19 +191,15 @@ class ImagesAPI:
         return {"status": "ok", "model": self.config.model_id}
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, summary="The served model.")
-    async def models(self, request: Request):
-        if (denied := self._unauthorized(request)) is not None:
-            return denied
+    async def models(self):
         return ModelList(data=[ModelCard(id=self.config.model_id, created=self.model["loaded_at"])])
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS,
               summary="Create images from a prompt (OpenAI Images API, plus seed/sampler/steps/guidance/"
               "negative_prompt).")
-    async def generate(self, body: ImageGenerationRequest, request: Request):
-        if (denied := self._unauthorized(request)) is not None:
-            return denied
+    async def generate(self, body: ImageGenerationRequest):
         if body.model is not None and body.model != self.config.model_id:
-            return error_response(404, f"model {body.model!r} is not served here; use {self.config.model_id!r} "
+            return error_response(404, f"model {quote(body.model)} is not served here; use {self.config.model_id!r} "
                                   "(GET /v1/models) or leave model unset", "invalid_request_error", "model",
                                   "model_not_found")
         width, height = body.dimensions() or (self.model["width"], self.model["height"])
@@ -130,6 +214,12 @@ class ImagesAPI:
             guidance=self.model["guidance"] if body.guidance is None else body.guidance,
             sampler=body.sampler or SamplerConfig(),
         )
+        cost = body.n * width * height * settings.steps
+        if cost > self.config.max_pixel_steps:
+            return error_response(422, f"this request costs n x width x height x steps = {body.n} x {width} x "
+                                  f"{height} x {settings.steps} = {cost:,} pixel-steps, over this server's budget of "
+                                  f"{self.config.max_pixel_steps:,} (max_pixel_steps); ask for fewer images, fewer "
+                                  "steps or a smaller size", "invalid_request_error", code="over_budget")
         first_seed = secrets.randbelow(2**31) if body.seed is None else body.seed
         seeds = [first_seed + i for i in range(body.n)]
         try:
@@ -147,6 +237,9 @@ class ImagesAPI:
             return error_response(503, f"the model is not available yet ({error.message}); retry shortly",
                                   "service_unavailable", code="model_unavailable",
                                   headers={"Retry-After": str(self.config.retry_after_s)})
+        except ValueError as error:  # the engine refused these settings (ImageGenerator.generate checks them first)
+            return error_response(422, f"the model refused these settings: {_cause(error)}", "invalid_request_error",
+                                  code="invalid_value")
         except TimeoutError:
             return error_response(504, f"no answer within request_timeout_s={self.config.request_timeout_s} s; "
                                   "ask for fewer images (n), fewer steps or a smaller size", "timeout_error",

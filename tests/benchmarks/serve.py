@@ -96,7 +96,7 @@ def deploy(model: str, max_batch_size: int) -> None:
 
     serve.run(build_app({"model": model, "max_batch_size": max_batch_size, "max_ongoing_requests": CONCURRENCY,
                          "max_queued_requests": -1,
-                         "api_key_env": "MASKRAY_BENCH_NO_KEY"}),  # no auth even if MASKRAY_API_KEY is set
+                         "api_key_env": "MASKRAY_BENCH_NO_KEY", "allow_unauthenticated": True}),  # loopback, no auth
               name=APP, route_prefix="/")
 
 
