@@ -3,9 +3,9 @@
 The same plain class is a Ray Data ``map_batches`` UDF (``compute=ActorPoolStrategy``) and can be the body
 of a Serve deployment: ``__init__`` loads the model once per actor, ``__call__`` maps a column batch to a
 column batch. Images leave the actor as compact PNG/WebP/JPEG bytes, never as Python objects, so the object
-store accounts for them exactly (ray-anchors §4, issue #44577).
+store accounts for them exactly (docs/ray-notes.md §1; ray-project/ray issue #44577).
 
-Bad rows are data (STYLE.md 9): a row that fails gets an ``error`` column "Type: message" and empty image
+Bad rows are data (docs/ray-notes.md §2): a row that fails gets an ``error`` column "Type: message" and empty image
 bytes in the good rows' schema, and the job goes on; ``fail_fast=True`` re-raises instead.
 """
 

@@ -1,10 +1,11 @@
 """HPS v2 / v2.1 (Human Preference Score, arXiv 2306.09341) as a batched scorer on ``open_clip``.
 
-The ``hpsv2`` package is not a dependency (DESIGN.md, "Scoring"): this module reproduces the scoring
-path of ``hpsv2.img_score.score`` (hpsv2 1.2.0) on pip ``open_clip_torch``, checked against
-``shared/fixtures/hps-tiny`` (every row with ``resize_mode="crop"``; see ``preprocess`` for why the
-default differs on non-square images). The score is the cosine similarity of the normalised image and
-text features: no logit scale and no x100 (the benchmark's x100 scale is left to the caller).
+The ``hpsv2`` package is not a dependency (its 1.2.0 wheel lacks its tokenizer vocabulary, reloads the
+checkpoint on every call, scores one image at a time and pins ``pytest==7.2.0`` and ``protobuf<4`` at run
+time; docs/models.md): this module reproduces the scoring path of ``hpsv2.img_score.score`` (hpsv2 1.2.0)
+on pip ``open_clip_torch``, checked against ``tests/fixtures/hps-tiny`` (every row, square or not, with the
+default preprocessing). The score is the cosine similarity of the normalised image and text features: no
+logit scale and no x100 (the benchmark's x100 scale is left to the caller).
 """
 
 from __future__ import annotations
@@ -46,22 +47,24 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 def preprocess(image: Image.Image, size: int, resize_mode: Literal["pad", "crop"] = "pad") -> torch.Tensor:
     """One image as the HPS model sees it, shape ``(3, size, size)``, OpenAI-normalised.
 
-    ``"pad"`` is hpsv2's own transform (models-spec §4.3): ToTensor, bicubic resize of the longer side
-    to ``size`` (antialiased, torchvision's tensor default since 0.17), zero padding split evenly with
-    the odd pixel right/bottom, then OpenAI mean/std. ``"crop"`` is open_clip's standard eval
-    transform: bicubic resize of the shorter side, then a centre crop; it is what the hps-tiny
-    fixture's non-square rows were produced with. Square images give the same pixels either way.
+    ``"pad"`` is hpsv2's own eval transform (hpsv2 1.2.0 ``src/open_clip/transform.py``,
+    ``ResizeMaxSize``; docs/models.md): ToTensor, bicubic resize of the longer side to ``size``
+    (antialiased, torchvision's tensor default since 0.17), zero padding split evenly with the odd
+    pixel right/bottom, then OpenAI mean/std. It gives hpsv2's pixels exactly, and the hps-tiny
+    fixture's scores on every row. ``"crop"`` is open_clip's standard eval transform instead: bicubic
+    resize of the shorter side, then a centre crop. Square images give the same pixels either way.
 
-    Two reference quirks are fixed rather than kept, since hpsv2 crashes on them: RGBA is kept as
+    Three reference quirks are fixed rather than kept, since hpsv2 crashes on them: RGBA is kept as
     4 channels there (its ``MaskAwareNormalize`` treats alpha as a training mask, and the 3-channel
-    patch embedding then rejects it), and a non-square image whose longer side already equals
-    ``size`` is left unpadded. Here alpha is dropped, keeping the colour channels that hpsv2 would
-    have normalised, and every image is padded to a square.
+    patch embedding then rejects it), a non-square image whose longer side already equals ``size``
+    is left unpadded, and an extreme aspect ratio (1 x 300 at 32) rounds a side to zero pixels. Here
+    alpha is dropped, keeping the colour channels that hpsv2 would have normalised, every image is
+    padded to a square, and no side shrinks below one pixel.
 
     Args:
         image: Any PIL image; grayscale, palette and alpha modes are converted to RGB.
         size: Side of the square model input in pixels (224 for ViT-H-14).
-        resize_mode: ``"pad"`` (hpsv2, default) or ``"crop"`` (see above).
+        resize_mode: ``"pad"`` (hpsv2, default) or ``"crop"`` (open_clip's eval transform; see above).
     """
     pixels = TF.to_tensor(image.convert("RGB"))
     if resize_mode == "crop":

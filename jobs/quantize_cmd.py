@@ -1,4 +1,4 @@
-"""``maskray quantize``: quantize a model's transformer with a preset and write a checkpoint (arXiv 2411.10781 §7.2).
+"""``maskray quantize``: quantize a model's transformer with a preset and write a checkpoint (arXiv 2411.10781 §4).
 
     maskray quantize --model MeissonFlow/Meissonic --dtype bf16 --preset scq --prompts prompts.parquet \\
         --out s3://bucket/meissonic-scq

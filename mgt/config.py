@@ -25,11 +25,11 @@ class ModelConfig(BaseModel):
                                                    "transformer and text encoder (sampling math is always fp32).")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (a GPU if one is visible, else CPU).")
     variant: str | None = Field(None, description="Weight file variant, e.g. fp16 for *.fp16.safetensors.")
-    quant: str | None = Field(None, description="Quantize the transformer (arXiv 2411.10781 §7.2): a preset (w8a16, "
+    quant: str | None = Field(None, description="Quantize the transformer (arXiv 2411.10781 §4): a preset (w8a16, "
                               "w4a16, w8a8, w4a8, scq; A8 presets calibrate on built-in prompts while loading) or "
                               "the path/URI of a checkpoint written by `maskray quantize`.")
     tome: float = Field(0.0, ge=0, le=0.75, description="TomeMGT ratio rho of image tokens merged in the dual-stream "
-                        "blocks (arXiv 2411.10781 §7.1; 0 = off, the paper's default is 0.25, 0.75 the maximum).")
+                        "blocks (arXiv 2411.10781 §4; 0 = off, the paper's default is 0.25, 0.75 the maximum).")
     tome_reuse: int = Field(5, ge=1, description="Dual-stream blocks sharing one TomeMGT merge plan (1 = recompute "
                             "the plan in every block).")
     micro_batch: int | None = Field(1, ge=1, description="Samples per transformer forward, each with its CFG pair. "

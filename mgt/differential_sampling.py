@@ -1,10 +1,10 @@
 """Differential sampling, arXiv 2411.10781 §3 (Enhanced Inference): resample stable tokens from p - P_prev.
 
 Released algorithm (github.com/xie-lab-ml/Bags_of_Tricks_Meissonic @ 6beeec1, ``--low-entropy True``;
-paper-spec §4): per sample, rank every position j by ``KL(p_j || P_prev_j)`` over the previous sampler call's
+docs/samplers.md §4): per sample, rank every position j by ``KL(p_j || P_prev_j)`` over the previous sampler call's
 distribution; for the ``Z`` most stable positions (smallest KL; ``Z = 0.75 N``) draw from ``max(p_j-P_prev_j,
 1e-6)`` renormalised, and use that distribution for the re-masking confidence too. The state is reset at the
-start of each generation (the reference's counter leaks it into the next image, paper-spec A5); the first call
+start of each generation (the reference's counter leaks it into the next image, docs/samplers.md §4); the first call
 of a generation and the last step are left untouched. Under Z-Sampling, "previous" is the previous step call
 (the inversion pass does not count).
 

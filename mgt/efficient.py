@@ -1,4 +1,4 @@
-"""The efficient-inference options of ``load_pipeline``/``load_transformer`` (arXiv 2411.10781 §7).
+"""The efficient-inference options of ``load_pipeline``/``load_transformer`` (arXiv 2411.10781 §4).
 
 ``quant`` is None, a preset name (quantized while loading; A8 presets calibrate on the model's own
 generations of ``DEFAULT_CALIBRATION_PROMPTS``) or the path/URI of a checkpoint written by

@@ -1,6 +1,6 @@
 """Noise regularization, arXiv 2411.10781 §3 (Enhanced Inference): dynamic Gaussian noise on the logits.
 
-The released code (github.com/xie-lab-ml/Bags_of_Tricks_Meissonic @ 6beeec1, ``--add-noise cos``; paper-spec
+The released code (github.com/xie-lab-ml/Bags_of_Tricks_Meissonic @ 6beeec1, ``--add-noise cos``; docs/samplers.md
 §3) adds ``sigma_i * eps``, ``eps ~ N(0, I)`` over N x K, to the post-CFG logits before the softmax, with
 ``sigma_i = 2 |cos(pi i/(T-1))|``; the noisy distribution feeds both the draw and the re-masking confidence.
 The reference draws from the global RNG; here each sample's noise comes from its own generator, into one

@@ -1,4 +1,4 @@
-"""Typed settings of the quantization presets and of SCQ calibration (arXiv 2411.10781 §7.2), without torch.
+"""Typed settings of the quantization presets and of SCQ calibration (arXiv 2411.10781 §4), without torch.
 
 The CLI builds ``maskray quantize`` flags from :class:`SCQConfig`; :mod:`mgt.quantization` and
 :mod:`mgt.scq` hold the code.

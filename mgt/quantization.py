@@ -1,6 +1,6 @@
-"""Quantization presets for the transformer's ``nn.Linear`` layers with optimum-quanto (arXiv 2411.10781 §7.2).
+"""Quantization presets for the transformer's ``nn.Linear`` layers with optimum-quanto (arXiv 2411.10781 §4).
 
-Presets (paper-spec §7.2; only W4A8 is scripted in the released code, the others follow [I]):
+Presets (docs/samplers.md §8; only W4A8 is scripted in the released code, the others are built the same way):
 
 ========  ==================================  ======================================================
 preset    weights                             activations (inputs of every Linear)

@@ -1,4 +1,4 @@
-"""Quantized transformer checkpoints (arXiv 2411.10781 §7.2): saved once, loaded without the full-precision model.
+"""Quantized transformer checkpoints (arXiv 2411.10781 §4): saved once, loaded without the full-precision model.
 
 A checkpoint is a folder (local path or fsspec URI such as ``s3://bucket/prefix``)::
 

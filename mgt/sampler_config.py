@@ -2,7 +2,7 @@
 
 One :class:`SamplerConfig` composes the mask schedule, the CFG-scale schedule and the three enhanced-inference
 techniques of arXiv 2411.10781 (noise regularization, differential sampling, masked Z-Sampling). A technique
-is on when its section is set; every default equals the released code (paper-spec §3-§6, §12).
+is on when its section is set; every default equals the released code (docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "
 
 
 class NoiseRegularizationConfig(BaseModel):
-    """Gaussian noise sigma(u) * N(0, I) on the post-CFG logits before the softmax (paper-spec §3)."""
+    """Gaussian noise sigma(u) * N(0, I) on the post-CFG logits before the softmax (docs/samplers.md §3)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -32,7 +32,7 @@ class NoiseRegularizationConfig(BaseModel):
 
 
 class DifferentialSamplingConfig(BaseModel):
-    """Resample the most stable positions from max(p - P_prev, floor), renormalised (paper-spec §4)."""
+    """Resample the most stable positions from max(p - P_prev, floor), renormalised (docs/samplers.md §4)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,7 +46,7 @@ class DifferentialSamplingConfig(BaseModel):
 
 
 class MaskedZSamplingConfig(BaseModel):
-    """Zigzag: forward step, inversion pass at weak guidance, re-mask, re-denoise (paper-spec §5)."""
+    """Zigzag: forward step, inversion pass at weak guidance, re-mask, re-denoise (docs/samplers.md §5)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,4 +1,4 @@
-"""Mask and CFG-scale schedules (arXiv 2411.10781 §2, §6; MaskGIT's guidance ramp).
+"""Mask and CFG-scale schedules (arXiv 2411.10781 §2-§3; MaskGIT's guidance ramp).
 
 A mask schedule maps progress ``r = (i+1)/T`` (the share of steps done after step ``i``) to a mask ratio in
 [0, 1] that falls from 1 towards 0. ``cosine`` and ``linear`` are computed exactly as diffusers'
@@ -55,7 +55,7 @@ def mask_ratio(schedule: MaskSchedule, step_index: int, num_steps: int) -> torch
 
 
 def num_to_mask(schedule: MaskSchedule, step_index: int, num_steps: int, seq_len: int, num_masked: int) -> int:
-    """How many tokens stay masked after step ``step_index`` (``m_i`` of paper-spec §2.1, step 6).
+    """How many tokens stay masked after step ``step_index`` (``m_i`` of docs/samplers.md §2).
 
     ``floor(seq_len * ratio)``, clipped to ``[1, num_masked - 1]`` so every step reveals at least one
     token and at least one stays masked until the last step (which reveals everything).

@@ -1,4 +1,4 @@
-"""SCQ, "Secondary Calibration Quantization" (arXiv 2411.10781 §7.2), with self-distillation calibration data.
+"""SCQ, "Secondary Calibration Quantization" (arXiv 2411.10781 §4), with self-distillation calibration data.
 
 The pipeline of the released ``quantization/inference_w4a8_qat.py``: quantize (W4 + A8 on every
 Linear) -> calibration #1 -> QAT fine-tune (masked-token cross-entropy, AdamW) -> freeze ->

@@ -1,4 +1,4 @@
-"""TomeMGT: ToMe-style token merging in Meissonic's dual-stream blocks (arXiv 2411.10781 §7.1).
+"""TomeMGT: ToMe-style token merging in Meissonic's dual-stream blocks (arXiv 2411.10781 §4).
 
 An adaptation of ToMe for Stable Diffusion (tomesd, ``bipartite_soft_matching_random2d``) to the
 MM-DiT blocks. Only the image-token stream of the dual-stream ``FluxTransformerBlock``s is merged;
@@ -7,7 +7,7 @@ are merged, the image RoPE cos/sin tables are merged with the same mean, joint a
 shorter sequence, and the gated output is unmerged (each merged token receives its destination's
 output) before the residual add; the feed-forward is wrapped the same way.
 
-Choices where the reference left room (paper-spec §12 A17):
+Choices where the reference left room (docs/samplers.md §7):
 
 * The plan is recomputed at block 0 of every forward call and reused for ``reuse`` consecutive blocks
   (5 as released: blocks 0-4, 5-9, 10-13). The released code also reuses its last plan in block 0 of
@@ -126,7 +126,7 @@ def bipartite_plan(metric: torch.Tensor, rows: int, cols: int, removed: int,
 
 
 class TomeMGT:
-    """Token merging for the dual-stream blocks of a Meissonic transformer (arXiv 2411.10781 §7.1).
+    """Token merging for the dual-stream blocks of a Meissonic transformer (arXiv 2411.10781 §4).
 
     ``TomeMGT(ratio).apply(transformer)`` patches the forward of every ``FluxTransformerBlock`` in
     ``transformer.transformer_blocks`` (parameter names and weights are untouched) and registers a

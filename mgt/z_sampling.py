@@ -1,7 +1,7 @@
 """Masked Z-Sampling, arXiv 2411.10781 §3 (Enhanced Inference): zigzag between denoising and inversion.
 
 The discrete analogue of Z-Sampling (arXiv 2412.10891). Released algorithm
-(github.com/xie-lab-ml/Bags_of_Tricks_Meissonic @ 6beeec1, ``--method zigzag``; paper-spec §5), for each step
+(github.com/xie-lab-ml/Bags_of_Tricks_Meissonic @ 6beeec1, ``--method zigzag``; docs/samplers.md §5), for each step
 ``i < lambda`` (default ``lambda = T-1``):
 
 1. forward: ``x' = Step(x_i, t_i; s)``, the ordinary step with every other technique on;
@@ -12,7 +12,7 @@ The discrete analogue of Z-Sampling (arXiv 2412.10891). Released algorithm
    unchanged. NFE = T + 2 lambda (3T - 2 by default).
 
 The reference counts the re-mask set over the whole batch (batch 1 only); here it is per sample, and the
-``random`` rule draws from each sample's generator. The alternatives of paper-spec A7 are options.
+``random`` rule draws from each sample's generator. The alternatives of docs/samplers.md §5 are options.
 """
 
 from __future__ import annotations

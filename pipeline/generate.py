@@ -4,7 +4,7 @@
 executes it into a ``SampleSink`` and finalizes the run. Ray must already be initialised (the job starts
 it: ``jobs/generate_cmd.py``), so the same code runs on a laptop and on a cluster.
 
-Sizing rules (DESIGN.md "Ray facts that bite"): stages use ``compute=ActorPoolStrategy(size=...)``; a GPU
+Sizing rules (docs/ray-notes.md §3): stages use ``compute=ActorPoolStrategy(size=...)``; a GPU
 stage gets an integer batch size; on clusters with at most 4 CPUs actors reserve half a CPU so read and
 write tasks can still be scheduled; tiny prompt shards are coalesced by the reader, so the sample rows are
 repartitioned into blocks of ``batch_size`` rows and every actor gets work.

@@ -8,7 +8,7 @@ landed, and closes the attempt in ``manifest.json``.
 Why not Ray Data's ``CheckpointConfig``: its id column must exist when the files are read and stay unique
 through every operator, but a prompt expands into ``num_images`` samples after the read and its id may be
 derived; with a custom ``Datasink`` (needed to name images by prompt_id) it only checkpoints after the write
-(ray-anchors §1.7, §1.9). The completion records give the same guarantee with content-keyed names.
+(docs/ray-notes.md §5). The completion records give the same guarantee with content-keyed names.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Layout under ``--out`` (local folder or object-store prefix)::
     webdataset/<block hash>.tar                optional, the same block as a WebDataset shard
     metrics.parquet, manifest.json             written by ``pipeline.manifest.finalize`` at the end
 
-Names derive from content keys, never from Ray's write UUID or task index (STYLE.md 10), so a retried task
+Names derive from content keys, never from Ray's write UUID or task index (docs/ray-notes.md §4), so a retried task
 or a rerun overwrites instead of duplicating. A block's images (and tar) are written before its part file,
 and the part is written atomically, so a part on storage means its images are complete: resume trusts parts
 only. ``prompt_id`` is user data: ``image_name`` slugs it and appends a hash, so ``../x`` or ``a/b`` can

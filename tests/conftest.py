@@ -10,13 +10,12 @@ os.environ.setdefault("MASKRAY_CACHE", tempfile.mkdtemp(prefix="maskray-test-cac
 
 import pytest  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.fail(f"reference fixtures not found at {FIXTURES}: the repo must sit beside shared/")
+    """``tests/fixtures/``: reference vectors and data the tests compare against (see its README)."""
     return FIXTURES
 
 

@@ -20,7 +20,7 @@ CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"
 
 @pytest.fixture(scope="module")
 def schemas(fixtures_dir):
-    crd_dir = fixtures_dir.parent / "kuberay-crds"
+    crd_dir = fixtures_dir / "kuberay-crds"
     out = {}
     for kind, file in CRDS.items():
         crd = yaml.safe_load((crd_dir / file).read_text())

@@ -1,4 +1,4 @@
-"""The Meissonic transformer built from diffusers parts reproduces the reference forward (fixtures/)."""
+"""The Meissonic transformer built from diffusers parts reproduces the reference forward (tests/fixtures/)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""SCQ and the quantization presets (arXiv 2411.10781 §7.2) on the tiny Meissonic: layers, scales, accuracy,
+"""SCQ and the quantization presets (arXiv 2411.10781 §4) on the tiny Meissonic: layers, scales, accuracy,
 checkpoints, the ``maskray quantize`` CLI and generation with quantization + TomeMGT."""
 
 import copy

@@ -66,7 +66,7 @@ def run(spec, prompts=(1,), seeds=(7,), steps=8, guidance=GUIDANCE):
 # ------------------------------------------------------------------------------------------ noise regularization
 
 def test_sigma_values_of_the_released_schedule_at_64_steps():
-    noise = NoiseRegularization()  # A = 2, |cos(pi i/(T-1))|: paper-spec §3
+    noise = NoiseRegularization()  # A = 2, |cos(pi i/(T-1))|: docs/samplers.md §3
     expected = {0: 2.0, 1: 1.9975, 10: 1.756, 31: 0.0499, 32: 0.0499, 53: 1.756, 62: 1.9975, 63: 2.0}
     for step, sigma in expected.items():
         assert noise.sigma(step, 64) == pytest.approx(sigma, abs=6e-4), step

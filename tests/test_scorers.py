@@ -26,7 +26,7 @@ from actors.scorer import (  # noqa: E402
     scorer_names,
 )
 
-HPS_TINY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hps-tiny"
+HPS_TINY = Path(__file__).resolve().parent / "fixtures" / "hps-tiny"
 CHECKPOINT = HPS_TINY / "hps_tiny_checkpoint.pt"
 MODEL_CONFIG = HPS_TINY / "model_config.json"
 ATOL = 1e-4
@@ -38,8 +38,6 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    if not HPS_TINY.is_dir():
-        pytest.fail(f"reference fixture not found at {HPS_TINY}: the repo must sit beside shared/")
     return json.loads((HPS_TINY / "expected_scores.json").read_text())
 
 
@@ -94,23 +92,23 @@ def test_hps_square_rows_match_reference(hps, rows):
     assert hps.score(images, prompts) == pytest.approx(expected, abs=ATOL)
 
 
-def test_hps_all_rows_match_reference_with_crop_preprocessing(rows):
-    # The fixture's non-square rows were made with resize-shorter-side + centre crop (open_clip's
-    # standard eval transform), not hpsv2's ResizeMaxSize; "crop" reproduces every row, which pins
-    # the tokenizer, the architecture and the score math independently of that choice.
+def test_hps_non_square_rows_match_reference_with_hpsv2_padding(hps, rows):
+    non_square = [row for row in rows if not is_square(row)]
+    assert non_square, "the fixture should hold non-square images: they pin the resize-and-pad transform"
+    images, prompts, expected = load_pairs(non_square)
+    assert hps.score(images, prompts) == pytest.approx(expected, abs=ATOL)
+
+
+def test_crop_preprocessing_agrees_on_square_rows_only(rows):
+    # Resize-and-crop sees the same pixels as resize-and-pad on a square image and different ones
+    # otherwise: the fixture's non-square rows tell the two transforms apart.
     scorer = HPSv2Scorer(CHECKPOINT, model=MODEL_CONFIG, device="cpu", resize_mode="crop")
     images, prompts, expected = load_pairs(rows)
-    assert scorer.score(images, prompts) == pytest.approx(expected, abs=ATOL)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="hps-tiny's non-square rows were produced with resize+centre-crop, while hpsv2 1.2.0 "
-    "(resize_longest_max=True) resizes the longer side and pads; regenerate the fixture, then drop this mark",
-)
-def test_hps_non_square_rows_match_reference_with_hpsv2_padding(hps, rows):
-    images, prompts, expected = load_pairs([row for row in rows if not is_square(row)])
-    assert hps.score(images, prompts) == pytest.approx(expected, abs=ATOL)
+    for row, score, reference in zip(rows, scorer.score(images, prompts), expected):
+        if is_square(row):
+            assert score == pytest.approx(reference, abs=ATOL), row
+        else:
+            assert abs(score - reference) > 100 * ATOL, row
 
 
 def test_pad_preprocessing_follows_hpsv2_resize_max_size():

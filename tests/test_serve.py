@@ -22,7 +22,7 @@ import yaml
 from jobs.serve.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
-HPS_TINY = REPO.parent / "shared" / "fixtures" / "hps-tiny"
+HPS_TINY = REPO / "tests" / "fixtures" / "hps-tiny"
 API_KEY = "test-key-4f2a"
 KEY_ENV = "MASKRAY_TEST_SERVE_API_KEY"  # not MASKRAY_API_KEY: other tests' servers must stay open
 APP = "maskray-test"

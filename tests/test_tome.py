@@ -1,4 +1,4 @@
-"""TomeMGT (arXiv 2411.10781 §7.1): merge plans, the patched dual-stream blocks, identity at rho = 0."""
+"""TomeMGT (arXiv 2411.10781 §4): merge plans, the patched dual-stream blocks, identity at rho = 0."""
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 The paper's metric is the HPS v2 *winning rate*: the share of (prompt, seed) pairs where the candidate's
 image scores higher than the baseline's image of the same prompt and seed. Ties are counted separately
-(paper-spec §12 A10: how the paper counts them is not stated), and every estimate carries a bootstrap
+(docs/samplers.md §9: how the paper counts them is not stated), and every estimate carries a bootstrap
 95% interval over pairs; the sign test asks whether wins and losses could be a fair coin.
 """
 

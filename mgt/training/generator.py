@@ -3,13 +3,13 @@
 The text encoder is first pre-trained on captions alone (:mod:`mgt.training.caption_encoder`: why), then
 trained jointly with the transformer.
 
-The objective is Meissonic's (``train/train_meissonic.py``, models-spec §1.9): ``t ~ U(0, 1)``, mask
+The objective is Meissonic's (``train/train_meissonic.py``, docs/models.md §1): ``t ~ U(0, 1)``, mask
 rate ``cos(pi/2 t)``, ``round(L * rate)`` tokens (at least one) masked at random positions, cross-entropy
 on the masked tokens only, and condition dropout (the caption replaced by the empty prompt) so that
 classifier-free guidance works at inference. Micro-conditions are ``[64, 64, 0, 0, 6]``, as the
 pipeline passes them.
 
-Timestep (our choice, documented in models-spec §1.9's terms): the reference trains on ``mask_prob*1000``
+Timestep (our choice, in the terms of docs/models.md §1): the reference trains on ``mask_prob*1000``
 but samples with the integer step value ``T-1-i``, so its model never sees at inference the values it
 was trained on. We train on the value the sampler will pass for the same mask rate at ``T`` steps:
 before step ``i`` the vanilla sampler has ``cos(pi/2 * i/T)`` of the tokens masked and passes

@@ -1,4 +1,4 @@
-"""Efficient inference (arXiv 2411.10781 §7, issue 4): quantized weight bytes, checkpoint load time, TomeMGT speed.
+"""Efficient inference (arXiv 2411.10781 §4, issue 4): quantized weight bytes, checkpoint load time, TomeMGT speed.
 
     python3 tests/benchmarks/efficiency.py [--parts memory,tome] [--layers 14 --single-layers 28] [--tome-blocks 5]
                                            [--repeats 3]
