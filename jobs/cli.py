@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mgt.registry import Registry
+from mgt.registry import PluginError, Registry
 
 # name -> (module, one-line help). Keep the help here so `maskray --help` imports nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,12 +24,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("jobs.quantize_cmd", "Quantize a model's transformer (w8a16, w4a16, w8a8, w4a8, scq) and write a checkpoint."),
 }
 # The built-in commands plus the plugins' (their modules are imported when chosen or when listed by --help).
-MODULES = Registry("command", "maskray.commands", {name: module for name, (module, _) in COMMANDS.items()})
+COMMAND_MODULES = Registry("command", "maskray.commands", {name: module for name, (module, _) in COMMANDS.items()})
 
 
 def command_help(name: str) -> str:
     """The one-line help of command ``name``: from the table, or the ``HELP`` of a plugin's module."""
-    return COMMANDS[name][1] if name in COMMANDS else MODULES.get(name).HELP
+    if name in COMMANDS:
+        return COMMANDS[name][1]
+    module = COMMAND_MODULES.get(name)
+    if not isinstance(getattr(module, "HELP", None), str):
+        raise PluginError(f"plugin command {name!r} ({module.__name__}) defines no HELP string, the one-line help "
+                          "`maskray --help` shows; add it to the module")
+    return module.HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `maskray COMMAND --help` for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    plugins = [name for name in MODULES.names() if name not in COMMANDS]
+    plugins = [name for name in COMMAND_MODULES.names() if name not in COMMANDS]
     for name in [*COMMANDS, *plugins]:
         sub.add_parser(name, help=command_help(name), description=command_help(name), add_help=False)
     return parser
@@ -48,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in MODULES:
+    if not argv or argv[0] not in COMMAND_MODULES:
         build_parser().parse_args(argv)  # prints help or the "invalid choice" error and exits
         return 2
     name, rest = argv[0], argv[1:]
-    module = MODULES.get(name)
+    module = COMMAND_MODULES.get(name)
     parser = argparse.ArgumentParser(prog=f"maskray {name}", description=command_help(name),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.add_arguments(parser)

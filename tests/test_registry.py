@@ -102,3 +102,18 @@ def test_plugin_models_resolve_to_their_folder_or_are_built_once(site, monkeypat
     with pytest.raises(loading.ModelLoadError, match="registered model 'fake-wrong' is a int; a registered model is "
                        "a folder"):
         loading.resolve_model_path("fake-wrong")
+
+
+def test_plugin_commands_join_the_cli(site, monkeypatch, capsys):
+    from jobs import cli
+
+    install(site, "[maskray.commands]\nfake-cmd = fake_cmd\nfake-bare = fake_bare\n",
+            {"fake_cmd": "HELP = 'Say a number.'\n\ndef add_arguments(parser):\n    parser.add_argument('--x', type=int)\n"
+                         "\ndef run(args):\n    print('x is', args.x)\n    return 0\n",
+             "fake_bare": "def add_arguments(parser):\n    pass\n\ndef run(args):\n    return 0\n"})
+    commands = {name: module for name, (module, _) in cli.COMMANDS.items()}
+    monkeypatch.setattr(cli, "COMMAND_MODULES", Registry("command", "maskray.commands", commands))
+    assert cli.main(["fake-cmd", "--x", "3"]) == 0 and capsys.readouterr().out == "x is 3\n"
+    assert cli.command_help("fake-cmd") == "Say a number."
+    with pytest.raises(PluginError, match="plugin command 'fake-bare' \\(fake_bare\\) defines no HELP string"):
+        cli.build_parser()
