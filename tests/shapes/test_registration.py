@@ -1,4 +1,5 @@
-"""The shapes package reaches the engine only through its entry points, in this process and in Ray workers."""
+"""The shapes package reaches the engine only through its entry points: in this process, in Ray Data actors and in
+Serve replicas (sample, generate and serve with `shapes-meissonic` and the `shapes` scorer)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,33 @@ def test_generate_on_ray_with_the_shapes_model_and_scorer(ray_local, tmp_path):
     assert np.all((scores >= 0) & (scores <= 1)), scores
     for uri in metrics["image_uri"].to_pylist():
         assert Image.open(uri).size == (64, 64)  # the shipped model's default size, read from its folder
+
+
+def test_serve_with_the_shapes_model_and_scorer(ray_local):
+    """The Serve replicas (Ray actors) resolve ``shapes-meissonic`` and the ``shapes`` scorer the same way."""
+    import base64
+    import io
+    import socket
+
+    import requests
+    from ray import serve
+
+    from jobs.serve.app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    caption = scenes.make_scene(next(iter(scenes.held_out_seeds(1)))).caption
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"model": "shapes-meissonic", "scorer": {"name": "shapes", "device": "cpu"}}),
+                  name="maskray-shapes", route_prefix="/")
+        response = requests.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=120,
+                                 json={"prompt": caption, "seed": 3, "steps": 2, "response_format": "b64_json"})
+    finally:
+        serve.shutdown()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    (item,) = body["data"]
+    assert body["scorer"] == "shapes" and 0.0 <= item["score"] <= 1.0
+    assert Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size == (64, 64)
