@@ -1,5 +1,5 @@
-"""Bodies of the Ray Data stages that need a model: the image scorers.
+"""Bodies of the Ray Data stages that need a model: the generator and the image scorers.
 
-Import the submodules directly (``actors.scorer``, ``actors.hps``, ``actors.clip_score``). This package
-imports nothing itself, so ``import actors`` stays free of torch.
+Import the submodules directly (``actors.generator``, ``actors.scoring_stage``, ``actors.scoring.registry``,
+``actors.scoring.hps`` ...). This package imports nothing itself, so ``import actors`` stays free of torch.
 """

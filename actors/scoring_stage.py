@@ -1,4 +1,4 @@
-"""``ScoringStage``: a registered scorer (``actors.scorer``) as a batch UDF over encoded-image rows.
+"""``ScoringStage``: a registered scorer (``actors.scoring.registry``) as a batch UDF over encoded-image rows.
 
 Ray Data calls it with column batches from the ``Generator``: it decodes the image bytes, scores each
 (image, prompt) pair with one ``scorer.score`` call and adds a ``score`` column. Rows that already carry an
@@ -12,7 +12,7 @@ import io
 
 import numpy as np
 
-from actors.scorer import ScorerConfig, build_scorer_from_config
+from actors.scoring.registry import ScorerConfig, build_scorer_from_config
 
 REQUIRED_COLUMNS = {
     "image": "encoded image bytes (PNG/WebP/JPEG); b'' for a row that failed upstream",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PROMPTS = [  # captions in the shapes grammar (mgt/scenes.py), which shapes-meissonic was trained on
+PROMPTS = [  # captions in the shapes grammar (shapes/scenes.py), which shapes-meissonic was trained on
     "a red circle above a blue square",
     "a green triangle on a white background",
     "a large yellow diamond in the center",

@@ -1,6 +1,6 @@
 """Write ``examples/shapes_heldout.jsonl``: held-out captions of the shapes benchmark with a category each.
 
-The scenes of these seeds are never used in training (``mgt.scenes.held_out_seeds``); the category is the
+The scenes of these seeds are never used in training (``shapes.scenes.held_out_seeds``); the category is the
 caption's kind (single object, pair, triple, count, relation), so the evaluation report breaks win rates
 down the GenEval way.
 
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mgt.scenes import held_out_seeds, make_scene
+from shapes.scenes import held_out_seeds, make_scene
 
 
 def category(scene) -> str:

@@ -19,7 +19,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     model: str = Field("tiny-meissonic", description="Registered name (random-weight tiny-meissonic, "
-                       "tiny-monetico, tiny-amused; shapes-meissonic, trained on the shape scenes), "
+                       "tiny-monetico, tiny-amused, or a model a plugin registers under maskray.models), "
                        "local folder in the hub layout, s3:// or gs:// URI, or hub id such as MeissonFlow/Meissonic.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights and activations precision of the "
                                                    "transformer and text encoder (sampling math is always fp32).")
@@ -45,15 +45,15 @@ class GenerationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int | None = Field(None, ge=1, description="Sampling steps T; unset: the model's default (Meissonic 64, "
-                                 "aMUSEd 12, shapes-meissonic 16).")
+                                 "aMUSEd 12, or the model folder's own).")
     guidance: float | None = Field(None, ge=0, description="Classifier-free guidance scale; CFG runs when > 1; "
-                                   "unset: the model's default (Meissonic 9, aMUSEd 10, shapes-meissonic 3).")
+                                   "unset: the model's default (Meissonic 9, aMUSEd 10, or the model folder's own).")
     width: int | None = Field(None, gt=0, description="Image width in pixels (multiple of the VQ scale factor, "
                               "x2 when the transformer down-samples); unset: the model's default.")
     height: int | None = Field(None, gt=0, description="Image height in pixels (same rule as width).")
     negative_prompt: str | None = Field(None, description="Negative prompt for the unconditional CFG branch; "
                                         "unset: the model's default (Meissonic: the reference negative prompt; "
-                                        "aMUSEd and shapes-meissonic: empty).")
+                                        "aMUSEd: empty; or the model folder's own).")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Sampler configuration.")
 
     @field_validator("sampler", mode="before")

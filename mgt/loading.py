@@ -13,10 +13,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from mgt.registry import Registry
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -29,26 +31,18 @@ class ModelLoadError(ValueError):
     """A model could not be found or does not match its config; the message names the path and the fix."""
 
 
-# Registered names resolve to a builder that writes the model into the given folder.
-_REGISTRY: dict[str, Callable[[Path], None]] = {}
-# Checkpoints that ship inside the package resolve to their folder directly (nothing to build or download).
-_SHIPPED: dict[str, Path] = {"shapes-meissonic": Path(__file__).resolve().parent / "assets" / "shapes-meissonic"}
-
-
-def register_model(name: str, build: Callable[[Path], None]) -> None:
-    """Make ``name`` resolve to a folder that ``build(folder)`` writes once into the local cache."""
-    if name in _REGISTRY:
-        raise ValueError(f"model name {name!r} is already registered")
-    _REGISTRY[name] = build
+# Registered names: a folder that ships inside a package (``os.PathLike``), or a function ``build(folder)``
+# that writes the model into ``folder``, run once into the local cache. Other packages add names through the
+# ``maskray.models`` entry-point group (see ``mgt.registry``).
+MODELS = Registry("model", "maskray.models", {
+    "tiny-meissonic": "mgt.tiny:build_tiny_meissonic",
+    "tiny-monetico": "mgt.tiny:build_tiny_monetico",
+    "tiny-amused": "mgt.tiny:build_tiny_amused",
+})
 
 
 def registered_models() -> list[str]:
-    _ensure_builtin_registrations()
-    return sorted([*_REGISTRY, *_SHIPPED])
-
-
-def _ensure_builtin_registrations() -> None:
-    import mgt.tiny  # noqa: F401  (registers tiny-meissonic, tiny-monetico, tiny-amused)
+    return MODELS.names()
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -90,17 +84,14 @@ def resolve_model_path(
 ) -> Path:
     """A local folder holding the model named by ``path_or_id``.
 
-    Order: a checkpoint shipped in the package (``mgt/assets/``), a registered name (built once into the
-    cache), an existing local folder, an object-store URI (downloaded once into the cache), then a hub id
+    Order: a registered name (a folder shipped in its package, or built once into the cache), an existing
+    local folder, an object-store URI (downloaded once into the cache), then a hub id
     (``huggingface_hub.snapshot_download``, which honours ``HF_HUB_OFFLINE``).
     """
-    _ensure_builtin_registrations()
     spec = str(path_or_id)
     root = cache_dir(cache)
-    if spec in _SHIPPED:
-        return _SHIPPED[spec]
-    if spec in _REGISTRY:
-        return _build_registered(spec, root / "models" / spec)
+    if spec in MODELS:
+        return _registered_folder(spec, root / "models" / spec)
     local = Path(spec).expanduser()
     if local.is_dir():
         return local
@@ -114,12 +105,19 @@ def resolve_model_path(
     return _download_hub(spec, root / "hub", variant)
 
 
-def _build_registered(name: str, folder: Path) -> Path:
+def _registered_folder(name: str, folder: Path) -> Path:
+    """The folder of registered model ``name``: its shipped folder, or ``folder`` once its builder wrote it."""
+    model = MODELS.get(name)
+    if isinstance(model, os.PathLike):
+        return Path(model)
+    if not callable(model):
+        raise ModelLoadError(f"registered model {name!r} is a {type(model).__name__}; a registered model is a "
+                             "folder (pathlib.Path) or a function build(folder) that writes the model into folder")
     marker = folder / ".maskray-complete"
     if not marker.exists():
         staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        _REGISTRY[name](staging)
+        model(staging)
         (staging / ".maskray-complete").touch()
         shutil.rmtree(folder, ignore_errors=True)
         staging.replace(folder)

@@ -3,7 +3,8 @@
 ``tiny-meissonic`` (1024-style: the transformer down-samples), ``tiny-monetico`` (512-style: it does
 not) and ``tiny-amused`` (diffusers ``UVit2DModel``) are complete models: transformer, VQ, CLIP text
 encoder, a CLIP tokenizer written here (byte-level BPE over single characters), scheduler config and
-``model_index.json``. Weights are seeded, so every machine builds the same model.
+``model_index.json``. Weights are seeded, so every machine builds the same model. ``mgt.loading``
+registers them by name (``tiny-meissonic`` ...) and imports this module only when one is first built.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from diffusers.models.unets.uvit_2d import UVit2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from mgt.loading import register_model
 from mgt.meissonic import MeissonicTransformer
 
 TEXT_WIDTH = 32
@@ -133,5 +133,14 @@ def _perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
         parameter.add_(torch.randn_like(parameter) * scale)
 
 
-for _kind in ("meissonic", "monetico", "amused"):
-    register_model(f"tiny-{_kind}", lambda folder, kind=_kind: build_tiny(folder, kind))
+# The builders that ``mgt.loading.MODELS`` names: each writes its model into the cache folder it is given.
+def build_tiny_meissonic(folder: Path) -> None:
+    build_tiny(folder, "meissonic")
+
+
+def build_tiny_monetico(folder: Path) -> None:
+    build_tiny(folder, "monetico")
+
+
+def build_tiny_amused(folder: Path) -> None:
+    build_tiny(folder, "amused")

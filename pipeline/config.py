@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors.scorer import ScorerConfig
+from actors.scoring.registry import ScorerConfig
 from mgt.config import GenerationSettings, ModelConfig
 
 
@@ -52,9 +52,9 @@ class JobOptions(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads per actor. Unset: Ray's "
                                       "setting, the actor's CPUs rounded down, at least 1 (more threads than "
                                       "reserved cores stall every op when the machine is busy).")
-    scorer: str | None = Field(None, description="Scorer name (hps-v2, hps-v2.1, clip, shapes) or unset for no "
-                               "scoring. The real HPS weights are downloaded once from the hub (xswu/HPSv2); shapes "
-                               "is shipped (for shapes-meissonic's captions).")
+    scorer: str | None = Field(None, description="Scorer name (hps-v2, hps-v2.1, clip, or a scorer a plugin "
+                               "registers under maskray.scorers) or unset for no scoring. The real HPS weights are "
+                               "downloaded once from the hub (xswu/HPSv2).")
     scorer_checkpoint: str | None = Field(None, description="Scorer weights: local .pt, hub id or s3:// URI "
                                           "(unset: the scorer's default).")
     scorer_model: str | None = Field(None, description="Scorer architecture: open_clip name or JSON config file "

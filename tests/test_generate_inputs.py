@@ -117,10 +117,10 @@ def test_every_job_option_declares_whether_it_is_hashed():
 
 @pytest.mark.parametrize("cpus, job, generator_cpus, scorer_cpus", [
     (2, {}, 0.5, None),  # one generator, no scorer
-    (2, {"scorer": "shapes"}, 0.5, 0.5),
+    (2, {"scorer": "clip"}, 0.5, 0.5),
     # two generators and a scorer at 0.5 each would leave 0.5 CPU: the read task (1 CPU) never started
-    (2, {"scorer": "shapes", "generator_actors": 2}, 1 / 3, 1 / 3),
-    (16, {"scorer": "shapes"}, 1.0, 1.0),
+    (2, {"scorer": "clip", "generator_actors": 2}, 1 / 3, 1 / 3),
+    (16, {"scorer": "clip"}, 1.0, 1.0),
 ])
 def test_unset_cpu_shares_leave_a_cpu_for_reads_and_writes(cpus, job, generator_cpus, scorer_cpus):
     generator, scorer = plan_stages(GenerateConfig(job=job), {"CPU": float(cpus)})
@@ -130,7 +130,7 @@ def test_unset_cpu_shares_leave_a_cpu_for_reads_and_writes(cpus, job, generator_
 
 
 def test_cpu_shares_that_starve_reads_are_refused_with_the_flags_to_change():
-    config = GenerateConfig(job={"generator_actors": 2, "generator_cpus": 0.5, "scorer": "shapes"})
+    config = GenerateConfig(job={"generator_actors": 2, "generator_cpus": 0.5, "scorer": "clip"})
     with pytest.raises(ValueError, match="reserve 1.5 of the cluster's 2 CPUs.*lower --generator-cpus"):
         plan_stages(config, {"CPU": 2.0})
 

@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from actors.clip_score import CLIPScorer  # noqa: E402
-from actors.hps import HPSv2Scorer, preprocess  # noqa: E402
-from actors.scorer import (  # noqa: E402
+from actors.scoring.clip_score import CLIPScorer  # noqa: E402
+from actors.scoring.hps import HPSv2Scorer, preprocess  # noqa: E402
+from actors.scoring.registry import (  # noqa: E402
     ScorerConfig,
     build_scorer,
     build_scorer_from_config,
@@ -375,6 +375,6 @@ def test_scorer_config_validates_and_builds(tiny_clip_dir):
 
 
 def test_importing_the_registry_loads_no_torch():
-    code = "import sys, actors.scorer; assert 'torch' not in sys.modules and 'open_clip' not in sys.modules"
+    code = "import sys, actors.scoring.registry; assert 'torch' not in sys.modules and 'open_clip' not in sys.modules"
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)

@@ -78,7 +78,7 @@ def test_openai_client_gets_decodable_pngs_with_scores(server):
     from openai import OpenAI
     from PIL import Image
 
-    from actors.scorer import ScorerConfig, build_scorer_from_config
+    from actors.scoring.registry import ScorerConfig, build_scorer_from_config
 
     client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     result = client.images.generate(model="tiny-meissonic", prompt="a red circle", n=2, size="32x32",

@@ -115,7 +115,7 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
     from pipeline.generate import run_generate
 
     if job.scorer is None:
-        raise ValueError("evaluation needs a scorer: pass --scorer (hps-v2, hps-v2.1, clip, shapes, ...)")
+        raise ValueError("evaluation needs a scorer: pass --scorer (hps-v2, hps-v2.1, clip or a plugin's scorer)")
     samplers = {name: SamplerConfig.from_spec(spec) for name, spec in
                 ((sampler_name(s), s) for s in [options.baseline, *options.candidates])}
     baseline, candidates = sampler_name(options.baseline), [sampler_name(c) for c in options.candidates]

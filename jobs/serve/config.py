@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from actors.scorer import ScorerConfig
+from actors.scoring.registry import ScorerConfig
 from mgt.config import ModelConfig
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
-from actors.scorer import ScorerConfig
+from actors.scoring.registry import ScorerConfig
 from jobs.serve.config import ServeConfig
 from mgt.config import GenerationSettings, ModelConfig
 
@@ -143,10 +143,10 @@ class ImageGenerator:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class ImageScorer:
-    """Holds one scorer (``actors.scorer``) and rates images against their prompts, batched across requests."""
+    """Holds one scorer (``actors.scoring.registry``) and rates images against their prompts, batched across requests."""
 
     def __init__(self, config: ScorerConfig):
-        from actors.scorer import build_scorer_from_config
+        from actors.scoring.registry import build_scorer_from_config
 
         self.scorer = build_scorer_from_config(config)
 

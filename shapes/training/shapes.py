@@ -17,12 +17,12 @@ from typing import Callable
 
 from diffusers import VQModel
 
-from mgt import scenes
+from shapes import scenes
 from mgt.tiny import write_model, write_tokenizer
-from mgt.training.config import TrainShapesConfig
-from mgt.training.detector import train_detector, train_shape_classifier
-from mgt.training.generator import TEXT_LENGTH, train_generator
-from mgt.training.vq import reconstruction_psnr, train_vq
+from shapes.training.config import TrainShapesConfig
+from shapes.training.detector import train_detector, train_shape_classifier
+from shapes.training.generator import TEXT_LENGTH, train_generator
+from shapes.training.vq import reconstruction_psnr, train_vq
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total steps, loss)
 PSNR_SCENES = 256  # held-out scenes the reconstruction PSNR is measured on

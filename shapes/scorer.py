@@ -2,8 +2,8 @@
 
 GenEval (Ghosh et al., arXiv 2310.11513) checks a generated image with an object detector: the right
 number of objects, their colours, positions and relations. Here the detector is our
-:class:`mgt.scene_detector.SceneDetector` (trained on rendered scenes, weights shipped in
-``mgt/assets/shapes-scorer``) and the caption is read with :func:`mgt.scenes.parse_caption`. The score
+:class:`shapes.scene_detector.SceneDetector` (trained on rendered scenes, weights shipped in
+``shapes/assets/shapes-scorer``) and the caption is read with :func:`shapes.scenes.parse_caption`. The score
 of (image, caption) is a product of probabilities, each from the detector:
 
 - count: the caption's ``n`` objects are the ``n`` most confident detections and there is no other
@@ -11,12 +11,12 @@ of (image, caption) is a product of probabilities, each from the detector:
 - attributes: the best assignment of caption objects to those detections of the product of
   ``P(shape) P(colour) [P(size)] [P(position)]`` (shape from a classifier of the 24x24 window around
   the detected centre, the rest from the detector's cell), a position holding with probability
-  ``sigmoid(margin / 1 px)`` of :func:`mgt.scenes.position_margin` at the detected centre;
-- relation (if any): ``sigmoid(margin / 1 px)`` of :func:`mgt.scenes.relation_margin`;
+  ``sigmoid(margin / 1 px)`` of :func:`shapes.scenes.position_margin` at the detected centre;
+- relation (if any): ``sigmoid(margin / 1 px)`` of :func:`shapes.scenes.relation_margin`;
 - background (if named): its probability.
 
 A score above 0.5 means "satisfied"; :func:`held_out_accuracy` measures that decision on held-out
-scenes against their own captions and one-edit negatives (:func:`mgt.scenes.perturb`).
+scenes against their own captions and one-edit negatives (:func:`shapes.scenes.perturb`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from actors.scorer import check_pairs, chunks, resolve_device, resolve_dtype
-from mgt import scenes
-from mgt.scene_detector import SHIPPED, Detections, SceneDetector, ShapeClassifier, crop_windows, peak_cells
+from actors.scoring.base import check_pairs, chunks, resolve_device, resolve_dtype
+from shapes import scenes
+from shapes.scene_detector import SHIPPED, Detections, SceneDetector, ShapeClassifier, crop_windows, peak_cells
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -147,7 +147,7 @@ def held_out_accuracy(scorer: ShapesScorer, count: int = 1000, seed: int = 0) ->
     """Accuracy of ``score > 0.5`` on ``count`` held-out scenes with their captions and as many negatives.
 
     Each scene is scored against its own caption (label: satisfied) and against a one-edit negative
-    (:func:`mgt.scenes.perturb`, checked unsatisfied against the true objects); the two halves are
+    (:func:`shapes.scenes.perturb`, checked unsatisfied against the true objects); the two halves are
     the same size, so the accuracy is the mean of the acceptance and rejection rates.
     """
     rng = random.Random(seed)

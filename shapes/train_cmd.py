@@ -2,7 +2,7 @@
 
 ``--part model`` trains the VQ tokenizer, then the Meissonic transformer with its CLIP text encoder, and
 writes the hub layout to ``--out`` (loadable with ``--model FOLDER``); ``--part scorer`` trains the scene
-detector of the ``shapes`` scorer. The defaults reproduce the model that ships in ``mgt/assets/``; the
+detector of the ``shapes`` scorer. The defaults reproduce the model that ships in ``shapes/assets/``; the
 shipped scorer was trained with ``--threads 1`` (each folder's ``training.json`` holds its settings).
 """
 
@@ -19,7 +19,7 @@ HELP = "Train the shapes-meissonic model or the shapes scorer on procedural scen
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mgt.training.config import TrainShapesConfig
+    from shapes.training.config import TrainShapesConfig
 
     io = parser.add_argument_group("what and where")
     io.add_argument("--part", choices=["model", "scorer"], default="model",
@@ -30,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mgt.training.config import TrainShapesConfig
+    from shapes.training.config import TrainShapesConfig
 
     config = build_model(TrainShapesConfig, load_config_file(args.config), args)
 
     import torch
     from tqdm import tqdm
 
-    from mgt.training.shapes import train_model, train_scorer
+    from shapes.training.shapes import train_model, train_scorer
 
     torch.set_num_threads(config.threads)
     out = Path(args.out)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         report = train_model(config, out, progress)
         print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     else:
-        from actors.shapes_scorer import ShapesScorer, held_out_accuracy
+        from shapes.scorer import ShapesScorer, held_out_accuracy
 
         train_scorer(config, out, progress)
         accuracy = held_out_accuracy(ShapesScorer(checkpoint=str(out)))

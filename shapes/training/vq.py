@@ -42,9 +42,9 @@ from typing import Callable, Sequence
 import torch
 from diffusers import VQModel
 
-from mgt import scenes
-from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.schedule import optimizer_step, warmup_cosine
+from shapes import scenes
+from shapes.training.data import scene_tensors, training_seeds
+from shapes.training.schedule import optimizer_step, warmup_cosine
 
 LEVELS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # grid values per latent channel
 LATENT_CHANNELS = 4

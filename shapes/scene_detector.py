@@ -3,8 +3,8 @@
 A CenterNet-style fully convolutional network (Zhou et al., "Objects as Points", arXiv 1904.07850) on a
 16x16 grid of 4x4-pixel cells: per cell the probability that an object's centre lies in it, the
 sub-cell offset of that centre, and distributions over shape, colour and size; per image a distribution
-over background colours. Trained on rendered scenes (``mgt.training.detector``); weights ship in
-``mgt/assets/shapes-scorer``.
+over background colours. Trained on rendered scenes (``shapes.training.detector``); weights ship in
+``shapes/assets/shapes-scorer``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from mgt import scenes
+from shapes import scenes
 
 STRIDE = 4  # pixels per cell
 CROP = 24  # side of the window the shape classifier reads around a detected centre (the largest object is 24 px)

@@ -1,4 +1,4 @@
-"""Training the scene detector of the ``shapes`` scorer on rendered scenes (``mgt.scene_detector``).
+"""Training the scene detector of the ``shapes`` scorer on rendered scenes (``shapes.scene_detector``).
 
 Targets come from each scene's true objects: the centre cell is positive (binary cross-entropy with a
 positive weight, since 1-3 of 256 cells hold an object), the sub-cell offset is regressed there, and
@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mgt import scenes
-from mgt.scene_detector import STRIDE, SceneDetector, ShapeClassifier, crop_windows
-from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.schedule import optimizer_step, warmup_cosine
+from shapes import scenes
+from shapes.scene_detector import STRIDE, SceneDetector, ShapeClassifier, crop_windows
+from shapes.training.data import scene_tensors, training_seeds
+from shapes.training.schedule import optimizer_step, warmup_cosine
 
 POSITIVE_WEIGHT = 20.0
 ATTRIBUTE_REACH = 4.0  # pixels from an object's centre within which a cell learns its attributes

@@ -1,6 +1,6 @@
 """Training the generator: our Meissonic transformer and a small CLIP text encoder, from scratch.
 
-The text encoder is first pre-trained on captions alone (:mod:`mgt.training.caption_encoder`: why), then
+The text encoder is first pre-trained on captions alone (:mod:`shapes.training.caption_encoder`: why), then
 trained jointly with the transformer.
 
 The objective is Meissonic's (``train/train_meissonic.py``, docs/models.md §1): ``t ~ U(0, 1)``, mask
@@ -29,10 +29,10 @@ from diffusers import VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgt.meissonic import MeissonicTransformer
-from mgt.training.caption_encoder import caption_ids, pretrain_text_encoder
-from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.schedule import optimizer_step, warmup_cosine
-from mgt.training.vq import encode_tokens
+from shapes.training.caption_encoder import caption_ids, pretrain_text_encoder
+from shapes.training.data import scene_tensors, training_seeds
+from shapes.training.schedule import optimizer_step, warmup_cosine
+from shapes.training.vq import encode_tokens
 
 TEXT_WIDTH = 64
 TEXT_LENGTH = 24  # tokens per caption, padded (the longest caption of the grammar is 20)
@@ -111,7 +111,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         sampler_steps: ``T`` of the timestep rule (the model's default sampling steps).
         cond_dropout: share of captions replaced by ``""`` (the unconditional branch of CFG).
         text_steps: steps of caption-only pre-training of the text encoder
-            (:func:`mgt.training.caption_encoder.pretrain_text_encoder`) before the joint steps; 0 skips it.
+            (:func:`shapes.training.caption_encoder.pretrain_text_encoder`) before the joint steps; 0 skips it.
         should_stop: checked after each step (a wall-clock budget); the lr schedule follows ``steps``.
     """
     torch.manual_seed(seed)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgt import scenes
-from mgt.training.data import training_seeds
-from mgt.training.schedule import optimizer_step, warmup_cosine
+from shapes import scenes
+from shapes.training.data import training_seeds
+from shapes.training.schedule import optimizer_step, warmup_cosine
 
 MAX_OBJECTS = 3
 # (name, classes): index 0 of an optional attribute means "not named"; per-object heads repeat per slot

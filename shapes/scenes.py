@@ -228,7 +228,7 @@ def vocabulary() -> list[str]:
 
     That tokenizer adds each word's merges left to right, and an earlier word's first merge can split a
     later word (``bottom``'s ``b+o`` would split ``above``): longest words first, then the few such
-    victims moved to the front, avoids every clash (``tests/test_shapes.py`` checks it).
+    victims moved to the front, avoids every clash (``tests/shapes/test_shapes.py`` checks it).
     """
     words = set(SHAPES) | set(PLURALS.values()) | set(COLOURS) | set(BACKGROUNDS) | set(SIZES)
     for phrase in (*POSITION_PHRASES.values(), *RELATIONS.values(), *PREFIXES, *NUMBERS.values(),

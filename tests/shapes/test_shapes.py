@@ -10,18 +10,18 @@ import torch
 from PIL import Image
 
 import mgt
-from actors.scorer import build_scorer
-from actors.shapes_scorer import ShapesScorer, held_out_accuracy
+from actors.scoring.registry import build_scorer
+from shapes.scorer import ShapesScorer, held_out_accuracy
 from jobs.cli import main
-from mgt import scenes
+from shapes import scenes
 from mgt.loading import resolve_model_path
 from mgt.tiny import write_tokenizer
-from mgt.training.caption_encoder import IGNORE, caption_targets, head_sizes, pretrain_text_encoder
-from mgt.training.config import TrainShapesConfig
-from mgt.training.data import scene_tensors, training_seeds
-from mgt.training.generator import MICRO_CONDS, TEXT_LENGTH, build_text_encoder
-from mgt.training.shapes import train_model, train_scorer
-from mgt.training.vq import (LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct,
+from shapes.training.caption_encoder import IGNORE, caption_targets, head_sizes, pretrain_text_encoder
+from shapes.training.config import TrainShapesConfig
+from shapes.training.data import scene_tensors, training_seeds
+from shapes.training.generator import MICRO_CONDS, TEXT_LENGTH, build_text_encoder
+from shapes.training.shapes import train_model, train_scorer
+from shapes.training.vq import (LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct,
                              reconstruction_psnr)
 
 PSNR_THRESHOLD_DB = 30.0  # the shipped VQ measures 33.3 dB on 256 held-out scenes
@@ -190,7 +190,7 @@ def test_text_pretraining_learns_the_caption_grammar(tmp_path):
 
 def test_shipped_model_resolves_inside_the_package():
     folder = resolve_model_path("shapes-meissonic")
-    assert folder.parent.name == "assets" and folder.parent.parent.name == "mgt"
+    assert folder.parent.name == "assets" and folder.parent.parent.name == "shapes"
     defaults = json.loads((folder / "model_index.json").read_text())["_maskray_defaults"]
     assert defaults["width"] == defaults["height"] == 64 and defaults["negative_prompt"] == ""
 

@@ -1,4 +1,4 @@
-"""Training the ``shapes-meissonic`` model and the ``shapes`` scorer on procedural scenes (``mgt.scenes``).
+"""Training the ``shapes-meissonic`` model and the ``shapes`` scorer on procedural scenes (``shapes.scenes``).
 
 ``vq`` trains the diffusers ``VQModel`` image tokenizer, ``generator`` the Meissonic transformer with its
 CLIP text encoder (the Meissonic objective), ``detector`` the scene detector behind the ``shapes`` scorer,

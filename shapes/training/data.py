@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from mgt import scenes
+from shapes import scenes
 
 
 def scene_tensors(seeds: Sequence[int]) -> tuple[torch.Tensor, list[scenes.Scene]]:

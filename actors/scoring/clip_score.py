@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPModel, CLIPProcessor
 
-from actors.scorer import resolve_device, resolve_dtype, score_in_chunks
+from actors.scoring.base import resolve_device, resolve_dtype, score_in_chunks
 
 if TYPE_CHECKING:
     from PIL import Image

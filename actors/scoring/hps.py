@@ -28,7 +28,7 @@ import torchvision.transforms.functional as TF
 from open_clip.utils import to_2tuple
 from torchvision.transforms import InterpolationMode
 
-from actors.scorer import resolve_device, resolve_dtype, score_in_chunks
+from actors.scoring.base import resolve_device, resolve_dtype, score_in_chunks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -341,3 +341,12 @@ class HPSv2Scorer:
             image_features = F.normalize(image_features.float(), dim=-1)
             text_features = F.normalize(text_features.float(), dim=-1)
             return (image_features * text_features).sum(dim=-1).tolist()
+
+
+# The builders that ``actors.scoring.registry`` names ``hps-v2`` and ``hps-v2.1``.
+def build_hps_v2(**options: Any) -> HPSv2Scorer:
+    return HPSv2Scorer(version="v2", **options)
+
+
+def build_hps_v2_1(**options: Any) -> HPSv2Scorer:
+    return HPSv2Scorer(version="v2.1", **options)
