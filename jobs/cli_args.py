@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from mgt.validation import describe_validation_error
+
 
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
@@ -78,8 +80,5 @@ def build_model(model: type[BaseModel], file_values: dict[str, Any], args: argpa
     try:
         return model.model_validate(values)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            key = ".".join(str(p) for p in item["loc"])
-            problems.append(f"{flag_name(key.split('.')[0])} / {key}: {item['msg']} (got {item.get('input')!r})")
-        raise ValueError(f"invalid {source}: " + "; ".join(problems)) from None
+        message = describe_validation_error(error, lambda key: f"{flag_name(key.split('.')[0])} / {key}")
+        raise ValueError(f"invalid {source}: {message}") from None

@@ -17,6 +17,7 @@ import os
 from pydantic import ValidationError
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from mgt.validation import describe_validation_error
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.config import GenerateConfig, JobOptions
 
@@ -44,7 +45,7 @@ def resolve_config(args: argparse.Namespace) -> GenerateConfig:
     try:
         return GenerateConfig.model_validate({k: v.model_dump() for k, v in parts.items()})
     except ValidationError as error:  # cross-model checks, e.g. an unknown --scorer
-        raise ValueError("invalid options: " + "; ".join(item["msg"] for item in error.errors())) from None
+        raise ValueError(f"invalid options: {describe_validation_error(error)}") from None
 
 
 def run(args: argparse.Namespace) -> int:
