@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from jobs.evaluation.prompt_sets import FORMATS
+from jobs.evaluation.prompt_sets import read_prompts as read_prompt_set
 from mgt.config import GenerationSettings, ModelConfig
 
 HELP = "Generate images for a few prompts in this process (no Ray)."
@@ -21,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("prompts and output")
     io.add_argument("--prompt", action="append", default=[], help="A prompt; repeat for several. An empty string "
                     "gives an unconditional sample.")
-    io.add_argument("--prompts-file", help="A text file with one prompt per line (blank lines skipped).")
+    io.add_argument("--prompts-file", help=f"Prompts from a file ({FORMATS}; text: one prompt per line, blank "
+                    "lines skipped), a folder of them or a glob; local or s3:// / gs://.")
     io.add_argument("--seed", type=int, default=0, help="Seed of each prompt's first image.")
     io.add_argument("--num-images", type=int, default=1, help="Images per prompt, with seeds seed, seed+1, ...")
     io.add_argument("--batch-size", type=int, default=4, help="Samples generated together.")
@@ -39,10 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += read_prompt_set(args.prompts_file)
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
