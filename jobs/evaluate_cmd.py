@@ -27,12 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", help="YAML file with any of the options below, keyed by flag name "
                         "(flags override it; `candidates` may be a list).")
-    parser.add_argument("--prompts", action="append", default=argparse.SUPPRESS,
-                        help=EvaluateOptions.model_fields["prompts"].description + " Repeatable.")
-    parser.add_argument("--candidates", action="append", default=argparse.SUPPRESS,
-                        help=EvaluateOptions.model_fields["candidates"].description + " Default: noise, "
-                        "differential, zsampling.")
-    add_model_arguments(parser, EvaluateOptions, "evaluation", skip=("prompts", "candidates"))
+    add_model_arguments(parser, EvaluateOptions, "evaluation")
     add_model_arguments(parser, JobOptions, "job", skip=OWNED_JOB_FIELDS)
     add_model_arguments(parser, ModelConfig, "model")
     add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))

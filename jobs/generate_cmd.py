@@ -27,13 +27,11 @@ HELP = "Generate a scored image dataset from Parquet prompt shards on Ray Data (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with any of the options below, keyed by flag name "
                         "(flags override it).")
-    parser.add_argument("--sampler", default=argparse.SUPPRESS, help="Sampler preset name or JSON spec "
-                        "(default vanilla).")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved configuration as YAML "
                         "and exit.")
     add_model_arguments(parser, JobOptions, "job", skip=("storage_options",))
     add_model_arguments(parser, ModelConfig, "model")
-    add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))
+    add_model_arguments(parser, GenerationSettings, "generation")
 
 
 def resolve_config(args: argparse.Namespace) -> GenerateConfig:

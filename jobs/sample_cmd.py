@@ -30,13 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--batch-size", type=int, default=4, help="Samples generated together.")
     io.add_argument("--out", default="samples", help="Folder for the PNG files (created if missing).")
     io.add_argument("--config", help="YAML file with any of the options below (flags override it).")
-    io.add_argument("--sampler", default=argparse.SUPPRESS, help="Sampler (arXiv 2411.10781): a preset, vanilla, "
-                    "noise, differential, zsampling, zsampling+noise, zsampling+differential, noise+differential or "
-                    "all, optionally with overrides PRESET:key=value,... on dotted SamplerConfig fields, e.g. "
-                    "'zsampling+noise:noise.amplitude=1.5,zsampling.inversion_cfg=0.5'; or a JSON object. Default "
-                    "vanilla.")
     add_model_arguments(parser, ModelConfig, "model")
-    add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))
+    add_model_arguments(parser, GenerationSettings, "generation")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

@@ -26,10 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "process, 'auto' joins the running one, or ray://HOST:PORT.")
     server.add_argument("--app-name", default="maskray", help="Serve application name.")
     server.add_argument("--config", help="YAML file with any ServeConfig key (flags override it).")
-    server.add_argument("--scorer", default=argparse.SUPPRESS, help="Scorer whose rating comes back with each "
-                        "image: a name (hps-v2.1, hps-v2, clip) or a JSON object of ScorerConfig fields.")
     add_model_arguments(parser, ModelConfig, "model")
-    add_model_arguments(parser, ServeConfig, "serving", skip=("backpressure_status",))
+    add_model_arguments(parser, ServeConfig, "serving", skip=("model", "backpressure_status"))
 
 
 def build_config(args: argparse.Namespace) -> ServeConfig:

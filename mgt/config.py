@@ -54,7 +54,12 @@ class GenerationSettings(BaseModel):
     negative_prompt: str | None = Field(None, description="Negative prompt for the unconditional CFG branch; "
                                         "unset: the model's default (Meissonic: the reference negative prompt; "
                                         "aMUSEd and shapes-meissonic: empty).")
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Sampler configuration.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Sampler (arXiv 2411.10781): a preset "
+                                   "(vanilla, noise, differential, zsampling, zsampling+noise, zsampling+differential, "
+                                   "noise+differential or all), optionally with overrides PRESET:key=value,... on "
+                                   "dotted SamplerConfig fields, e.g. 'zsampling+noise:noise.amplitude=1.5,"
+                                   "zsampling.inversion_cfg=0.5'; or a mapping (JSON object) of SamplerConfig "
+                                   "fields. Every field at its default is vanilla.")
 
     @field_validator("sampler", mode="before")
     @classmethod
