@@ -10,7 +10,6 @@ Every (prompt, seed) is generated for the baseline and each candidate with the s
 from __future__ import annotations
 
 import argparse
-import os
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from mgt.config import GenerationSettings, ModelConfig
@@ -45,16 +44,8 @@ def run(args: argparse.Namespace) -> int:
     generation = build_model(GenerationSettings, file_values, args)
     if "sampler" in file_values:
         raise ValueError("`sampler` is not an evaluate option: use `baseline` and `candidates`")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    from jobs.ray_session import ray_session
 
-    address = os.environ.get("RAY_ADDRESS") or "local"
-
-    def connect() -> None:
-        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
-
-    try:
+    with ray_session() as connect:
         run_evaluate(options, job, model, generation, connect=connect)
-    finally:
-        ray.shutdown()
     return 0

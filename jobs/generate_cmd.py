@@ -12,7 +12,6 @@ other output-changing settings is refused.
 from __future__ import annotations
 
 import argparse
-import os
 
 from pydantic import ValidationError
 
@@ -54,18 +53,10 @@ def run(args: argparse.Namespace) -> int:
         dump = config.model_dump(mode="json")
         print(yaml.safe_dump({**dump["job"], **dump["model"], **dump["generation"]}, sort_keys=False))
         return 0
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    from jobs.ray_session import ray_session
 
-    from pipeline.generate import run_generate
+    with ray_session() as connect:
+        from pipeline.generate import run_generate  # imports Ray: after ray_session() set its environment
 
-    address = os.environ.get("RAY_ADDRESS") or "local"
-
-    def connect() -> None:  # after the input checks, so a bad prompt file fails in a second
-        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
-
-    try:
         summary = run_generate(config, connect=connect)
-    finally:
-        ray.shutdown()
     return 0 if summary["rows"] == summary["expected"] else 1
