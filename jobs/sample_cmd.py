@@ -65,11 +65,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(jobs) * steps, unit="step", desc="sampling") as bar:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start:start + args.batch_size]
-            result = pipe.generate(
-                [p for _, p, _ in chunk], [s for _, _, s in chunk], negative_prompts=settings.negative_prompt,
-                steps=settings.steps, guidance=settings.guidance, width=settings.width, height=settings.height,
-                sampler=settings.sampler, on_step=lambda _: bar.update(len(chunk)),
-            )
+            result = settings.generate(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk],
+                                       on_step=lambda _: bar.update(len(chunk)))
             for (index, prompt, seed), image in zip(chunk, result.images):
                 info = PngInfo()
                 info.add_text("maskray", json.dumps({"prompt": prompt, "seed": seed, "model": model_config.model,
