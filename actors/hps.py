@@ -27,7 +27,8 @@ import torchvision.transforms.functional as TF
 from open_clip.utils import to_2tuple
 from torchvision.transforms import InterpolationMode
 
-from actors.scorer import resolve_device, resolve_dtype, score_in_chunks
+from actors.scorer import score_in_chunks
+from mgt.devices import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -306,7 +307,7 @@ class HPSv2Scorer:
         self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, cuda_default=torch.float16)
 
         self.checkpoint_path = resolve_checkpoint(checkpoint, version, cache_dir)
         clip, self._tokenizer, label = _build_clip(model, self.device)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
 
@@ -144,35 +143,6 @@ def build_scorer_from_config(config: ScorerConfig) -> Scorer:
 
 # ---------------------------------------------------------------------------------------------------
 # helpers shared by the scorers
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked by torch."""
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from error
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` -> fp16 on CUDA (the scorers are inference only) and fp32 elsewhere."""
-    import torch
-
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-    return getattr(torch, _DTYPES[dtype])
-
 
 def check_pairs(images: Sequence[Any], prompts: Sequence[Any]) -> None:
     """Reject inputs that are not one PIL image per prompt string.

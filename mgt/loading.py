@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+from mgt.devices import resolve_device, resolve_dtype  # noqa: F401  (loading.resolve_* as before)
+
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
 HUB_PATTERNS = ["*.json", "tokenizer/*", "*.txt"]
 SUBFOLDERS = ("transformer", "vqvae", "text_encoder", "tokenizer")
@@ -55,31 +55,6 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """The local cache: ``override``, else ``$MASKRAY_CACHE``, else ``~/.cache/maskray``."""
     root = override or os.environ.get("MASKRAY_CACHE") or Path.home() / ".cache" / "maskray"
     return Path(root)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> the first GPU if there is one, else CPU; a named device is checked."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA device is visible; use --device cpu")
-    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise ValueError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
-    return resolved
 
 
 def resolve_model_path(
