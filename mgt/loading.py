@@ -8,7 +8,6 @@ randomly initialised copy, and any mismatch between config and weights is report
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
+from mgt.checkpoints import cache_dir, fetch_hub, fetch_prefix, state_dict_mismatch
 from mgt.devices import resolve_device, resolve_dtype  # noqa: F401  (loading.resolve_* as before)
 
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
@@ -49,12 +49,6 @@ def registered_models() -> list[str]:
 
 def _ensure_builtin_registrations() -> None:
     import mgt.tiny  # noqa: F401  (registers tiny-meissonic, tiny-monetico, tiny-amused)
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The local cache: ``override``, else ``$MASKRAY_CACHE``, else ``~/.cache/maskray``."""
-    root = override or os.environ.get("MASKRAY_CACHE") or Path.home() / ".cache" / "maskray"
-    return Path(root)
 
 
 def resolve_model_path(
@@ -102,45 +96,20 @@ def _build_registered(name: str, folder: Path) -> Path:
 
 
 def _download_object_store(uri: str, root: Path, storage_options: dict[str, Any]) -> Path:
-    import fsspec
-
-    target = root / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    if (target / ".maskray-complete").exists():
-        return target
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    if not fs.exists(path):
-        raise ModelLoadError(f"model URI {uri!r} does not exist (check the bucket, the prefix and credentials)")
-    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for remote in fs.find(path):
-        relative = remote[len(path.rstrip("/")) + 1:]
-        local = staging / relative
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
-    (staging / ".maskray-complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
-    staging.replace(target)
-    return target
+    try:
+        return fetch_prefix(uri, root, storage_options, what="model URI")
+    except FileNotFoundError as error:
+        raise ModelLoadError(str(error)) from None
 
 
 def _download_hub(repo_id: str, root: Path, variant: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     suffix = f".{variant}" if variant else ""
     patterns = HUB_PATTERNS + [f"*/diffusion_pytorch_model{suffix}.safetensors*", f"*/model{suffix}.safetensors*",
                                f"*/diffusion_pytorch_model{suffix}-*.safetensors", f"*/model{suffix}-*.safetensors"]
     try:
-        return Path(snapshot_download(repo_id, cache_dir=root, allow_patterns=patterns))
-    except LocalEntryNotFoundError as error:
-        raise ModelLoadError(
-            f"model {repo_id!r} is not in the local hub cache {root} and the hub cannot be reached "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it once with network access "
-            f"or pass a local folder; registered names: {', '.join(registered_models())}"
-        ) from error
-    except (RepositoryNotFoundError, HfHubHTTPError) as error:
-        raise ModelLoadError(f"hub id {repo_id!r} could not be fetched: {error}") from error
+        return fetch_hub(repo_id, root, allow_patterns=patterns, what=f"model {repo_id!r}")
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"{error}; or pass a registered name: {', '.join(registered_models())}") from error
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -191,18 +160,6 @@ def load_component(cls: type, folder: Path, dtype: torch.dtype, device: torch.de
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
     """Raise one :class:`ModelLoadError` listing missing, unexpected and mis-shaped tensors."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: weights {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        problems = [f"missing {head(missing)}" if missing else "", f"unexpected {head(unexpected)}" if unexpected else "",
-                    f"shape mismatch {head(shapes)}" if shapes else ""]
-        raise ModelLoadError(
-            f"weights in {folder} do not match {folder / 'config.json'}: " + "; ".join(p for p in problems if p)
-        )
-
+    mismatch = state_dict_mismatch(module, state)
+    if mismatch:
+        raise ModelLoadError(f"weights in {folder} do not match {folder / 'config.json'}: {mismatch}")
