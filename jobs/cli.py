@@ -1,7 +1,7 @@
 """The ``maskray`` command: a table of subcommands, each in its own module, imported only when chosen.
 
-A subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``;
-heavy imports (torch, Ray) live inside ``run`` so ``maskray --help`` stays instant.
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; its one-line help lives in
+``COMMANDS``. Heavy imports (torch, Ray) live inside ``run`` so ``maskray --help`` stays instant.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.config import JobOptions
 
-HELP = "Win rates of candidate samplers against a baseline (paired, same prompt and seed) on Ray."
 
 # JobOptions fields the evaluation sets itself for every sampler run.
 OWNED_JOB_FIELDS = ("prompts", "out", "seed", "num_images", "storage_options")

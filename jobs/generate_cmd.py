@@ -16,11 +16,9 @@ import argparse
 from pydantic import ValidationError
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
-from mgt.validation import describe_validation_error
 from mgt.config import GenerationSettings, ModelConfig
+from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
-
-HELP = "Generate a scored image dataset from Parquet prompt shards on Ray Data (resumable)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

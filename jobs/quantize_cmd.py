@@ -17,8 +17,6 @@ from jobs.evaluation.prompt_sets import FORMATS, read_prompts
 from mgt.config import ModelConfig
 from mgt.quant_config import PRESETS, SCQConfig
 
-HELP = "Quantize a model's transformer (w8a16, w4a16, w8a8, w4a8, scq) and write a checkpoint."
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("quantization")

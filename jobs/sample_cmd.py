@@ -16,8 +16,6 @@ from jobs.evaluation.prompt_sets import FORMATS
 from jobs.evaluation.prompt_sets import read_prompts as read_prompt_set
 from mgt.config import GenerationSettings, ModelConfig
 
-HELP = "Generate images for a few prompts in this process (no Ray)."
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("prompts and output")

@@ -15,8 +15,6 @@ from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.serve.config import ServeConfig
 from mgt.config import ModelConfig
 
-HELP = "Serve the model over HTTP (OpenAI Images API) with Ray Serve."
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")

@@ -15,8 +15,6 @@ from pathlib import Path
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 
-HELP = "Train the shapes-meissonic model or the shapes scorer on procedural scenes (CPU, under an hour)."
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mgt.training.config import TrainShapesConfig
