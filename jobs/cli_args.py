@@ -2,9 +2,9 @@
 
 Every field of a config model becomes ``--field-name`` with the field's description as help, so help
 text and defaults live only in the models; a nested model (the sampler, a scorer) is one flag parsed by
-that model, as vLLM's ``EngineArgs`` does for its nested configs. Flags left unset do not override the config file; the file
-does not override the models' defaults unless it names a key. Precedence: flag > ``--config`` file >
-model default.
+that model, as vLLM's ``EngineArgs`` does for its nested configs. Flags left unset do not override the
+config file; the file does not override the models' defaults unless it names a key. Precedence: flag >
+``--config`` file > model default.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
             kwargs["action"] = "append"
             kwargs["help"] = f"{field.description} Repeatable. (default: {default_text})"
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            kwargs["type"] = functools.partial(parse_model_flag, annotation, flag_name(name))
+            kwargs["type"] = functools.partial(parse_model_flag, annotation)
             kwargs["metavar"] = "SPEC"
             kwargs["help"] = f"{field.description} (default: {_default_text(default)})"
         else:
@@ -60,7 +60,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
         group.add_argument(flag_name(name), **kwargs)
 
 
-def parse_model_flag(model: type[BaseModel], flag: str, text: str) -> BaseModel | str:
+def parse_model_flag(model: type[BaseModel], text: str) -> BaseModel | str:
     """The value of a flag for a nested model field, parsed by the model itself.
 
     ``model.from_spec(text)`` when the model has one (``SamplerConfig``: a preset with overrides or a JSON
@@ -80,7 +80,7 @@ def parse_model_flag(model: type[BaseModel], flag: str, text: str) -> BaseModel 
 
 
 def _default_text(default: Any) -> str:
-    """A nested model's default as its changed fields (``vanilla`` stays short), or ``unset``."""
+    """A nested model's default: ``unset``, or the fields it sets apart from their own defaults."""
     if default is None:
         return "unset"
     changed = default.model_dump(mode="json", exclude_defaults=True) if isinstance(default, BaseModel) else default

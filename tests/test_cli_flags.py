@@ -65,7 +65,8 @@ def test_a_nested_model_without_from_spec_parses_json_and_lists_repeat(capsys):
     assert parser.parse_args(["--inner", "plain"]).inner == "plain"  # left to the enclosing model's validator
     with pytest.raises(SystemExit):
         parser.parse_args(["--inner", '{"size": 0}'])
-    assert "argument --inner: invalid Inner: size: Input should be greater than or equal to 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "argument --inner: invalid Inner: size: Input should be greater than or equal to 1" in err
 
 
 def test_serve_scorer_accepts_a_name_or_json():

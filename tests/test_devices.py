@@ -30,4 +30,5 @@ def test_bad_names_list_the_choices():
 
 def test_auto_and_cpu():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(None) == resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto") == auto
