@@ -59,9 +59,9 @@ def test_any_other_extension_is_text(tmp_path):
 
 def test_empty_folders_and_globs_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PromptSetError, match="empty matches no prompt file"):
+    with pytest.raises(PromptSetError, match="empty' matches no prompt"):
         load_prompt_set([str(tmp_path / "empty")])
-    with pytest.raises(PromptSetError, match=r"nothing-\*\.json matches no prompt file"):
+    with pytest.raises(PromptSetError, match=r"nothing-\*\.json' matches no prompt"):
         load_prompt_set([str(tmp_path / "nothing-*.json")])
 
 
@@ -111,4 +111,4 @@ def test_every_command_names_a_bad_prompt_folder_in_one_line(tmp_path, capsys, c
     (tmp_path / "empty").mkdir()
     assert main([*command, str(tmp_path / "empty"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "matches no prompt file" in err and "Traceback" not in err
+    assert "matches no prompt" in err and "Traceback" not in err

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.prompts import PromptInputError, find_prompt_files
 from pipeline.storage import Storage
 
 PROMPT_COLUMNS = ("prompt", "Prompt", "Prompts", "prompts", "caption", "text")
@@ -66,20 +67,10 @@ def read_prompts(path: str, storage_options: dict | None = None) -> list[str]:
 
 def _files(spec: str, storage: Storage) -> list[str]:
     """The files of one prompt set, sorted, as paths inside ``storage.fs``."""
-    fs, path = storage.fs, storage.root
-    if any(ch in spec for ch in "*?["):
-        files = [f for f in fs.glob(path) if fs.isfile(f)]
-    elif fs.isdir(path):
-        files = [f for f in fs.find(path) if f.lower().endswith(SUFFIXES) and "/." not in f and "/_" not in f]
-    elif fs.isfile(path):
-        files = [path]
-    else:
-        raise PromptSetError(f"prompt set {spec} does not exist; give a file ({FORMATS}), a folder of them or a "
-                             f"glob such as 'prompts/*.parquet'")
-    if not files:
-        raise PromptSetError(f"prompt set {spec} matches no prompt file (a folder is searched for "
-                             f"{', '.join(SUFFIXES)})")
-    return sorted(files)
+    try:
+        return find_prompt_files(spec, storage, SUFFIXES, kind=f"prompt ({FORMATS})", label="prompt set")
+    except PromptInputError as error:
+        raise PromptSetError(str(error)) from None
 
 
 def _read(path: str, data: bytes) -> tuple[list[str], list[str | None]]:
