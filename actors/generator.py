@@ -17,18 +17,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from actors.stage import RowStage
 from mgt.config import GenerationSettings, ModelConfig
 
 ImageFormat = Literal["png", "webp", "jpeg"]
-# What each input row must carry (column -> description), checked on entry.
-REQUIRED_COLUMNS = {
-    "prompt": "the text prompt (str; '' is an unconditional sample)",
-    "seed": "the sample's seed (int64): the image depends only on (prompt, seed, settings)",
-}
 ERROR_PROMPT_CHARS = 80
 
 
-class Generator:
+class Generator(RowStage):
     """A masked generative transformer held by one actor: prompt rows in, image rows out.
 
     Args:
@@ -42,6 +38,11 @@ class Generator:
         torch_threads: intra-op threads for this actor; ``None`` keeps what Ray set (``OMP_NUM_THREADS`` =
             the actor's CPUs, at least 1).
     """
+
+    REQUIRED_COLUMNS = {
+        "prompt": "the text prompt (str; '' is an unconditional sample)",
+        "seed": "the sample's seed (int64): the image depends only on (prompt, seed, settings)",
+    }
 
     def __init__(self, model: ModelConfig | dict, settings: GenerationSettings | dict, *,
                  image_format: ImageFormat = "png", image_quality: int = 95, fail_fast: bool = False,
@@ -61,7 +62,7 @@ class Generator:
         # token merging ...), so an engine option added to the config reaches every actor unchanged.
         self.pipe = mgt.load_pipeline(self.model.model, **self.model.model_dump(exclude={"model"}))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Generate one image per row.
 
         Args:
@@ -73,10 +74,6 @@ class Generator:
             int64 transformer calls, ``gen_seconds`` (B,) float64 (the batch's wall time shared equally by
             its rows) and ``error`` (B,) str ("" when the row succeeded).
         """
-        missing = [name for name in REQUIRED_COLUMNS if name not in batch]
-        if missing:
-            raise KeyError(f"Generator needs columns {missing} ({'; '.join(REQUIRED_COLUMNS[m] for m in missing)}); "
-                           f"got {sorted(batch)}")
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
         negatives = self._negatives(batch)
@@ -85,16 +82,11 @@ class Generator:
         errors: list[str] = [""] * count
         nfe = np.zeros(count, dtype=np.int64)
         started = time.perf_counter()
-        try:
-            self._generate(range(count), prompts, seeds, negatives, images, nfe)
-        except Exception:  # noqa: BLE001 - isolate the failing rows; batch-mates do not depend on each other
-            if self.fail_fast:
-                raise
-            for index in range(count):  # per-sample generators: a row alone gives the same image as in a batch
-                try:
-                    self._generate([index], prompts, seeds, negatives, images, nfe)
-                except Exception as error:  # noqa: BLE001 - a bad row is data, not a dead job
-                    errors[index] = _describe(error, prompts[index])
+        failed = self.run_isolated(list(range(count)),
+                                   lambda rows: self._generate(rows, prompts, seeds, negatives, images, nfe),
+                                   lambda error, row: _describe(error, prompts[row]))
+        for index, message in failed.items():
+            errors[index] = message
         seconds = (time.perf_counter() - started) / max(count, 1)
         out = {name: np.asarray(column) for name, column in batch.items()}
         out["image"] = np.array(images, dtype=object)
@@ -112,12 +104,9 @@ class Generator:
 
     def _generate(self, rows, prompts, seeds, negatives, images, nfe) -> None:
         rows = list(rows)
-        s = self.settings
-        result = self.pipe.generate([prompts[i] for i in rows], [seeds[i] for i in rows],
-                                    negative_prompts=negatives if not isinstance(negatives, list)
-                                    else [negatives[i] for i in rows],
-                                    steps=s.steps, guidance=s.guidance, width=s.width, height=s.height,
-                                    sampler=s.sampler)
+        result = self.settings.generate(self.pipe, [prompts[i] for i in rows], [seeds[i] for i in rows],
+                                        negative_prompts=negatives if not isinstance(negatives, list)
+                                        else [negatives[i] for i in rows])
         for position, index in enumerate(rows):
             images[index] = encode_image(result.images[position], self.image_format, self.image_quality)
             nfe[index] = result.nfe

@@ -13,15 +13,10 @@ import io
 import numpy as np
 
 from actors.scoring.registry import ScorerConfig, build_scorer_from_config
-
-REQUIRED_COLUMNS = {
-    "image": "encoded image bytes (PNG/WebP/JPEG); b'' for a row that failed upstream",
-    "prompt": "the prompt the image was generated from (str)",
-    "error": "upstream error ('' when the row succeeded)",
-}
+from actors.stage import RowStage
 
 
-class ScoringStage:
+class ScoringStage(RowStage):
     """Holds one scorer per actor and scores encoded-image rows.
 
     Args:
@@ -29,12 +24,18 @@ class ScoringStage:
         fail_fast: re-raise a scoring error instead of recording it in the row's ``error``.
     """
 
+    REQUIRED_COLUMNS = {
+        "image": "encoded image bytes (PNG/WebP/JPEG); b'' for a row that failed upstream",
+        "prompt": "the prompt the image was generated from (str)",
+        "error": "upstream error ('' when the row succeeded)",
+    }
+
     def __init__(self, scorer: ScorerConfig | dict, *, fail_fast: bool = False):
         self.config = ScorerConfig.model_validate(scorer)
         self.fail_fast = fail_fast
         self.scorer = build_scorer_from_config(self.config)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score every row that has an image.
 
         Args:
@@ -44,24 +45,18 @@ class ScoringStage:
             The input columns plus ``score`` (B,) float64 (NaN where nothing was scored); ``error`` gains the
             scoring error of rows whose image could not be scored.
         """
-        missing = [name for name in REQUIRED_COLUMNS if name not in batch]
-        if missing:
-            raise KeyError(f"ScoringStage needs columns {missing}; got {sorted(batch)}")
         count = len(batch["image"])
         scores = np.full(count, np.nan, dtype=np.float64)
         errors = [str(e) for e in batch["error"]]
         todo = [i for i in range(count) if not errors[i] and len(batch["image"][i])]
+
+        def score(rows: list[int]) -> None:
+            scores[rows] = self._score(batch, rows)
+
         if todo:
-            try:
-                scores[todo] = self._score(batch, todo)
-            except Exception:  # noqa: BLE001 - isolate the rows that cannot be scored
-                if self.fail_fast:
-                    raise
-                for index in todo:
-                    try:
-                        scores[index] = self._score(batch, [index])[0]
-                    except Exception as error:  # noqa: BLE001 - a bad row is data, not a dead job
-                        errors[index] = f"scoring {type(error).__name__}: {error}"
+            failed = self.run_isolated(todo, score, lambda error, _: f"scoring {type(error).__name__}: {error}")
+            for index, message in failed.items():
+                errors[index] = message
         out = dict(batch)
         out["score"] = scores
         out["error"] = np.array(errors, dtype=object)

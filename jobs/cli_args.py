@@ -1,20 +1,25 @@
 """Command-line flags generated from the pydantic config models, and YAML config files merged under them.
 
 Every field of a config model becomes ``--field-name`` with the field's description as help, so help
-text and defaults live only in the models. Flags left unset do not override the config file; the file
-does not override the models' defaults unless it names a key. Precedence: flag > ``--config`` file >
-model default.
+text and defaults live only in the models; a nested model (the sampler, a scorer) is one flag parsed by
+that model, as vLLM's ``EngineArgs`` does for its nested configs. Flags left unset do not override the
+config file; the file does not override the models' defaults unless it names a key. Precedence: flag >
+``--config`` file > model default.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ValidationError
+
+from mgt.validation import describe_validation_error
 
 
 def flag_name(field: str) -> str:
@@ -23,7 +28,11 @@ def flag_name(field: str) -> str:
 
 def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], title: str | None = None,
                         skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per scalar field of ``model`` (nested models are skipped; give them their own flag)."""
+    """Add one flag per field of ``model``, its help the field's description and default.
+
+    A ``Literal`` field gets choices, a ``bool`` ``--x/--no-x``, a list a repeatable flag, and a nested
+    model one flag whose value that model parses itself (:func:`parse_model_flag`).
+    """
     group = parser.add_argument_group(title or model.__name__, (model.__doc__ or "").strip().splitlines()[0])
     for name, field in model.model_fields.items():
         if name in skip:
@@ -39,11 +48,43 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
             kwargs["action"] = argparse.BooleanOptionalAction
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
+        elif typing.get_origin(annotation) is list:
+            kwargs["action"] = "append"
+            kwargs["help"] = f"{field.description} Repeatable. (default: {default_text})"
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            continue
+            kwargs["type"] = functools.partial(parse_model_flag, annotation)
+            kwargs["metavar"] = "SPEC"
+            kwargs["help"] = f"{field.description} (default: {_default_text(default)})"
         else:
             kwargs["type"] = str
         group.add_argument(flag_name(name), **kwargs)
+
+
+def parse_model_flag(model: type[BaseModel], text: str) -> BaseModel | str:
+    """The value of a flag for a nested model field, parsed by the model itself.
+
+    ``model.from_spec(text)`` when the model has one (``SamplerConfig``: a preset with overrides or a JSON
+    object); else a JSON object through ``model.model_validate_json``. Other text is left to the enclosing
+    model's own validator (for example a bare scorer name).
+    """
+    try:
+        if hasattr(model, "from_spec"):
+            return model.from_spec(text)
+        if text.lstrip().startswith("{"):
+            return model.model_validate_json(text)
+    except ValidationError as error:
+        raise argparse.ArgumentTypeError(f"invalid {model.__name__}: {describe_validation_error(error)}") from None
+    except ValueError as error:  # from_spec's own message already names the value and the fix
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _default_text(default: Any) -> str:
+    """A nested model's default: ``unset``, or the fields it sets apart from their own defaults."""
+    if default is None:
+        return "unset"
+    changed = default.model_dump(mode="json", exclude_defaults=True) if isinstance(default, BaseModel) else default
+    return json.dumps(changed) if changed else "every field at its default"
 
 
 def _strip_optional(annotation: Any) -> Any:
@@ -78,8 +119,5 @@ def build_model(model: type[BaseModel], file_values: dict[str, Any], args: argpa
     try:
         return model.model_validate(values)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            key = ".".join(str(p) for p in item["loc"])
-            problems.append(f"{flag_name(key.split('.')[0])} / {key}: {item['msg']} (got {item.get('input')!r})")
-        raise ValueError(f"invalid {source}: " + "; ".join(problems)) from None
+        message = describe_validation_error(error, lambda key: f"{flag_name(key.split('.')[0])} / {key}")
+        raise ValueError(f"invalid {source}: {message}") from None

@@ -10,13 +10,11 @@ Every (prompt, seed) is generated for the baseline and each candidate with the s
 from __future__ import annotations
 
 import argparse
-import os
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.config import JobOptions
 
-HELP = "Win rates of candidate samplers against a baseline (paired, same prompt and seed) on Ray."
 
 # JobOptions fields the evaluation sets itself for every sampler run.
 OWNED_JOB_FIELDS = ("prompts", "out", "seed", "num_images", "storage_options")
@@ -27,12 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", help="YAML file with any of the options below, keyed by flag name "
                         "(flags override it; `candidates` may be a list).")
-    parser.add_argument("--prompts", action="append", default=argparse.SUPPRESS,
-                        help=EvaluateOptions.model_fields["prompts"].description + " Repeatable.")
-    parser.add_argument("--candidates", action="append", default=argparse.SUPPRESS,
-                        help=EvaluateOptions.model_fields["candidates"].description + " Default: noise, "
-                        "differential, zsampling.")
-    add_model_arguments(parser, EvaluateOptions, "evaluation", skip=("prompts", "candidates"))
+    add_model_arguments(parser, EvaluateOptions, "evaluation")
     add_model_arguments(parser, JobOptions, "job", skip=OWNED_JOB_FIELDS)
     add_model_arguments(parser, ModelConfig, "model")
     add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))
@@ -50,16 +43,8 @@ def run(args: argparse.Namespace) -> int:
     generation = build_model(GenerationSettings, file_values, args)
     if "sampler" in file_values:
         raise ValueError("`sampler` is not an evaluate option: use `baseline` and `candidates`")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    from jobs.ray_session import ray_session
 
-    address = os.environ.get("RAY_ADDRESS") or "local"
-
-    def connect() -> None:
-        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
-
-    try:
+    with ray_session() as connect:
         run_evaluate(options, job, model, generation, connect=connect)
-    finally:
-        ray.shutdown()
     return 0

@@ -12,27 +12,23 @@ other output-changing settings is refused.
 from __future__ import annotations
 
 import argparse
-import os
 
 from pydantic import ValidationError
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from mgt.config import GenerationSettings, ModelConfig
+from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
-
-HELP = "Generate a scored image dataset from Parquet prompt shards on Ray Data (resumable)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with any of the options below, keyed by flag name "
                         "(flags override it).")
-    parser.add_argument("--sampler", default=argparse.SUPPRESS, help="Sampler preset name or JSON spec "
-                        "(default vanilla).")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved configuration as YAML "
                         "and exit.")
     add_model_arguments(parser, JobOptions, "job", skip=("storage_options",))
     add_model_arguments(parser, ModelConfig, "model")
-    add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))
+    add_model_arguments(parser, GenerationSettings, "generation")
 
 
 def resolve_config(args: argparse.Namespace) -> GenerateConfig:
@@ -44,7 +40,7 @@ def resolve_config(args: argparse.Namespace) -> GenerateConfig:
     try:
         return GenerateConfig.model_validate({k: v.model_dump() for k, v in parts.items()})
     except ValidationError as error:  # cross-model checks, e.g. an unknown --scorer
-        raise ValueError("invalid options: " + "; ".join(item["msg"] for item in error.errors())) from None
+        raise ValueError(f"invalid options: {describe_validation_error(error)}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,18 +51,10 @@ def run(args: argparse.Namespace) -> int:
         dump = config.model_dump(mode="json")
         print(yaml.safe_dump({**dump["job"], **dump["model"], **dump["generation"]}, sort_keys=False))
         return 0
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    from jobs.ray_session import ray_session
 
-    from pipeline.generate import run_generate
+    with ray_session() as connect:
+        from pipeline.generate import run_generate  # imports Ray: after ray_session() set its environment
 
-    address = os.environ.get("RAY_ADDRESS") or "local"
-
-    def connect() -> None:  # after the input checks, so a bad prompt file fails in a second
-        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
-
-    try:
         summary = run_generate(config, connect=connect)
-    finally:
-        ray.shutdown()
     return 0 if summary["rows"] == summary["expected"] else 1

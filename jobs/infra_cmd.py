@@ -12,8 +12,6 @@ from pathlib import Path
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.cluster import ClusterSpec
 
-HELP = "Render KubeRay manifests (RayCluster, RayJob generate/evaluate, RayService) from infra/cluster.yaml."
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["render"], help="What to do (render the manifests).")

@@ -3,8 +3,8 @@
     maskray quantize --model MeissonFlow/Meissonic --dtype bf16 --preset scq --prompts prompts.parquet \\
         --out s3://bucket/meissonic-scq
 
-The A8 presets calibrate on the full-precision model's own generations of the prompts (a Parquet
-file with a ``prompt`` column, or a text file with one prompt per line; local or fsspec URI). The
+The A8 presets calibrate on the full-precision model's own generations of the prompts (any prompt file
+that ``maskray evaluate`` reads: Parquet, JSON, JSONL, CSV or text, a folder or a glob; local or URI). The
 checkpoint is then used with ``maskray sample --model M --quant PATH``.
 """
 
@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from jobs.evaluation.prompt_sets import FORMATS, read_prompts
 from mgt.config import ModelConfig
 from mgt.quant_config import PRESETS, SCQConfig
-
-HELP = "Quantize a model's transformer (w8a16, w4a16, w8a8, w4a8, scq) and write a checkpoint."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,35 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--preset", required=True, choices=list(PRESETS), help="w8a16/w4a16: int8/int4 weights; w8a8/w4a8: "
                     "plus int8 activations with per-CFG-half scales, calibrated; scq: w4a8 + QAT fine-tune + "
                     "secondary calibration.")
-    io.add_argument("--prompts", help="Calibration prompts: a Parquet file with a `prompt` column or a text file "
-                    "with one prompt per line (local path or URI). Default: a built-in set of 16 prompts.")
+    io.add_argument("--prompts", help=f"Calibration prompts: a file ({FORMATS}; text: one prompt per line), a "
+                    "folder of them or a glob; local path or URI. Default: a built-in set of 16 prompts.")
     io.add_argument("--out", required=True, help="Checkpoint folder: local path or object-store URI (s3://, gs://).")
     io.add_argument("--config", help="YAML file with any of the options below (flags override it).")
     add_model_arguments(parser, ModelConfig, "model", skip=("quant", "tome", "tome_reuse"))
     add_model_arguments(parser, SCQConfig, "calibration")
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts of a Parquet file (``prompt`` column) or a text file (one per line, blank lines skipped)."""
-    import fsspec
-
-    fs, local = fsspec.core.url_to_fs(path)
-    if not fs.isfile(local):
-        raise FileNotFoundError(f"--prompts {path} does not exist")
-    if path.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-
-        with fs.open(local, "rb") as f:
-            table = pq.read_table(f)
-        if "prompt" not in table.column_names:
-            raise ValueError(f"--prompts {path} has no `prompt` column (columns: {', '.join(table.column_names)})")
-        prompts = [p for p in table.column("prompt").to_pylist() if p is not None]
-    else:
-        with fs.open(local, "r") as f:
-            prompts = [line.strip() for line in f.read().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path} holds no prompt")
-    return prompts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,37 +12,30 @@ import re
 from pathlib import Path
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from jobs.evaluation.prompt_sets import FORMATS
+from jobs.evaluation.prompt_sets import read_prompts as read_prompt_set
 from mgt.config import GenerationSettings, ModelConfig
-
-HELP = "Generate images for a few prompts in this process (no Ray)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("prompts and output")
     io.add_argument("--prompt", action="append", default=[], help="A prompt; repeat for several. An empty string "
                     "gives an unconditional sample.")
-    io.add_argument("--prompts-file", help="A text file with one prompt per line (blank lines skipped).")
+    io.add_argument("--prompts-file", help=f"Prompts from a file ({FORMATS}; text: one prompt per line, blank "
+                    "lines skipped), a folder of them or a glob; local or s3:// / gs://.")
     io.add_argument("--seed", type=int, default=0, help="Seed of each prompt's first image.")
     io.add_argument("--num-images", type=int, default=1, help="Images per prompt, with seeds seed, seed+1, ...")
     io.add_argument("--batch-size", type=int, default=4, help="Samples generated together.")
     io.add_argument("--out", default="samples", help="Folder for the PNG files (created if missing).")
     io.add_argument("--config", help="YAML file with any of the options below (flags override it).")
-    io.add_argument("--sampler", default=argparse.SUPPRESS, help="Sampler (arXiv 2411.10781): a preset, vanilla, "
-                    "noise, differential, zsampling, zsampling+noise, zsampling+differential, noise+differential or "
-                    "all, optionally with overrides PRESET:key=value,... on dotted SamplerConfig fields, e.g. "
-                    "'zsampling+noise:noise.amplitude=1.5,zsampling.inversion_cfg=0.5'; or a JSON object. Default "
-                    "vanilla.")
     add_model_arguments(parser, ModelConfig, "model")
-    add_model_arguments(parser, GenerationSettings, "generation", skip=("sampler",))
+    add_model_arguments(parser, GenerationSettings, "generation")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += read_prompt_set(args.prompts_file)
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -70,11 +63,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(jobs) * steps, unit="step", desc="sampling") as bar:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start:start + args.batch_size]
-            result = pipe.generate(
-                [p for _, p, _ in chunk], [s for _, _, s in chunk], negative_prompts=settings.negative_prompt,
-                steps=settings.steps, guidance=settings.guidance, width=settings.width, height=settings.height,
-                sampler=settings.sampler, on_step=lambda _: bar.update(len(chunk)),
-            )
+            result = settings.generate(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk],
+                                       on_step=lambda _: bar.update(len(chunk)))
             for (index, prompt, seed), image in zip(chunk, result.images):
                 info = PngInfo()
                 info.add_text("maskray", json.dumps({"prompt": prompt, "seed": seed, "model": model_config.model,

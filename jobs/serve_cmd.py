@@ -22,8 +22,6 @@ from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.serve.config import ServeConfig
 from mgt.config import ModelConfig
 
-HELP = "Serve the model over HTTP (OpenAI Images API) with Ray Serve."
-
 logger = logging.getLogger(__name__)
 
 
@@ -35,10 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "process, 'auto' joins the running one, or ray://HOST:PORT.")
     server.add_argument("--app-name", default="maskray", help="Serve application name.")
     server.add_argument("--config", help="YAML file with any ServeConfig key (flags override it).")
-    server.add_argument("--scorer", default=argparse.SUPPRESS, help="Scorer whose rating comes back with each "
-                        "image: a name (hps-v2.1, hps-v2, clip) or a JSON object of ScorerConfig fields.")
     add_model_arguments(parser, ModelConfig, "model")
-    add_model_arguments(parser, ServeConfig, "serving", skip=("backpressure_status",))
+    add_model_arguments(parser, ServeConfig, "serving", skip=("model", "backpressure_status"))
 
 
 def build_config(args: argparse.Namespace) -> ServeConfig:

@@ -25,7 +25,6 @@ import subprocess
 import time
 from pathlib import Path
 
-HELP = "Submit `generate` or `evaluate` to a Ray cluster (Ray Jobs API), stream its logs, report its output."
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray's dashboard upload limit
 EXCLUDES = [".git", ".ci", "tests", "out", "samples", "eval", "bench-results", "**/__pycache__", "*.egg-info",
@@ -148,7 +147,6 @@ def job_env(environ: dict[str, str], pairs: list[str], forward: list[str]) -> di
 async def _stream_logs(client, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         print(lines, end="", flush=True)
-
 
 
 def _submit(client, retry_seconds: float = 90, **job) -> str:

@@ -6,11 +6,14 @@ from them (``jobs/cli_args.py``) and every config file parses into them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mgt.sampler_config import SamplerConfig
+
+if TYPE_CHECKING:
+    from mgt.pipeline import GenerationOutput, MGTPipeline
 
 
 class ModelConfig(BaseModel):
@@ -54,9 +57,29 @@ class GenerationSettings(BaseModel):
     negative_prompt: str | None = Field(None, description="Negative prompt for the unconditional CFG branch; "
                                         "unset: the model's default (Meissonic: the reference negative prompt; "
                                         "aMUSEd: empty; or the model folder's own).")
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Sampler configuration.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Sampler (arXiv 2411.10781): a preset "
+                                   "(vanilla, noise, differential, zsampling, zsampling+noise, zsampling+differential, "
+                                   "noise+differential or all), optionally with overrides PRESET:key=value,... on "
+                                   "dotted SamplerConfig fields, e.g. 'zsampling+noise:noise.amplitude=1.5,"
+                                   "zsampling.inversion_cfg=0.5'; or a mapping (JSON object) of SamplerConfig "
+                                   "fields. Every field at its default is vanilla.")
 
     @field_validator("sampler", mode="before")
     @classmethod
     def _parse_sampler(cls, value):
         return SamplerConfig.from_spec(value) if isinstance(value, (str, dict)) else value
+
+    def generate(self, pipe: MGTPipeline, prompts: Sequence[str], seeds: Sequence[int], *,
+                 negative_prompts: Sequence[str | None] | str | None = None,
+                 on_step: Callable[[int], None] | None = None) -> GenerationOutput:
+        """``pipe.generate`` of one image per (prompt, seed) with these settings.
+
+        Args:
+            negative_prompts: per-prompt negative prompts replacing ``negative_prompt`` (None in the list: the
+                family default); None uses ``negative_prompt``.
+            on_step: called with the step index after each step (progress bars, cancellation).
+        """
+        return pipe.generate(prompts, seeds,
+                             negative_prompts=self.negative_prompt if negative_prompts is None else negative_prompts,
+                             steps=self.steps, guidance=self.guidance, width=self.width, height=self.height,
+                             sampler=self.sampler, on_step=on_step)

@@ -8,7 +8,6 @@ randomly initialised copy, and any mismatch between config and weights is report
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,10 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from mgt.checkpoints import cache_dir, fetch_hub, fetch_prefix, state_dict_mismatch
+from mgt.devices import resolve_device, resolve_dtype  # noqa: F401  (loading.resolve_* as before)
 from mgt.registry import Registry
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
 HUB_PATTERNS = ["*.json", "tokenizer/*", "*.txt"]
 SUBFOLDERS = ("transformer", "vqvae", "text_encoder", "tokenizer")
@@ -43,37 +42,6 @@ MODELS = Registry("model", "maskray.models", {
 
 def registered_models() -> list[str]:
     return MODELS.names()
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The local cache: ``override``, else ``$MASKRAY_CACHE``, else ``~/.cache/maskray``."""
-    root = override or os.environ.get("MASKRAY_CACHE") or Path.home() / ".cache" / "maskray"
-    return Path(root)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> the first GPU if there is one, else CPU; a named device is checked."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA device is visible; use --device cpu")
-    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise ValueError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
-    return resolved
 
 
 def resolve_model_path(
@@ -125,45 +93,20 @@ def _registered_folder(name: str, folder: Path) -> Path:
 
 
 def _download_object_store(uri: str, root: Path, storage_options: dict[str, Any]) -> Path:
-    import fsspec
-
-    target = root / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    if (target / ".maskray-complete").exists():
-        return target
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    if not fs.exists(path):
-        raise ModelLoadError(f"model URI {uri!r} does not exist (check the bucket, the prefix and credentials)")
-    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for remote in fs.find(path):
-        relative = remote[len(path.rstrip("/")) + 1:]
-        local = staging / relative
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
-    (staging / ".maskray-complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
-    staging.replace(target)
-    return target
+    try:
+        return fetch_prefix(uri, root, storage_options, what="model URI")
+    except FileNotFoundError as error:
+        raise ModelLoadError(str(error)) from None
 
 
 def _download_hub(repo_id: str, root: Path, variant: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     suffix = f".{variant}" if variant else ""
     patterns = HUB_PATTERNS + [f"*/diffusion_pytorch_model{suffix}.safetensors*", f"*/model{suffix}.safetensors*",
                                f"*/diffusion_pytorch_model{suffix}-*.safetensors", f"*/model{suffix}-*.safetensors"]
     try:
-        return Path(snapshot_download(repo_id, cache_dir=root, allow_patterns=patterns))
-    except LocalEntryNotFoundError as error:
-        raise ModelLoadError(
-            f"model {repo_id!r} is not in the local hub cache {root} and the hub cannot be reached "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it once with network access "
-            f"or pass a local folder; registered names: {', '.join(registered_models())}"
-        ) from error
-    except (RepositoryNotFoundError, HfHubHTTPError) as error:
-        raise ModelLoadError(f"hub id {repo_id!r} could not be fetched: {error}") from error
+        return fetch_hub(repo_id, root, allow_patterns=patterns, what=f"model {repo_id!r}")
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"{error}; or pass a registered name: {', '.join(registered_models())}") from error
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -214,18 +157,6 @@ def load_component(cls: type, folder: Path, dtype: torch.dtype, device: torch.de
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
     """Raise one :class:`ModelLoadError` listing missing, unexpected and mis-shaped tensors."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: weights {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        problems = [f"missing {head(missing)}" if missing else "", f"unexpected {head(unexpected)}" if unexpected else "",
-                    f"shape mismatch {head(shapes)}" if shapes else ""]
-        raise ModelLoadError(
-            f"weights in {folder} do not match {folder / 'config.json'}: " + "; ".join(p for p in problems if p)
-        )
-
+    mismatch = state_dict_mismatch(module, state)
+    if mismatch:
+        raise ModelLoadError(f"weights in {folder} do not match {folder / 'config.json'}: {mismatch}")

@@ -33,7 +33,6 @@ from torch import nn
 
 MICRO_COND_ENCODE_DIM = 256  # hard-coded in the reference forward()
 NUM_MICRO_CONDS = 5  # [width, height, crop_top, crop_left, score]
-TEXT_SEQ_LEN = 77
 
 
 class _DownBlock(nn.Module):

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mgt.validation import describe_validation_error
+
 TECHNIQUES = ("noise", "differential", "zsampling")
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
            "noise+differential", "all")
@@ -169,6 +171,4 @@ def _validate(values: dict[str, Any], spec: Any) -> SamplerConfig:
     try:
         return SamplerConfig.model_validate(values)
     except ValidationError as error:
-        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
-                    for e in error.errors()]
-        raise ValueError(f"invalid sampler {spec!r}: " + "; ".join(problems)) from None
+        raise ValueError(f"invalid sampler {spec!r}: {describe_validation_error(error)}") from None

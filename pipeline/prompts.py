@@ -58,8 +58,14 @@ class PromptScan:
     samples: int
 
 
-def find_prompt_files(spec: str, storage: Storage) -> list[str]:
-    """The Parquet files named by ``spec`` (file, folder searched recursively, or glob), sorted.
+def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (".parquet",), kind: str = "Parquet",
+                      label: str = "--prompts") -> list[str]:
+    """The ``kind`` files named by ``spec`` (a file, a folder searched recursively for ``suffixes``, or a glob),
+    sorted. A folder's hidden and ``_`` names (``_SUCCESS``, ``.crc`` files) are skipped.
+
+    ``maskray generate`` reads Parquet shards; the prompt-set reader (``jobs/evaluation/prompt_sets.py``)
+    lists its formats here too, so every command finds its prompt files the same way. ``label`` names the
+    input in the errors.
 
     Raises:
         PromptInputError: nothing matches, or the path cannot be listed (permissions, credentials).
@@ -69,18 +75,19 @@ def find_prompt_files(spec: str, storage: Storage) -> list[str]:
         if any(ch in path for ch in "*?["):
             files = [f for f in fs.glob(path) if fs.isfile(f)]
         elif fs.isdir(path):
-            files = [f for f in fs.find(path) if f.endswith(".parquet") and "/." not in f and "/_" not in f]
+            files = [f for f in fs.find(path) if f.lower().endswith(suffixes) and "/." not in f and "/_" not in f]
         elif fs.isfile(path):
             files = [path]
         else:
-            raise PromptInputError(f"--prompts {spec!r} does not exist; give a Parquet file, a folder of .parquet "
-                                   f"files or a glob such as 'prompts/*.parquet'")
+            raise PromptInputError(f"{label} {spec!r} does not exist; give a {kind} file, a folder of them or a "
+                                   f"glob such as 'prompts/*{suffixes[0]}'")
     except PromptInputError:
         raise
     except (OSError, PermissionError) as error:
-        raise PromptInputError(f"--prompts {spec!r} cannot be read: {type(error).__name__}: {error}") from error
+        raise PromptInputError(f"{label} {spec!r} cannot be read: {type(error).__name__}: {error}") from error
     if not files:
-        raise PromptInputError(f"--prompts {spec!r} matches no Parquet files (a folder is searched for *.parquet)")
+        raise PromptInputError(f"{label} {spec!r} matches no {kind} files (a folder is searched for "
+                               f"{', '.join('*' + suffix for suffix in suffixes)})")
     return sorted(files)
 
 

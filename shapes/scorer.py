@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from actors.scoring.base import check_pairs, chunks, resolve_device, resolve_dtype
+from actors.scoring.base import check_pairs, chunks
+from mgt.devices import resolve_device, resolve_dtype
 from shapes import scenes
 from shapes.scene_detector import SHIPPED, Detections, SceneDetector, ShapeClassifier, crop_windows, peak_cells
 
@@ -64,7 +65,7 @@ class ShapesScorer:
             raise FileNotFoundError(f"no shapes detector in {os.fspath(folder)!r} (expected config.json and "
                                     "diffusion_pytorch_model.safetensors from `maskray train-shapes --part scorer`)")
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, cuda_default=torch.float16)
         self.batch_size = batch_size
         self._detector = SceneDetector.from_pretrained(folder, torch_dtype=self.dtype).to(self.device).eval()
         self._shapes = ShapeClassifier.from_pretrained(os.path.join(folder, "shape_classifier"),

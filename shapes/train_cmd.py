@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 
-HELP = "Train the shapes-meissonic model or the shapes scorer on procedural scenes (CPU, under an hour)."
+HELP = "Train the shapes-meissonic model or the shapes scorer on procedural scenes."  # `maskray --help` reads it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

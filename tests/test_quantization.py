@@ -181,12 +181,13 @@ def test_quantize_cli_writes_a_checkpoint_used_by_sampling(tmp_path, capsys):
     from jobs.cli import main
 
     pq.write_table(pa.table({"prompt": PROMPTS, "other": [1, 2]}), tmp_path / "p.parquet")
-    pq.write_table(pa.table({"text": PROMPTS}), tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"words": PROMPTS}), tmp_path / "bad.parquet")
     out = tmp_path / "ck"
     common = ["--device", "cpu", "--generation-steps", "2", "--views-per-prompt", "2"]
     assert main(["quantize", "--preset", "w4a8", "--prompts", str(tmp_path / "bad.parquet"), "--out", str(out),
                  *common]) == 2
-    assert "no `prompt` column (columns: text)" in capsys.readouterr().err
+    assert "no prompt column; expected one of prompt, Prompt, Prompts, prompts, caption, text, found words" in \
+        capsys.readouterr().err
     assert main(["quantize", "--preset", "w4a8", "--prompts", str(tmp_path / "p.parquet"), "--out", str(out),
                  *common]) == 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "quantization_map.json",

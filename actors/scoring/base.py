@@ -1,5 +1,5 @@
-"""What every image scorer is and the helpers they share: the ``Scorer`` contract, device and dtype
-defaults, and input checks with batching.
+"""What every image scorer is and the helpers they share: the ``Scorer`` contract and input checks
+with batching (device and dtype resolution is ``mgt.devices``).
 
 A scorer maps (image, prompt) pairs to one float each, higher meaning a better match. The scorers
 (``actors.scoring.hps``, ``actors.scoring.clip_score``, and those plugins register) import this module;
@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
 
@@ -19,35 +18,6 @@ class Scorer(Protocol):
     """What every scorer offers: one float per (image, prompt) pair, in input order."""
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]: ...
-
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked by torch."""
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from error
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` -> fp16 on CUDA (the scorers are inference only) and fp32 elsewhere."""
-    import torch
-
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-    return getattr(torch, _DTYPES[dtype])
 
 
 def check_pairs(images: Sequence[Any], prompts: Sequence[Any]) -> None:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPModel, CLIPProcessor
 
-from actors.scoring.base import resolve_device, resolve_dtype, score_in_chunks
+from actors.scoring.base import score_in_chunks
+from mgt.devices import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -54,7 +55,7 @@ class CLIPScorer:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         self.batch_size = batch_size
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, cuda_default=torch.float16)
         try:
             self._processor = CLIPProcessor.from_pretrained(model)
             clip = CLIPModel.from_pretrained(model, dtype=self.dtype)

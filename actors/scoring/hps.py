@@ -11,12 +11,10 @@ logit scale and no x100 (the benchmark's x100 scale is left to the caller).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import pickle
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
@@ -28,7 +26,9 @@ import torchvision.transforms.functional as TF
 from open_clip.utils import to_2tuple
 from torchvision.transforms import InterpolationMode
 
-from actors.scoring.base import resolve_device, resolve_dtype, score_in_chunks
+from actors.scoring.base import score_in_chunks
+from mgt import checkpoints
+from mgt.devices import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -86,11 +86,6 @@ def preprocess(image: Image.Image, size: int, resize_mode: Literal["pad", "crop"
 # finding the checkpoint
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    """``cache_dir``, else ``$MASKRAY_CACHE``, else ``~/.cache/maskray`` (the layout mgt uses too)."""
-    return Path(cache_dir or os.environ.get("MASKRAY_CACHE") or Path.home() / ".cache" / "maskray")
-
-
 def resolve_checkpoint(checkpoint: str | os.PathLike, version: str, cache_dir: str | os.PathLike | None) -> Path:
     """A local file holding the HPS weights that ``checkpoint`` names.
 
@@ -115,7 +110,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, version: str, cache_dir: s
         filename = repo_and_file[2] if len(repo_and_file) == 3 else HPS_HUB_FILES[version]
         return _download_hub("/".join(repo_and_file[:2]), filename, cache_dir)
     if "://" in text:
-        return _download_object_store(text, _cache_root(cache_dir) / "checkpoints")
+        return checkpoints.fetch_object(text, checkpoints.cache_dir(cache_dir) / "checkpoints", what="HPS checkpoint")
     path = Path(text).expanduser()
     if path.is_file():
         return path
@@ -129,47 +124,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, version: str, cache_dir: s
 
 
 def _download_hub(repo_id: str, filename: str, cache_dir: str | os.PathLike | None) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
-    except EntryNotFoundError as error:  # also raised when the file is not cached and the hub is offline
-        raise FileNotFoundError(
-            f"HPS checkpoint {filename!r} of hub repo {repo_id!r} is neither in the local hub cache "
-            f"({cache_dir or 'the default HF cache'}) nor fetchable from the hub "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it once with network access "
-            "or pass a local file"
-        ) from error
-    except (RepositoryNotFoundError, HfHubHTTPError) as error:
-        raise FileNotFoundError(f"hub checkpoint {repo_id}/{filename} could not be fetched: {error}") from error
-
-
-def _download_object_store(uri: str, root: Path) -> Path:
-    """Copy ``uri`` to ``root/<hash of uri>/<name>`` unless already there; return the local path.
-
-    The copy lands in a temporary name and is renamed into place, so actors that start together on one
-    node never read a half-written file, and a finished copy is never fetched again.
-    """
-    import fsspec
-
-    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rstrip("/").rsplit("/", 1)[-1]
-    if target.is_file():
-        return target
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-    except (ValueError, ImportError) as error:  # unknown protocol, or its fsspec backend is not installed
-        raise ValueError(f"HPS checkpoint URI {uri!r} cannot be opened with fsspec: {error}") from error
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"HPS checkpoint {uri!r} does not exist (check the bucket, the key and credentials)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        fs.get_file(path, str(staging))
-        staging.replace(target)
-    finally:
-        staging.unlink(missing_ok=True)
-    return target
+    return checkpoints.fetch_hub(repo_id, cache_dir, filename=filename,
+                                 what=f"HPS checkpoint {filename!r} of hub repo {repo_id!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,26 +193,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, label: str) -> None:
-    """Raise one ValueError listing every missing, unexpected and mis-shaped key."""
-    expected = module.state_dict()
-
-    def head(keys: list[str]) -> str:
-        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    mis_shaped = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in sorted(expected.keys() & state.keys())
-        if state[key].shape != expected[key].shape
-    ]
-    kinds = {"missing": missing, "unexpected": unexpected, "mis-shaped (checkpoint vs model)": mis_shaped}
-    problems = [f"{len(keys)} {kind}: {head(keys)}" for kind, keys in kinds.items() if keys]
-    if problems:
-        raise ValueError(f"HPS checkpoint {str(path)!r} does not match {label}: " + "; ".join(problems))
-
-
 # ---------------------------------------------------------------------------------------------------
 # the scorer
 
@@ -309,12 +245,14 @@ class HPSv2Scorer:
         self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, cuda_default=torch.float16)
 
         self.checkpoint_path = resolve_checkpoint(checkpoint, version, cache_dir)
         clip, self._tokenizer, label = _build_clip(model, self.device)
         state = _read_state_dict(self.checkpoint_path)
-        _check_state_dict(clip, state, self.checkpoint_path, label)
+        mismatch = checkpoints.state_dict_mismatch(clip, state)
+        if mismatch:
+            raise ValueError(f"HPS checkpoint {str(self.checkpoint_path)!r} does not match {label}: {mismatch}")
         clip.load_state_dict(state, strict=True)
         self._model = clip.to(dtype=self.dtype).eval().requires_grad_(False)
         height, width = to_2tuple(self._model.visual.image_size)

@@ -36,8 +36,9 @@ class EvaluateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompts: list[str] = Field(default_factory=lambda: ["examples/eval_prompts.jsonl"], description="Prompt "
-                               "set file(s): Parquet, JSON, JSONL, CSV or text, local or s3:// (optional "
-                               "category column; with several files the file name is the category).")
+                               "set(s): a Parquet, JSON, JSONL, CSV or text file, a folder of them or a glob, "
+                               "local or s3:// (optional category column; with several sets the file name is "
+                               "the category).")
     out: str = Field("eval", description="Output root: runs/<sampler>-<hash>/ per sampler and report/.")
     baseline: str = Field("vanilla", description="Baseline sampler: preset or compact spec.")
     candidates: list[str] = Field(default_factory=lambda: ["noise", "differential", "zsampling"],

@@ -17,6 +17,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from jobs.serve.config import ServeConfig
 from jobs.serve.deployments import ImageGenerator, ImageScorer
 from jobs.serve.ingress import ImagesAPI
+from mgt.validation import describe_validation_error
 
 
 def parse_config(args: dict[str, Any]) -> ServeConfig:
@@ -28,9 +29,7 @@ def parse_config(args: dict[str, Any]) -> ServeConfig:
     try:
         return ServeConfig.model_validate(args)
     except ValidationError as error:
-        problems = [f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']} (got {item.get('input')!r})"
-                    for item in error.errors()]
-        raise ValueError("invalid serve args: " + "; ".join(problems)) from None
+        raise ValueError(f"invalid serve args: {describe_validation_error(error)}") from None
 
 
 def build_application(config: ServeConfig) -> Application:

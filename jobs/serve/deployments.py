@@ -132,12 +132,9 @@ class ImageGenerator:
                                           f"step {step + 1}/{settings.steps}")
 
         self._stats["generate_calls"] += 1
-        output = self.pipe.generate(
-            [job.prompt for job in group], [job.seed for job in group],
-            negative_prompts=[job.negative_prompt for job in group], steps=settings.steps,
-            guidance=settings.guidance, width=settings.width, height=settings.height, sampler=settings.sampler,
-            on_step=stop_if_abandoned,
-        )
+        output = settings.generate(self.pipe, [job.prompt for job in group], [job.seed for job in group],
+                                   negative_prompts=[job.negative_prompt for job in group],
+                                   on_step=stop_if_abandoned)
         return list(output.images)
 
 

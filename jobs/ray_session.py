@@ -1,0 +1,30 @@
+"""Ray start-up for the commands that run on Ray Data (``generate``, ``evaluate``).
+
+The job starts Ray, never the builders. ``RAY_ADDRESS`` when set joins an existing cluster; otherwise a
+local Ray starts on this machine, on loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ``import
+ray``) and without its dashboard. Connecting is deferred to the callback the context yields, so a bad
+input file fails in a second, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[Callable[[], None]]:
+    """Yield ``connect()`` (``ray.init`` as above); Ray is shut down on exit, if it was started."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or "local"
+
+    def connect() -> None:
+        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
+
+    try:
+        yield connect
+    finally:
+        ray.shutdown()
