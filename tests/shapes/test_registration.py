@@ -88,7 +88,8 @@ def test_serve_with_the_shapes_model_and_scorer(ray_local):
     caption = scenes.make_scene(next(iter(scenes.held_out_seeds(1)))).caption
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"model": "shapes-meissonic", "scorer": {"name": "shapes", "device": "cpu"}}),
+        serve.run(build_app({"model": "shapes-meissonic", "scorer": {"name": "shapes", "device": "cpu"},
+                             "allow_unauthenticated": True}),  # loopback only
                   name="maskray-shapes", route_prefix="/")
         response = requests.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=120,
                                  json={"prompt": caption, "seed": 3, "steps": 2, "response_format": "b64_json"})
