@@ -184,7 +184,7 @@ class NodeWatch:
 
     def _report(self, event: str, node_id: str, resources: dict[str, float], nodes: dict) -> None:
         total = {k: sum(r.get(k, 0.0) for r in nodes.values()) for k in ("GPU", "CPU")}
-        self.log(f"{self.prefix}: node {node_id[:12]} {event} ({_short(resources)}) after "
+        self.log(f"{self.prefix}: node {node_id[-12:]} {event} ({_short(resources)}) after "
                  f"{time.monotonic() - self._started:.1f} s; the cluster now has {total['GPU']:g} GPU, "
                  f"{total['CPU']:g} CPU on {len(nodes)} node(s)")
 

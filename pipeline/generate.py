@@ -34,7 +34,11 @@ SMALL_CLUSTER_CPUS = 4
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Resolved resources of one actor stage: a pool of ``min_actors`` to ``max_actors`` (None: no bound)."""
+    """Resolved resources of one actor stage: a pool of ``min_actors`` to ``max_actors`` (None: no bound).
+
+    ``eager``: start the pool at its maximum (capped by the work), so that an autoscaler is asked for every
+    node at once instead of Ray Data doubling the pool every few seconds; idle actors still scale it down.
+    """
 
     min_actors: int
     max_actors: int | None
@@ -42,16 +46,21 @@ class StagePlan:
     num_gpus: float
     batch_size: int
     torch_threads: int | None
+    eager: bool = False
 
     @property
     def actors(self) -> int | None:
         """The most actors the pool may run (on a fixed cluster, its size)."""
         return self.max_actors
 
-    def compute(self) -> ray.data.ActorPoolStrategy:
+    def compute(self, batches: int) -> ray.data.ActorPoolStrategy:
+        """The pool for ``batches`` batches of work: a fixed size, or a range Ray Data scales."""
         if self.min_actors == self.max_actors:
             return ray.data.ActorPoolStrategy(size=self.min_actors)
-        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors)
+        initial = self.min_actors
+        if self.eager and self.max_actors is not None:
+            initial = max(self.min_actors, min(self.max_actors, batches))
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors, initial_size=initial)
 
     def describe(self) -> str:
         """``4``, ``1-8`` or ``1+`` actor(s)."""
@@ -167,20 +176,21 @@ def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float 
                          f"{most}: {capacity.describe()}; lower --{stage}-actors")
     if most is not None and high is not None:
         high = min(high, most)
-    return StagePlan(low, high, share, gpus, batch_size, torch_threads)
+    return StagePlan(low, high, share, gpus, batch_size, torch_threads, eager=stage == "generator")
 
 
 def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, done: frozenset[str],
                   generator: StagePlan, scorer: StagePlan | None) -> ray.data.Dataset:
     """The lazy plan from prompt shards to scored image rows (the sink is attached by ``run_generate``)."""
     job = config.job
+    batches = -(-(scan.samples - len(done)) // generator.batch_size)
     ds = ray.data.read_parquet(scan.files, filesystem=prompts.arrow_fs).select_columns(scan.columns)
     ds = ds.map_batches(expand_samples, batch_format="numpy",
                         fn_kwargs={"run_seed": job.seed, "num_images": job.num_images, "done": done})
     ds = ds.repartition(target_num_rows_per_block=generator.batch_size)
     ds = ds.map_batches(
         Generator, batch_format="numpy", batch_size=generator.batch_size, udf_modifying_row_count=False,
-        compute=generator.compute(), num_cpus=generator.num_cpus,
+        compute=generator.compute(batches), num_cpus=generator.num_cpus,
         num_gpus=generator.num_gpus or None,
         fn_constructor_kwargs={"model": config.generator_model().model_dump(mode="json"),
                                "settings": config.generation.model_dump(mode="json"),
@@ -189,7 +199,7 @@ def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, do
     if scorer is not None:
         ds = ds.map_batches(
             ScoringStage, batch_format="numpy", batch_size=scorer.batch_size, udf_modifying_row_count=False,
-            compute=scorer.compute(), num_cpus=scorer.num_cpus,
+            compute=scorer.compute(batches), num_cpus=scorer.num_cpus,
             num_gpus=scorer.num_gpus or None,
             fn_constructor_kwargs={"scorer": config.scorer_config().model_dump(mode="json"),
                                    "fail_fast": job.fail_fast})
@@ -209,7 +219,7 @@ def watch_autoscaler(capacity: Capacity, generator: StagePlan, scorer: StagePlan
         if waiting:
             kind = "GPU" if plan.num_gpus > 0 else "CPU"
             log(f"maskray generate: waiting for {waiting[0]} {kind} node(s) of type {waiting[1]} from the "
-                f"autoscaler for the first {plan.min_actors} {stage} actor(s); the pool grows to "
+                f"autoscaler before the first {plan.min_actors} {stage} actor(s) can start; the pool grows to "
                 f"{plan.max_actors or 'any number of'} actor(s) as nodes join")
     return NodeWatch(log, "maskray generate").start()
 
