@@ -26,7 +26,7 @@ MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray's dashboard upload limit
 EXCLUDES = [".git", ".ci", "tests", "out", "samples", "eval", "bench-results", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_TOKEN", "MASKRAY_CACHE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MASKRAY_AUTOSCALING_CONFIG")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
