@@ -7,7 +7,9 @@ This repository is uploaded as the job's ``working_dir`` (``.gitignore`` and the
 the upload must stay under Ray's 100 MiB limit), the job runs ``python -m jobs.cli <command> <args>`` on the
 cluster, and its logs stream here until it ends. Output paths are resolved on the cluster, so ``--out`` must
 be an object-store URI or an absolute path on storage the cluster shares; a rerun with the same ``--out``
-resumes the run.
+resumes the run. On an autoscaling cluster whose head does not already say its node types, set
+``MASKRAY_AUTOSCALING_CONFIG`` here (a local autoscaler-config file is sent as its text) so the job's pools
+are sized from what the cluster can grow to (``pipeline.capacity``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from pipeline.capacity import ENV as CAPACITY_ENV
+
 HELP = "Submit `generate` or `evaluate` to a Ray cluster (Ray Jobs API), stream its logs, report its output."
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray's dashboard upload limit
 EXCLUDES = [".git", ".ci", "tests", "out", "samples", "eval", "bench-results", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_TOKEN", "MASKRAY_CACHE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MASKRAY_AUTOSCALING_CONFIG")
+                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", CAPACITY_ENV)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +76,22 @@ def upload_size(folder: Path) -> int:
                if f.is_file() and f.relative_to(folder).parts[0] not in top_excludes and "__pycache__" not in f.parts)
 
 
+def job_env(items: list[str]) -> dict[str, str]:
+    """The job's environment: the forwarded variables set here, then ``--env KEY=VALUE`` items.
+
+    A ``MASKRAY_AUTOSCALING_CONFIG`` naming a local file is sent as the file's text: the job cannot read it.
+    """
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--env {item!r} must be KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key] = value
+    if CAPACITY_ENV in env and Path(env[CAPACITY_ENV]).expanduser().is_file():
+        env[CAPACITY_ENV] = Path(env[CAPACITY_ENV]).expanduser().read_text()
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -83,12 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if size > MAX_UPLOAD_BYTES:
         raise ValueError(f"working_dir {folder} is {size / 2**20:.0f} MiB, over Ray's 100 MiB upload limit; "
                          "remove large untracked files or bake the code into the image (infra/Dockerfile)")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    for item in args.env:
-        if "=" not in item:
-            raise ValueError(f"--env {item!r} must be KEY=VALUE")
-        key, value = item.split("=", 1)
-        env[key] = value
+    env = job_env(args.env)
     submission_id = args.submission_id or f"maskray-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     entrypoint = shlex.join(["python", "-m", "jobs.cli", args.command, *job_args])
     try:

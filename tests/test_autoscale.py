@@ -331,3 +331,15 @@ def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluste
     assert manifest["counts"]["errors"] == 0 and len(list((out / "images").iterdir())) == len(ids)
     print(f"\nfake autoscaler: job {seconds:.1f} s; generator actors up {actors['started_s']} s after the run "
           f"started, on {actors['nodes']}")
+
+
+def test_submit_sends_a_local_autoscaling_config_as_its_text(tmp_path, monkeypatch):
+    from jobs.submit_cmd import job_env
+
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(yaml.safe_dump({"available_node_types": FAKE_TYPES}))
+    monkeypatch.setenv(ENV, str(path))
+    sent = job_env(["HF_HUB_OFFLINE=1"])[ENV]
+    config, source = load_autoscaling_config(sent)  # what the job reads on the cluster
+    assert source == ENV and node_types_from_autoscaling_config(config, source)[1].max_count == 2
+    assert job_env([f"{ENV}={{available_node_types: {{}}}}"])[ENV] == "{available_node_types: {}}"
