@@ -52,14 +52,15 @@ class Capacity:
 
     resources: dict[str, float]
     node_types: tuple[NodeType, ...] = ()
-    source: str = "ray.cluster_resources()"
+    source: str = ""  # where the node types were read
 
     @property
     def autoscaling(self) -> bool:
         return any(t.max_count is None or t.max_count > t.min_count for t in self.node_types)
 
     def describe(self) -> str:
-        return "; ".join(t.describe() for t in self.node_types) + f" (from {self.source})"
+        """The node types, ``; ``-separated, and their source."""
+        return "; ".join(t.describe() for t in self.node_types) + (f" (from {self.source})" if self.source else "")
 
 
 def per_node(resources: dict[str, float], bundle: dict[str, float]) -> int:
@@ -215,9 +216,9 @@ class PoolUsage:
 def pool_usage(udf: str, since: float) -> PoolUsage:
     """Usage of the actor pool running ``udf`` (Ray Data names its actors ``MapWorker(MapBatches(<udf>))``).
 
-    Reads this job's actor table from the GCS (``ray._private.state.actors``; the public ``ray.util.state``
-    needs the dashboard, which a local run does not start), keeping actors started at or after ``since``
-    (epoch seconds), so each run of an evaluation counts only its own pool.
+    Reads this job's actors from the GCS actor table (``ray._private.state.actors``: the public
+    ``ray.util.state`` needs the dashboard, which a local run does not start), keeping those started at or after
+    ``since`` (epoch seconds), so each run of an evaluation counts only its own pool.
     """
     import ray
     import ray._private.state
@@ -225,9 +226,9 @@ def pool_usage(udf: str, since: float) -> PoolUsage:
     job_id = ray.get_runtime_context().get_job_id()
     name = f"MapWorker(MapBatches({udf}))"
     spans, nodes = [], []
-    for actor in ray._private.state.actors().values():
+    for actor in ray._private.state.actors(job_id=ray.JobID.from_hex(job_id)).values():
         start, end = actor["StartTime"] / 1000, actor["EndTime"] / 1000
-        if actor["ActorClassName"] != name or actor["JobID"] != job_id or not start or start < since:
+        if actor["ActorClassName"] != name or not start or start < since:
             continue
         spans.append((start, end or math.inf))
         node = actor["Address"]["NodeID"]

@@ -22,7 +22,7 @@ import ray
 from actors.generator import Generator
 from actors.scoring_stage import ScoringStage
 from pipeline import manifest as run_manifest
-from pipeline.capacity import ENV as CAPACITY_ENV, Capacity, NodeType, NodeWatch, nodes_to_wait_for, per_node
+from pipeline.capacity import ENV as CAPACITY_ENV, Capacity, NodeWatch, nodes_to_wait_for, per_node
 from pipeline.capacity import pool_usage, read_capacity
 from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS, pool_range
 from pipeline.prompts import PromptScan, expand_samples, sample_key, scan_prompts
@@ -69,12 +69,12 @@ class StagePlan:
         return f"{self.min_actors}-{self.max_actors}" if self.max_actors else f"{self.min_actors}+"
 
 
-def plan_stages(config: GenerateConfig, resources: dict[str, float],
-                node_types: tuple[NodeType, ...] = ()) -> tuple[StagePlan, StagePlan | None]:
+def plan_stages(config: GenerateConfig,
+                capacity: Capacity | dict[str, float]) -> tuple[StagePlan, StagePlan | None]:
     """Pool sizes and per-actor resources of the generator and scorer stages.
 
-    On a fixed cluster (no ``node_types``, or none that can scale) the pools are sized from ``resources``, what
-    is up now; on an autoscaling cluster from what the node types can supply (``_plan_autoscaling``).
+    On a fixed cluster (a plain resources dict, or node types that cannot scale) the pools are sized from
+    what is up now; on an autoscaling cluster from what its node types can supply (``_plan_autoscaling``).
     ``--generator-actors`` / ``--scorer-actors`` (N or MIN:MAX) override the sizes.
 
     Raises:
@@ -82,10 +82,11 @@ def plan_stages(config: GenerateConfig, resources: dict[str, float],
             node type has (autoscaling), or CPU shares that leave no CPU for the read and write tasks (names
             the flags to change).
     """
-    capacity = Capacity(resources, node_types)
+    if not isinstance(capacity, Capacity):
+        capacity = Capacity(capacity)
     if capacity.autoscaling:
         return _plan_autoscaling(config, capacity)
-    return _plan_fixed(config, resources)
+    return _plan_fixed(config, capacity.resources)
 
 
 def _plan_fixed(config: GenerateConfig, resources: dict[str, float]) -> tuple[StagePlan, StagePlan | None]:
@@ -148,6 +149,7 @@ def _plan_autoscaling(config: GenerateConfig, capacity: Capacity) -> tuple[Stage
 
 def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float | None, pool: int | str | None,
                        batch_size: int, torch_threads: int | None) -> StagePlan:
+    """One stage's plan on an autoscaling cluster (rules in ``_plan_autoscaling``); ``cpus`` None: default share."""
     hosts, shares = [], []  # (node type, actors per node), the default CPU share on each
     for node_type in capacity.node_types:
         node_cpus = node_type.resources.get("CPU", 0.0)
@@ -258,7 +260,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     if connect is not None:
         connect()
     capacity = read_capacity()
-    generator, scorer = plan_stages(config, capacity.resources, capacity.node_types)
+    generator, scorer = plan_stages(config, capacity)
     records = run_manifest.completed(out)
     done = frozenset(sample_key(p, i) for p, i in zip(records["prompt_id"].to_pylist(),
                                                       records["sample_idx"].to_pylist()))

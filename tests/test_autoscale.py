@@ -41,7 +41,8 @@ FAKE_TYPES = {"ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_conf
               "ray.worker.gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0,
                                  "max_workers": 2}}
 FAKE = node_types_from_autoscaling_config({"available_node_types": FAKE_TYPES, "head_node_type": "ray.head.default"},
-                                          "test")
+                                          "the fake config")
+EMPTY_FAKE = Capacity({}, FAKE, "the fake config")  # no worker node up yet
 
 
 def job(**options) -> GenerateConfig:
@@ -105,7 +106,7 @@ def test_node_types_from_ray_autoscaler_state_in_the_gcs():
         autoscaler_pb2.NodeGroupConfig(name="spot", resources={"CPU": 8, "GPU": 1}, max_count=-1)])
     assert node_types_from_cluster_config(published) == (NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 0, 8),
                                                         NodeType("spot", {"CPU": 8.0, "GPU": 1.0}, 0, None))
-    plan, _ = plan_stages(job(generator_gpus=1), {}, node_types_from_cluster_config(published))
+    plan, _ = plan_stages(job(generator_gpus=1), Capacity({}, node_types_from_cluster_config(published)))
     assert (plan.min_actors, plan.max_actors) == (1, None)  # an unbounded type: Ray Data's pool has no cap
 
 
@@ -114,7 +115,7 @@ def test_node_types_from_ray_autoscaler_state_in_the_gcs():
 
 
 def test_gpu_pool_on_an_empty_autoscaling_cluster_waits_instead_of_failing():
-    generator, scorer = plan_stages(job(generator_gpus=1), {}, FAKE)
+    generator, scorer = plan_stages(job(generator_gpus=1), EMPTY_FAKE)
     assert (generator.min_actors, generator.max_actors, generator.eager) == (1, 2, True)
     # the single CPU of a worker stays free for the read and write tasks: the GPU actor reserves none
     assert generator.num_cpus == 0 and scorer is None
@@ -130,19 +131,20 @@ def test_eager_pool_asks_for_its_maximum_capped_by_the_work():
 
 def test_request_no_node_type_can_hold_is_refused_naming_the_node_types():
     with pytest.raises(ValueError, match=r"generator actor with 2 GPU .* fits no node type.*"
-                                         r"ray\.worker\.gpu \{CPU: 1, GPU: 1\} x 0-2.*lower --generator-gpus"):
-        plan_stages(job(generator_gpus=2), {}, FAKE)
+                                         r"ray\.worker\.gpu \{CPU: 1, GPU: 1\} x 0-2 \(from the fake config\); "
+                                         r"lower --generator-gpus"):
+        plan_stages(job(generator_gpus=2), EMPTY_FAKE)
     with pytest.raises(ValueError, match=r"--generator-actors 3:4 needs 3 generator actors .* at most 2"):
-        plan_stages(job(generator_gpus=1, generator_actors="3:4"), {}, FAKE)
+        plan_stages(job(generator_gpus=1, generator_actors="3:4"), EMPTY_FAKE)
     # a CPU scorer at its default share would take the only CPU of these nodes: refused, an explicit one fits
     with pytest.raises(ValueError, match="scorer actor with 0 GPU and the default CPU share fits no node type"):
-        plan_stages(job(generator_gpus=1, scorer="shapes"), {}, FAKE)
-    _, scorer = plan_stages(job(generator_gpus=1, scorer="shapes", scorer_cpus=0.5), {}, FAKE)
+        plan_stages(job(generator_gpus=1, scorer="shapes"), EMPTY_FAKE)
+    _, scorer = plan_stages(job(generator_gpus=1, scorer="shapes", scorer_cpus=0.5), EMPTY_FAKE)
     assert (scorer.min_actors, scorer.max_actors, scorer.eager) == (1, 4, False)
 
 
 def test_pool_maximum_is_capped_by_the_node_types():
-    plan, _ = plan_stages(job(generator_gpus=1, generator_actors="1:5"), {}, FAKE)
+    plan, _ = plan_stages(job(generator_gpus=1, generator_actors="1:5"), EMPTY_FAKE)
     assert (plan.min_actors, plan.max_actors) == (1, 2)
 
 
@@ -154,7 +156,7 @@ def test_pool_maximum_is_capped_by_the_node_types():
 ])
 def test_actors_leave_a_cpu_free_on_every_node_while_the_head_has_none(node, gpus, share, per_node):
     types = (NodeType("head", {"CPU": 0.0}, 1, 1), NodeType("worker", {k: float(v) for k, v in node.items()}, 0, 3))
-    plan, _ = plan_stages(job(generator_gpus=gpus), {}, types)
+    plan, _ = plan_stages(job(generator_gpus=gpus), Capacity({}, types))
     assert plan.num_cpus == pytest.approx(share) and plan.max_actors == 3 * per_node
     assert per_node * plan.num_cpus <= node["CPU"] - 1
 
@@ -162,7 +164,7 @@ def test_actors_leave_a_cpu_free_on_every_node_while_the_head_has_none(node, gpu
 def test_fixed_cluster_is_sized_from_what_is_up_as_before():
     fixed = (NodeType("head", {"CPU": 16.0, "GPU": 2.0}, 1, 1),)  # node types that cannot scale: fixed
     for node_types in ((), fixed):
-        plan, _ = plan_stages(job(generator_gpus=1), {"CPU": 16.0, "GPU": 2.0}, node_types)
+        plan, _ = plan_stages(job(generator_gpus=1), Capacity({"CPU": 16.0, "GPU": 2.0}, node_types))
         assert (plan.min_actors, plan.max_actors, plan.eager) == (2, 2, False)
         pool = plan.compute(batches=10)
         assert (pool.min_size, pool.max_size) == (2, 2)
@@ -202,7 +204,7 @@ def test_shipped_rayjob_args_size_their_pools_from_the_worker_group(command):
     assert json.loads(value) == autoscaling_config(spec)
     config, source = load_autoscaling_config(value)
     node_types = node_types_from_autoscaling_config(config, source)
-    generator, scorer = plan_stages(_shipped_configs()[command], {}, node_types)  # no GPU node up yet
+    generator, scorer = plan_stages(_shipped_configs()[command], Capacity({}, node_types, source))  # no GPU up
     workers = spec.max_workers * spec.worker_gpus
     assert (generator.min_actors, generator.max_actors, generator.num_gpus) == (1, workers, 1.0)
     assert (scorer.min_actors, scorer.max_actors) == (1, workers * 4)  # 0.25 GPU each
