@@ -211,6 +211,18 @@ def test_shipped_rayjob_args_size_their_pools_from_the_worker_group(command):
     assert generator.num_cpus + 4 * scorer.num_cpus <= spec.worker_cpus - 1
 
 
+def test_submit_sends_a_local_autoscaling_config_as_its_text(tmp_path, monkeypatch):
+    from jobs.submit_cmd import job_env
+
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(yaml.safe_dump({"available_node_types": FAKE_TYPES}))
+    monkeypatch.setenv(ENV, str(path))
+    sent = job_env(["HF_HUB_OFFLINE=1"])[ENV]
+    config, source = load_autoscaling_config(sent)  # what the job reads on the cluster
+    assert source == ENV and node_types_from_autoscaling_config(config, source)[1].max_count == 2
+    assert job_env([f"{ENV}={{available_node_types: {{}}}}"])[ENV] == "{available_node_types: {}}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # a generate job on Ray's fake multi-node autoscaler
 
@@ -334,14 +346,3 @@ def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluste
     print(f"\nfake autoscaler: job {seconds:.1f} s; generator actors up {actors['started_s']} s after the run "
           f"started, on {actors['nodes']}")
 
-
-def test_submit_sends_a_local_autoscaling_config_as_its_text(tmp_path, monkeypatch):
-    from jobs.submit_cmd import job_env
-
-    path = tmp_path / "autoscaler.yaml"
-    path.write_text(yaml.safe_dump({"available_node_types": FAKE_TYPES}))
-    monkeypatch.setenv(ENV, str(path))
-    sent = job_env(["HF_HUB_OFFLINE=1"])[ENV]
-    config, source = load_autoscaling_config(sent)  # what the job reads on the cluster
-    assert source == ENV and node_types_from_autoscaling_config(config, source)[1].max_count == 2
-    assert job_env([f"{ENV}={{available_node_types: {{}}}}"])[ENV] == "{available_node_types: {}}"
