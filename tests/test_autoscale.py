@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -289,7 +290,8 @@ def fake_cluster():
     port = free_port()
     config = {"cluster_name": "maskray-fake", "max_workers": 2, "head_node_type": "ray.head.default",
               "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "use_node_id_as_ip": True,
-                           "disable_node_updaters": True, "disable_launch_config_check": True},
+                           "disable_node_updaters": True, "disable_launch_config_check": True,
+                           "launch_multiple": True},  # a launch of 2 nodes starts 2, not 1 per update
               "available_node_types": FAKE_TYPES, "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
               "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
               "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
@@ -319,8 +321,8 @@ def fake_cluster():
 
 @pytest.mark.slow
 def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluster, tmp_path):
-    ids = [f"p{i:02d}" for i in range(12)]
-    pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a red circle number {i}" for i in range(12)]}),
+    ids = [f"p{i:02d}" for i in range(24)]  # 12 batches: enough for the first actor to still be busy at the second
+    pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a red circle number {i}" for i in range(24)]}),
                    tmp_path / "prompts.parquet")
     out = tmp_path / "out"
     env = {**fake_cluster["env"], "RAY_ADDRESS": fake_cluster["address"], ENV: str(fake_cluster["config"]),
@@ -343,6 +345,8 @@ def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluste
     assert all(node.startswith("ffffffff") for node in actors["nodes"])  # the fake provider's worker node ids
     check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
     assert manifest["counts"]["errors"] == 0 and len(list((out / "images").iterdir())) == len(ids)
-    print(f"\nfake autoscaler: job {seconds:.1f} s; generator actors up {actors['started_s']} s after the run "
-          f"started, on {actors['nodes']}")
+    run_start = datetime.fromisoformat(manifest["attempts"][-1]["started_at"]).timestamp() - started  # +-1 s
+    print(f"\nfake autoscaler: job {seconds:.1f} s; the run started {run_start:.0f} s after the command (prompt "
+          f"scan, Ray connect); generator actors up {actors['started_s']} s after the run started, on "
+          f"{actors['nodes']}")
 
