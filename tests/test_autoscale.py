@@ -31,7 +31,7 @@ from jobs.cli_args import build_model
 from jobs.cluster import ClusterSpec, autoscaling_config, render_all
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.capacity import (ENV, Capacity, NodeType, load_autoscaling_config, node_types_from_autoscaling_config,
-                               node_types_from_cluster_config, nodes_to_wait_for)
+                               node_types_from_cluster_config, nodes_to_wait_for, read_capacity)
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.generate import StagePlan, plan_stages
 from generate_helpers import check_exactly_once
@@ -109,6 +109,27 @@ def test_node_types_from_ray_autoscaler_state_in_the_gcs():
                                                         NodeType("spot", {"CPU": 8.0, "GPU": 1.0}, 0, None))
     plan, _ = plan_stages(job(generator_gpus=1), Capacity({}, node_types_from_cluster_config(published)))
     assert (plan.min_actors, plan.max_actors) == (1, None)  # an unbounded type: Ray Data's pool has no cap
+
+
+def test_read_capacity_prefers_ray_autoscaler_state_to_the_environment(ray_local, monkeypatch):
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    assert not read_capacity().autoscaling  # the local Ray: a fixed cluster
+    monkeypatch.setenv(ENV, json.dumps({"available_node_types": FAKE_TYPES}))
+    from_env = read_capacity()
+    assert from_env.source == ENV and from_env.autoscaling and from_env.resources["CPU"] == 2
+    published = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 4, "GPU": 1}, max_count=4)])
+    key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    _internal_kv_put(key, published.SerializeToString(), namespace=namespace)
+    try:
+        from_gcs = read_capacity()
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    assert from_gcs.source == "Ray's autoscaler state (GCS)"
+    assert from_gcs.node_types == (NodeType("gpu", {"CPU": 4.0, "GPU": 1.0}, 0, 4),)
 
 
 # ---------------------------------------------------------------------------------------------------
