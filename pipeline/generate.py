@@ -13,8 +13,9 @@ the reader, so the sample rows are repartitioned into blocks of ``batch_size`` r
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import ray
@@ -135,16 +136,22 @@ def _plan_autoscaling(config: GenerateConfig, capacity: Capacity) -> tuple[Stage
     Each actor leaves one CPU of its node free for Ray Data's read and write tasks (the CPUs come with the
     worker nodes, so the head may have none): an unset CPU share is 1 (0.5 on nodes of at most 4 CPUs), lowered
     to (node CPUs - 1) / actors per node, so 0 on a GPU node with a single CPU. An unset pool is 1 up to the
-    actors the node types hold at their maximum counts (unbounded if a type is); a pool's minimum that no
-    count of nodes can hold, or an actor that fits no node type, is refused.
+    actors the node types hold at their maximum counts (unbounded if a type is), the generator's less the
+    GPUs the scorer's minimum pool needs when both stages use GPUs; a pool's minimum that no count of nodes can
+    hold, or an actor that fits no node type, is refused.
     """
     job = config.job
     generator = _autoscaling_stage(capacity, "generator", job.generator_gpus, job.generator_cpus,
                                    job.generator_actors, job.batch_size, job.torch_threads)
     if job.scorer is None:
         return generator, None
-    return generator, _autoscaling_stage(capacity, "scorer", job.scorer_gpus, job.scorer_cpus or job.generator_cpus,
-                                         job.scorer_actors, job.scorer_batch_size, None)
+    scorer = _autoscaling_stage(capacity, "scorer", job.scorer_gpus, job.scorer_cpus or job.generator_cpus,
+                                job.scorer_actors, job.scorer_batch_size, None)
+    if generator.num_gpus and scorer.num_gpus and generator.max_actors and job.generator_actors is None:
+        # the eager generator pool would take every GPU and leave the scorer's first actors no room
+        displaced = math.ceil(scorer.min_actors * scorer.num_gpus / generator.num_gpus - 1e-9)
+        generator = replace(generator, max_actors=max(generator.min_actors, generator.max_actors - displaced))
+    return generator, scorer
 
 
 def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float | None, pool: int | str | None,

@@ -228,8 +228,9 @@ def test_shipped_rayjob_args_size_their_pools_from_the_worker_group(command):
     node_types = node_types_from_autoscaling_config(config, source)
     generator, scorer = plan_stages(_shipped_configs()[command], Capacity({}, node_types, source))  # no GPU up
     workers = spec.max_workers * spec.worker_gpus
-    assert (generator.min_actors, generator.max_actors, generator.num_gpus) == (1, workers, 1.0)
-    assert (scorer.min_actors, scorer.max_actors) == (1, workers * 4)  # 0.25 GPU each
+    # the generator leaves one GPU for the scorer's first actor (0.25 GPU each, 4 per GPU)
+    assert (generator.min_actors, generator.max_actors, generator.num_gpus) == (1, workers - 1, 1.0)
+    assert (scorer.min_actors, scorer.max_actors) == (1, workers * 4)
     assert generator.num_cpus + 4 * scorer.num_cpus <= spec.worker_cpus - 1
 
 
