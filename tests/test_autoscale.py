@@ -62,10 +62,12 @@ def test_pool_flags_take_n_or_min_max(value, bounds):
     assert yaml.safe_load(yaml.safe_dump(options.model_dump(mode="json"))) == options.model_dump(mode="json")
 
 
-@pytest.mark.parametrize("flag, value", [("--generator-actors", "3:1"), ("--generator-actors", "0"),
-                                         ("--scorer-actors", "two"), ("--scorer-actors", "1:2:3")])
-def test_bad_pool_flags_are_refused_naming_the_flag(capsys, tmp_path, flag, value):
-    assert main(["generate", "--out", str(tmp_path / "out"), flag, value]) == 2
+@pytest.mark.parametrize("command, flag, value", [
+    ("generate", "--generator-actors", "3:1"), ("generate", "--generator-actors", "0"),
+    ("generate", "--scorer-actors", "two"), ("evaluate", "--scorer-actors", "1:2:3"),
+    ("evaluate", "--generator-actors", "2:1")])
+def test_bad_pool_flags_are_refused_naming_the_flag(capsys, tmp_path, command, flag, value):
+    assert main([command, "--out", str(tmp_path / "out"), flag, value]) == 2
     error = capsys.readouterr().err
     assert flag in error and "N actors or MIN:MAX" in error and not (tmp_path / "out").exists()
 
