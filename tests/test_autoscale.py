@@ -359,14 +359,15 @@ def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluste
     started = time.time()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.time() - started
+    print(result.stdout)  # pytest shows it when the test fails
     assert result.returncode == 0, shlex.join(command) + "\n" + result.stdout[-3000:] + result.stderr[-3000:]
     assert "1-2 generator actor(s) (1 GPU, 0 CPU each" in result.stdout
     assert "waiting for 1 GPU node(s) of type ray.worker.gpu from the autoscaler" in result.stdout
-    assert result.stdout.count("joined (GPU 1, CPU 1)") == 2  # the autoscaler added both GPU nodes
     manifest = json.loads((out / "manifest.json").read_text())
     actors = manifest["attempts"][-1]["actors"]["generator"]
     assert actors["peak"] == 2 and len(set(actors["nodes"])) == 2
     assert all(node.startswith("ffffffff") for node in actors["nodes"])  # the fake provider's worker node ids
+    assert result.stdout.count("joined (GPU 1, CPU 1)") >= 2  # the autoscaler's progress, logged by the job
     check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
     assert manifest["counts"]["errors"] == 0 and len(list((out / "images").iterdir())) == len(ids)
     run_start = datetime.fromisoformat(manifest["attempts"][-1]["started_at"]).timestamp() - started  # +-1 s
