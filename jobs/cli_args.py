@@ -63,7 +63,7 @@ _ConfigLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _ConfigLoader.add_implicit_resolver(  # SafeLoader's int pattern minus its last, base-60 branch
     "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
-                                        r"|[-+]?0x[0-9a-fA-F_]+)$", re.X), list("-+0123456789"))
+                                        r"|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:

@@ -52,7 +52,8 @@ class JobOptions(BaseModel):
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (0: CPU; 0.5 packs two "
                                   "actors on a GPU).")
     generator_cpus: float | None = Field(None, gt=0, description="CPUs reserved per generator actor. Unset: 1, "
-                                         "or 0.5 on clusters with at most 4 CPUs so read and write tasks still run.")
+                                         "or 0.5 on clusters (autoscaling: nodes) with at most 4 CPUs, lowered so "
+                                         "one CPU stays free for the read and write tasks.")
     torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads per actor. Unset: Ray's "
                                       "setting, the actor's CPUs rounded down, at least 1 (more threads than "
                                       "reserved cores stall every op when the machine is busy).")
