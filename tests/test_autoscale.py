@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -340,7 +341,8 @@ def fake_cluster():
         yield {"address": f"127.0.0.1:{port}", "config": temp / "autoscaler.yaml", "env": env, "temp": temp}
     finally:
         left = stop_session(head, str(temp))
-    assert not left, f"processes of the fake cluster survived: {sorted(left)}"
+    assert not left, f"processes of the fake cluster survived: {sorted(left)} (logs in {temp})"
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
