@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,18 @@ def _strip_optional(annotation: Any) -> Any:
     return annotation
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 integers, so a pool range ``1:8`` stays the string "1:8" (not 68)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(  # SafeLoader's int pattern minus its last, base-60 branch
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
+                                        r"|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+
+
 def load_config_file(path: str | None) -> dict[str, Any]:
     """A YAML/JSON mapping from ``path``; keys may use ``-`` or ``_``."""
     if not path:
@@ -102,7 +115,7 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(file) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=_ConfigLoader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -6,19 +6,23 @@ manifests never drift apart. ``infra/cluster.yaml`` holds the defaults we ship a
 rendering (a test checks both agree and validate against the KubeRay v1.7.0 CRD schemas).
 
 Choices for scarce GPUs: the head runs no work (``num-cpus: 0``); the worker group autoscales between
-``min_workers`` and ``max_workers``; RayJobs retry on a fresh cluster (``backoffLimit``) and resume from the
+``min_workers`` and ``max_workers``, and the head pod tells the jobs so (``MASKRAY_AUTOSCALING_CONFIG``), so
+their actor pools start with zero GPU nodes and grow with the group; RayJobs retry on a fresh cluster (``backoffLimit``) and resume from the
 completion records under their ``--out`` on object storage; the RayService upgrades with ``NewCluster`` only
 for cluster changes (serve-config edits apply in place) and deletes the old cluster after 60 s.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.capacity import ENV as CAPACITY_ENV
 
 
 class ClusterSpec(BaseModel):
@@ -69,14 +73,32 @@ class ClusterSpec(BaseModel):
 CACHE_ENV = [{"name": "HF_HOME", "value": "/models/hf"}, {"name": "MASKRAY_CACHE", "value": "/models/maskray"}]
 
 
+def autoscaling_config(spec: ClusterSpec) -> dict[str, Any]:
+    """The cluster's node types in Ray's autoscaler-config form, for ``MASKRAY_AUTOSCALING_CONFIG``.
+
+    KubeRay's autoscaler does not publish its node groups to Ray's autoscaler state, so the jobs' drivers
+    (on the head) read them from this environment variable to size their actor pools from what the worker
+    group can grow to (``pipeline.capacity``). Resources as KubeRay derives them: ``num-cpus 0`` on the head,
+    the container limits on the workers.
+    """
+    return {"head_node_type": "head",
+            "available_node_types": {
+                "head": {"resources": {"CPU": 0, "GPU": 0}, "max_workers": 0},
+                "gpu": {"resources": {"CPU": spec.worker_cpus, "GPU": spec.worker_gpus},
+                        "min_workers": spec.min_workers, "max_workers": spec.max_workers}}}
+
+
 def _container(spec: ClusterSpec, name: str, cpus: int, memory: str, gpus: int) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": str(cpus), "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
+    env = list(CACHE_ENV)
+    if name == "ray-head":
+        env.append({"name": CAPACITY_ENV, "value": json.dumps(autoscaling_config(spec), separators=(",", ":"))})
     container: dict[str, Any] = {
         "name": name, "image": spec.image, "imagePullPolicy": "IfNotPresent",
         "resources": {"limits": limits, "requests": dict(limits)},
-        "env": list(CACHE_ENV), "volumeMounts": [{"name": "model-cache", "mountPath": "/models"}],
+        "env": env, "volumeMounts": [{"name": "model-cache", "mountPath": "/models"}],
     }
     if spec.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.credentials_secret, "optional": True}}]

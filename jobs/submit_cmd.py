@@ -12,6 +12,10 @@ resumes the run.
 Credentials are not sent: the job's environment variables are shown by the Ray dashboard and ``ray job list``
 to anyone who can reach them, so the job uses the cluster's own (the KubeRay manifests mount a Secret). Only
 the settings in ``FORWARDED_ENV`` are forwarded; ``--forward-env NAME`` forwards another variable, with a warning.
+
+On an autoscaling cluster whose head does not already say its node types, set
+``MASKRAY_AUTOSCALING_CONFIG`` here (a local autoscaler-config file is sent as its text) so the job's pools
+are sized from what the cluster can grow to (``pipeline.capacity``).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from pipeline.capacity import ENV as CAPACITY_ENV
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray's dashboard upload limit
 EXCLUDES = [".git", ".ci", "tests", "out", "samples", "eval", "bench-results", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "MASKRAY_CACHE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")  # settings, no secrets
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "MASKRAY_CACHE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",  # settings, no secrets
+                 CAPACITY_ENV)
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
 def job_env(environ: dict[str, str], pairs: list[str], forward: list[str]) -> dict[str, str]:
     """The job's environment variables: the ``FORWARDED_ENV`` settings set here, ``--env KEY=VALUE`` pairs and the
-    ``--forward-env`` names, warning (by name, never by value) about those the Ray dashboard will show.
+    ``--forward-env`` names, warning (by name, never by value) about those the Ray dashboard will show. A
+    ``MASKRAY_AUTOSCALING_CONFIG`` naming a local file is sent as the file's text: the job cannot read it.
 
     Raises:
         ValueError: a pair without ``=``, or a forwarded name that is not set here.
@@ -138,6 +145,8 @@ def job_env(environ: dict[str, str], pairs: list[str], forward: list[str]) -> di
         if name not in environ:
             raise ValueError(f"--forward-env {name}: {name} is not set in this environment")
         env[name] = environ[name]
+    if CAPACITY_ENV in env and Path(env[CAPACITY_ENV]).expanduser().is_file():  # the job cannot read our files
+        env[CAPACITY_ENV] = Path(env[CAPACITY_ENV]).expanduser().read_text()
     if forward:
         logger.warning(f"forwarding {', '.join(forward)} to the job: anyone who can reach the Ray dashboard or run "
                        "`ray job list` on this cluster can read the value(s); prefer the cluster's own credentials")

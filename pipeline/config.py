@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.scoring.registry import ScorerConfig
 from mgt.config import GenerationSettings, ModelConfig
@@ -43,12 +44,16 @@ class JobOptions(BaseModel):
     fail_fast: bool = Field(False, description="Stop the job at the first failed row instead of recording the "
                             "error in its metrics row.")
     batch_size: int = Field(4, ge=1, description="Rows per generator call (per GPU forward).")
-    generator_actors: int | None = Field(None, ge=1, description="Generator pool size. Unset: one per GPU "
-                                         "(cluster GPUs / generator-gpus), or on CPU one per 2 cluster CPUs.")
+    generator_actors: int | str | None = Field(None, description="Generator pool: N actors, or MIN:MAX for a pool "
+                                               "that Ray Data grows and shrinks between the bounds. Unset: on an "
+                                               "autoscaling cluster 1:<actors its node types can host>; on a fixed "
+                                               "cluster one per GPU (cluster GPUs / generator-gpus), or on CPU one "
+                                               "per 2 cluster CPUs.")
     generator_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (0: CPU; 0.5 packs two "
                                   "actors on a GPU).")
     generator_cpus: float | None = Field(None, gt=0, description="CPUs reserved per generator actor. Unset: 1, "
-                                         "or 0.5 on clusters with at most 4 CPUs so read and write tasks still run.")
+                                         "or 0.5 on clusters (autoscaling: nodes) with at most 4 CPUs, lowered so "
+                                         "one CPU stays free for the read and write tasks.")
     torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads per actor. Unset: Ray's "
                                       "setting, the actor's CPUs rounded down, at least 1 (more threads than "
                                       "reserved cores stall every op when the machine is busy).")
@@ -60,12 +65,37 @@ class JobOptions(BaseModel):
     scorer_model: str | None = Field(None, description="Scorer architecture: open_clip name or JSON config file "
                                      "(HPS), hub id or folder (clip); unset: the scorer's default.")
     scorer_batch_size: int = Field(16, ge=1, description="Rows per scorer call.")
-    scorer_actors: int = Field(1, ge=1, description="Scorer pool size.")
+    scorer_actors: int | str | None = Field(None, description="Scorer pool: N actors or MIN:MAX. Unset: on an "
+                                            "autoscaling cluster 1:<actors its node types can host>, else 1.")
     scorer_gpus: float = Field(0.0, ge=0, description="GPUs per scorer actor (fp16 on GPU, fp32 on CPU).")
     scorer_cpus: float | None = Field(None, gt=0, description="CPUs reserved per scorer actor (unset: as "
                                       "generator-cpus).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// / gs:// "
                                             "prompts and --out, e.g. {client_kwargs: {endpoint_url: ...}} (YAML only).")
+
+    @field_validator("generator_actors", "scorer_actors", mode="before")
+    @classmethod
+    def _check_pool(cls, value: Any) -> Any:
+        """N -> N, " 1:8" -> "1:8"; anything else is refused (by ``pool_range``)."""
+        bounds = pool_range(value)
+        if bounds is None:
+            return None
+        return bounds[0] if isinstance(value, int) or ":" not in value else f"{bounds[0]}:{bounds[1]}"
+
+
+def pool_range(value: int | str | None) -> tuple[int, int] | None:
+    """``4`` or ``"4"`` -> (4, 4), ``"1:8"`` -> (1, 8), None -> None (the pool is sized from the cluster).
+
+    Raises:
+        ValueError: not N or MIN:MAX with 1 <= MIN <= MAX (the message shows both forms).
+    """
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", str(value)) if isinstance(value, (int, str)) else None
+    if isinstance(value, bool) or match is None or not 1 <= int(match[1]) <= int(match[2] or match[1]):
+        raise ValueError(f"{value!r} is not a pool size: give N actors or MIN:MAX with 1 <= MIN <= MAX "
+                         f"(e.g. 4 or 1:8)")
+    return int(match[1]), int(match[2] or match[1])
 
 
 # Factors of the output files: a rerun into the same --out must agree on all of them.

@@ -4,16 +4,18 @@
 executes it into a ``SampleSink`` and finalizes the run. Ray must already be initialised (the job starts
 it: ``jobs/generate_cmd.py``), so the same code runs on a laptop and on a cluster.
 
-Sizing rules (docs/ray-notes.md §3): stages use ``compute=ActorPoolStrategy(size=...)``; a GPU
-stage gets an integer batch size; on clusters with at most 4 CPUs actors reserve half a CPU so read and
-write tasks can still be scheduled; tiny prompt shards are coalesced by the reader, so the sample rows are
-repartitioned into blocks of ``batch_size`` rows and every actor gets work.
+Sizing rules (docs/ray-notes.md §3): stages use ``compute=ActorPoolStrategy(...)``, a fixed size
+or a MIN:MAX range that Ray Data scales, sized by ``plan_stages`` from what the cluster has now (fixed
+cluster) or can add (autoscaling cluster, ``pipeline.capacity``); a GPU stage gets an integer batch size;
+actors leave a CPU free so read and write tasks can still be scheduled; tiny prompt shards are coalesced by
+the reader, so the sample rows are repartitioned into blocks of ``batch_size`` rows and every actor gets work.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import ray
@@ -21,7 +23,9 @@ import ray
 from actors.generator import Generator
 from actors.scoring_stage import ScoringStage
 from pipeline import manifest as run_manifest
-from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS
+from pipeline.capacity import ENV as CAPACITY_ENV, Capacity, NodeWatch, nodes_to_wait_for, per_node
+from pipeline.capacity import pool_usage, read_capacity
+from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS, pool_range
 from pipeline.prompts import PromptScan, expand_samples, sample_key, scan_prompts
 from pipeline.sink import SampleSink
 from pipeline.storage import Storage
@@ -31,24 +35,66 @@ SMALL_CLUSTER_CPUS = 4
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Resolved resources of one actor stage."""
+    """Resolved resources of one actor stage: a pool of ``min_actors`` to ``max_actors`` (None: no bound).
 
-    actors: int
+    ``eager``: start the pool at its maximum (capped by the work), so that an autoscaler is asked for every
+    node at once instead of Ray Data doubling the pool every few seconds; idle actors still scale it down.
+    """
+
+    min_actors: int
+    max_actors: int | None
     num_cpus: float
     num_gpus: float
     batch_size: int
     torch_threads: int | None
+    eager: bool = False
+
+    @property
+    def actors(self) -> int | None:
+        """The most actors the pool may run (on a fixed cluster, its size)."""
+        return self.max_actors
+
+    def compute(self, batches: int) -> ray.data.ActorPoolStrategy:
+        """The pool for ``batches`` batches of work: a fixed size, or a range Ray Data scales."""
+        if self.min_actors == self.max_actors:
+            return ray.data.ActorPoolStrategy(size=self.min_actors)
+        initial = self.min_actors
+        if self.eager and self.max_actors is not None:
+            initial = max(self.min_actors, min(self.max_actors, batches))
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors, initial_size=initial)
+
+    def describe(self) -> str:
+        """``4``, ``1-8`` or ``1+`` actor(s)."""
+        if self.min_actors == self.max_actors:
+            return str(self.min_actors)
+        return f"{self.min_actors}-{self.max_actors}" if self.max_actors else f"{self.min_actors}+"
 
 
-def plan_stages(config: GenerateConfig, resources: dict[str, float]) -> tuple[StagePlan, StagePlan | None]:
-    """Pool sizes and per-actor resources for the generator and scorer stages on a cluster of ``resources``.
+def plan_stages(config: GenerateConfig,
+                capacity: Capacity | dict[str, float]) -> tuple[StagePlan, StagePlan | None]:
+    """Pool sizes and per-actor resources of the generator and scorer stages.
+
+    On a fixed cluster (a plain resources dict, or node types that cannot scale) the pools are sized from
+    what is up now; on an autoscaling cluster from what its node types can supply (``_plan_autoscaling``).
+    ``--generator-actors`` / ``--scorer-actors`` (N or MIN:MAX) override the sizes.
+
+    Raises:
+        ValueError: the request can never be met: more GPUs per actor than the cluster has (fixed) or than any
+            node type has (autoscaling), or CPU shares that leave no CPU for the read and write tasks (names
+            the flags to change).
+    """
+    if not isinstance(capacity, Capacity):
+        capacity = Capacity(capacity)
+    if capacity.autoscaling:
+        return _plan_autoscaling(config, capacity)
+    return _plan_fixed(config, capacity.resources)
+
+
+def _plan_fixed(config: GenerateConfig, resources: dict[str, float]) -> tuple[StagePlan, StagePlan | None]:
+    """Sizes from the resources up now.
 
     Unset CPU shares are 1 per actor (0.5 on clusters of at most 4 CPUs), lowered so that one CPU stays free
     for Ray Data's read and write tasks: without it the read task never starts and the job waits forever.
-
-    Raises:
-        ValueError: GPUs are requested but the cluster has none, or explicit CPU shares leave no CPU for the
-            read and write tasks (names the flags to change).
     """
     job = config.job
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
@@ -56,14 +102,17 @@ def plan_stages(config: GenerateConfig, resources: dict[str, float]) -> tuple[St
     for flag, wanted in (("--generator-gpus", job.generator_gpus), ("--scorer-gpus", job.scorer_gpus)):
         if wanted > gpus:
             raise ValueError(f"{flag} {wanted} but the Ray cluster has {gpus:g} GPUs; lower {flag} (0 runs on CPU) "
-                             f"or connect to a GPU cluster with RAY_ADDRESS")
+                             f"or connect to a GPU cluster with RAY_ADDRESS (an autoscaling cluster whose GPU "
+                             f"nodes are not up yet: give its node types in {CAPACITY_ENV}, see the README)")
     if job.generator_actors is not None:
-        actors = job.generator_actors
+        low, actors = pool_range(job.generator_actors)
     elif job.generator_gpus > 0:
-        actors = max(1, int(gpus // job.generator_gpus))
+        low = actors = max(1, int(gpus // job.generator_gpus))
     else:
-        actors = max(1, int(cpus // 2))
-    scorer_actors = job.scorer_actors if job.scorer is not None else 0
+        low = actors = max(1, int(cpus // 2))
+    scorer_low, scorer_actors = pool_range(job.scorer_actors) or (1, 1)
+    if job.scorer is None:
+        scorer_actors = 0
     pool = actors + scorer_actors
     if cpus > 1 and pool * default_cpus > cpus - 1:  # unset shares leave one CPU for the read and write tasks
         default_cpus = (cpus - 1) / pool
@@ -75,23 +124,82 @@ def plan_stages(config: GenerateConfig, resources: dict[str, float]) -> tuple[St
                          f"{generator_cpus:g} + {scorer_actors} scorer x {scorer_cpus:g}), leaving less than the 1 CPU "
                          f"that Ray Data's read and write tasks need, so the job would wait forever; lower "
                          f"--generator-cpus / --scorer-cpus or --generator-actors / --scorer-actors")
-    generator = StagePlan(actors, generator_cpus, job.generator_gpus, job.batch_size, job.torch_threads)
+    generator = StagePlan(low, actors, generator_cpus, job.generator_gpus, job.batch_size, job.torch_threads)
     if job.scorer is None:
         return generator, None
-    return generator, StagePlan(scorer_actors, scorer_cpus, job.scorer_gpus, job.scorer_batch_size, None)
+    return generator, StagePlan(scorer_low, scorer_actors, scorer_cpus, job.scorer_gpus, job.scorer_batch_size, None)
+
+
+def _plan_autoscaling(config: GenerateConfig, capacity: Capacity) -> tuple[StagePlan, StagePlan | None]:
+    """Sizes from what the node types can supply, whatever is up now.
+
+    Each actor leaves one CPU of its node free for Ray Data's read and write tasks (the CPUs come with the
+    worker nodes, so the head may have none): an unset CPU share is 1 (0.5 on nodes of at most 4 CPUs), lowered
+    to (node CPUs - 1) / actors per node, so 0 on a GPU node with a single CPU. An unset pool is 1 up to the
+    actors the node types hold at their maximum counts (unbounded if a type is), the generator's less the
+    GPUs the scorer's minimum pool needs when both stages use GPUs; a pool's minimum that no count of nodes can
+    hold, or an actor that fits no node type, is refused.
+    """
+    job = config.job
+    generator = _autoscaling_stage(capacity, "generator", job.generator_gpus, job.generator_cpus,
+                                   job.generator_actors, job.batch_size, job.torch_threads)
+    if job.scorer is None:
+        return generator, None
+    scorer = _autoscaling_stage(capacity, "scorer", job.scorer_gpus, job.scorer_cpus or job.generator_cpus,
+                                job.scorer_actors, job.scorer_batch_size, None)
+    if generator.num_gpus and scorer.num_gpus and generator.max_actors and job.generator_actors is None:
+        # the eager generator pool would take every GPU and leave the scorer's first actors no room
+        displaced = math.ceil(scorer.min_actors * scorer.num_gpus / generator.num_gpus - 1e-9)
+        generator = replace(generator, max_actors=max(generator.min_actors, generator.max_actors - displaced))
+    return generator, scorer
+
+
+def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float | None, pool: int | str | None,
+                       batch_size: int, torch_threads: int | None) -> StagePlan:
+    """One stage's plan on an autoscaling cluster (rules in ``_plan_autoscaling``); ``cpus`` None: default share."""
+    hosts, shares = [], []  # (node type, actors per node), the default CPU share on each
+    for node_type in capacity.node_types:
+        node_cpus = node_type.resources.get("CPU", 0.0)
+        free = max(node_cpus - 1, 0.0)  # one CPU of every node stays free for the read and write tasks
+        share = 0.5 if node_cpus <= SMALL_CLUSTER_CPUS else 1.0
+        if gpus > 0:
+            share = min(share, free / max(per_node(node_type.resources, {"GPU": gpus}), 1))
+        available = node_type.resources if cpus is not None else {**node_type.resources, "CPU": free}
+        fits = per_node(available, {"GPU": gpus, "CPU": share if cpus is None else cpus})
+        if fits:
+            hosts.append((node_type, fits))
+            shares.append(share)
+    if not hosts:
+        cpu_text = "the default CPU share" if cpus is None else f"{cpus:g} CPU"
+        raise ValueError(f"a {stage} actor with {gpus:g} GPU and {cpu_text} fits no node type of this cluster: "
+                         f"{capacity.describe()}; lower --{stage}-gpus / --{stage}-cpus or add a node type that "
+                         f"holds one")
+    share = cpus if cpus is not None else min(shares)
+    if any(t.max_count is None for t, _ in hosts):
+        most = None
+    else:
+        most = sum(fits * t.max_count for t, fits in hosts)
+    low, high = pool_range(pool) or (1, most)
+    if most is not None and low > most:
+        raise ValueError(f"--{stage}-actors {pool} needs {low} {stage} actors but the node types hold at most "
+                         f"{most}: {capacity.describe()}; lower --{stage}-actors")
+    if most is not None and high is not None:
+        high = min(high, most)
+    return StagePlan(low, high, share, gpus, batch_size, torch_threads, eager=stage == "generator")
 
 
 def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, done: frozenset[str],
                   generator: StagePlan, scorer: StagePlan | None) -> ray.data.Dataset:
     """The lazy plan from prompt shards to scored image rows (the sink is attached by ``run_generate``)."""
     job = config.job
+    batches = -(-(scan.samples - len(done)) // generator.batch_size)
     ds = ray.data.read_parquet(scan.files, filesystem=prompts.arrow_fs).select_columns(scan.columns)
     ds = ds.map_batches(expand_samples, batch_format="numpy",
                         fn_kwargs={"run_seed": job.seed, "num_images": job.num_images, "done": done})
     ds = ds.repartition(target_num_rows_per_block=generator.batch_size)
     ds = ds.map_batches(
         Generator, batch_format="numpy", batch_size=generator.batch_size, udf_modifying_row_count=False,
-        compute=ray.data.ActorPoolStrategy(size=generator.actors), num_cpus=generator.num_cpus,
+        compute=generator.compute(batches), num_cpus=generator.num_cpus,
         num_gpus=generator.num_gpus or None,
         fn_constructor_kwargs={"model": config.generator_model().model_dump(mode="json"),
                                "settings": config.generation.model_dump(mode="json"),
@@ -100,11 +208,29 @@ def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, do
     if scorer is not None:
         ds = ds.map_batches(
             ScoringStage, batch_format="numpy", batch_size=scorer.batch_size, udf_modifying_row_count=False,
-            compute=ray.data.ActorPoolStrategy(size=scorer.actors), num_cpus=scorer.num_cpus,
+            compute=scorer.compute(batches), num_cpus=scorer.num_cpus,
             num_gpus=scorer.num_gpus or None,
             fn_constructor_kwargs={"scorer": config.scorer_config().model_dump(mode="json"),
                                    "fail_fast": job.fail_fast})
     return ds
+
+
+def watch_autoscaler(capacity: Capacity, generator: StagePlan, scorer: StagePlan | None,
+                     log: Callable[[str], None]) -> NodeWatch | None:
+    """On an autoscaling cluster: log the nodes the pools wait for, then each node that joins or leaves."""
+    if not capacity.autoscaling:
+        return None
+    log(f"maskray generate: autoscaling cluster: {capacity.describe()}")
+    for stage, plan in (("generator", generator), ("scorer", scorer)):
+        if plan is None:
+            continue
+        waiting = nodes_to_wait_for(capacity, {"GPU": plan.num_gpus, "CPU": plan.num_cpus}, plan.min_actors)
+        if waiting:
+            kind = "GPU" if plan.num_gpus > 0 else "CPU"
+            log(f"maskray generate: waiting for {waiting[0]} {kind} node(s) of type {waiting[1]} from the "
+                f"autoscaler before the first {plan.min_actors} {stage} actor(s) can start; the pool grows to "
+                f"{plan.max_actors or 'any number of'} actor(s) as nodes join")
+    return NodeWatch(log, "maskray generate").start()
 
 
 def run_constants(config: GenerateConfig, attempt: int) -> dict:
@@ -129,7 +255,9 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     attempt, run the plan, finalize.
 
     Returns:
-        The run summary (see ``pipeline.manifest.finalize``).
+        The run summary (see ``pipeline.manifest.finalize``) and ``actors``: per stage, the most actors alive
+        at once, the nodes they ran on and each one's start in seconds from the run's start (also stored in the
+        manifest's attempt).
     """
     job = config.job
     prompts = Storage(job.prompts, job.storage_options)
@@ -138,21 +266,28 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     existing = run_manifest.check_out(out, config)
     if connect is not None:
         connect()
-    generator, scorer = plan_stages(config, ray.cluster_resources())
+    capacity = read_capacity()
+    generator, scorer = plan_stages(config, capacity)
     records = run_manifest.completed(out)
     done = frozenset(sample_key(p, i) for p, i in zip(records["prompt_id"].to_pylist(),
                                                       records["sample_idx"].to_pylist()))
     log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s); "
-        f"{len(done)} already done under {out.uri}; {generator.actors} generator actor(s) "
+        f"{len(done)} already done under {out.uri}; {generator.describe()} generator actor(s) "
         f"({generator.num_gpus:g} GPU, {generator.num_cpus:g} CPU each, batch {generator.batch_size})"
-        + (f", {scorer.actors} scorer actor(s) ({job.scorer})" if scorer else ", no scorer"))
+        + (f", {scorer.describe()} scorer actor(s) ({job.scorer})" if scorer else ", no scorer"))
+    watch = watch_autoscaler(capacity, generator, scorer, log)
     manifest = run_manifest.start_attempt(out, config, existing, [prompts.uri], len(done))
     attempt = manifest["attempts"][-1]["attempt"]
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     if len(done) < scan.samples:
         ds = build_dataset(config, scan, prompts, done, generator, scorer)
         ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.webdataset))
-    summary = run_manifest.finalize(out, manifest, scan.samples, time.perf_counter() - started)
+    actors = {"generator": pool_usage("Generator", started_at).as_dict(),
+              **({"scorer": pool_usage("ScoringStage", started_at).as_dict()} if scorer else {})}
+    manifest["attempts"][-1]["actors"] = actors  # written with the attempt by finalize
+    summary = {**run_manifest.finalize(out, manifest, scan.samples, time.perf_counter() - started), "actors": actors}
+    if watch is not None:
+        watch.stop()
     score = "n/a" if summary["mean_score"] is None else f"{summary['mean_score']:.4f}"
     log(f"maskray generate: {summary['rows']}/{summary['expected']} samples under {out.uri} "
         f"({summary['generated']} generated now, {summary['errors']} errors, "

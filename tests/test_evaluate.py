@@ -63,6 +63,9 @@ def test_end_to_end_and_rerun_generates_only_the_new_candidate(ray_local, tmp_pa
         Image.open(out / "report" / name).verify()
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert [r.split("-")[0] for r in runs] == ["noise", "vanilla"]
+    for run in runs:  # each sampler's run records its own pools, not those of the run before it
+        actors = json.loads((out / "runs" / run / "manifest.json").read_text())["attempts"][0]["actors"]
+        assert actors["generator"]["actors"] == actors["scorer"]["actors"] == 1, (run, actors)
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("images/*")}
 
     more = options.model_copy(update={"candidates": ["noise", "zsampling"]})
