@@ -44,6 +44,7 @@ from pipeline.storage import Storage
 IMAGES, SHARDS, PIECES, WEBDATASET = "images", "_shards", "_pieces", "webdataset"
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 SLUG_CHARS = 48
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 Layout = Literal["files", "webdataset", "both"]
 
 # The metrics table, one row per (prompt_id, sample_idx); null score when no scorer ran, null error when OK.
@@ -67,11 +68,11 @@ RUN_COLUMNS = ("model", "quantization", "sampler", "sampler_hash", "config_hash"
 def image_name(prompt_id: str, sample_idx: int, image_format: str) -> str:
     """A file name that stays inside ``images/`` whatever ``prompt_id`` holds, distinct for distinct ids.
 
-    ``[A-Za-z0-9._-]`` runs of the id (at most 48 characters, no leading dots) give a readable slug; the
-    full SHA-256 of the id (64 hex digits, no truncation) keeps distinct ids distinct even when they share a
-    long prefix (URLs) or differ only in characters the slug drops (``a/b`` vs ``a-b``).
+    The id's first 48 characters, runs outside ``[A-Za-z0-9._-]`` replaced by ``-`` and no leading dots,
+    give a readable slug; the full SHA-256 of the id (64 hex digits, no truncation) keeps distinct ids
+    distinct even when they share a long prefix (URLs) or differ only in characters the slug drops.
     """
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", prompt_id)[:SLUG_CHARS].strip(".-") or "prompt"
+    slug = UNSAFE.sub("-", prompt_id[:SLUG_CHARS]).strip(".-") or "prompt"
     digest = hashlib.sha256(prompt_id.encode()).hexdigest()
     return f"{slug}-{digest}_{int(sample_idx)}.{EXTENSIONS[image_format]}"
 
