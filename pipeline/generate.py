@@ -175,7 +175,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     if todo:
         out.remove(out.path(PIECES))  # rows of shards a crashed attempt left incomplete: those shards are redone
         ds = build_dataset(config, todo, scan.columns, prompts, generator, scorer, generator_stage)
-        ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.layout))
+        ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.layout, size))
     generated = time.perf_counter()
     summary = run_manifest.finalize(out, manifest, plan, generated - started)
     summary["timings"] = {"resume_seconds": round(resume, 3), "ray_start_seconds": round(connected - before_ray, 3),

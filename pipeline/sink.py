@@ -91,15 +91,23 @@ class SampleSink(Datasink[int]):
         run: constant metrics columns of this run (``RUN_COLUMNS``).
         image_format: ``png``, ``webp`` or ``jpeg`` (the file extension).
         layout: ``files`` (one image file per sample), ``webdataset`` (one tar per shard) or ``both``.
+        rows_per_write: rows Ray Data gathers for one write task (the shard size: about one piece per shard
+            and per task, instead of one per generator batch).
 
     Rows must carry ``shard`` (the shard's name) and ``shard_samples`` (its size) besides the generator's
     and scorer's columns.
     """
 
-    def __init__(self, storage: Storage, run: dict, image_format: str, layout: Layout = "files"):
+    def __init__(self, storage: Storage, run: dict, image_format: str, layout: Layout = "files",
+                 rows_per_write: int | None = None):
         if layout not in ("files", "webdataset", "both"):
             raise ValueError(f"unknown layout {layout!r}; choose files, webdataset or both")
         self.storage, self.run, self.image_format, self.layout = storage, dict(run), image_format, layout
+        self.rows_per_write = rows_per_write
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_write
 
     @property
     def files(self) -> bool:
@@ -219,13 +227,15 @@ def _tar(names: list[str], images: list[bytes | None], ok: list[bool],
          metrics: dict[str, list]) -> tuple[bytes, list[int]]:
     """A WebDataset shard: per sample ``<key>.<ext>`` (when it has an image) and ``<key>.json``.
 
+    The key is the image name without its slug (``<sha256 of prompt_id>_<sample_idx>``): unique, free of
+    dots (WebDataset splits keys at the first dot) and short enough for a plain ustar header.
+
     Returns the tar and, per sample, the byte offset of its image data inside it (-1 without image).
     """
     buffer, offsets = io.BytesIO(), []
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, name in enumerate(names):
-            key, ext = name.rsplit(".", 1)
-            key = key.replace(".", "_")  # WebDataset splits the key at the first dot
+            key, ext = name.rsplit("-", 1)[1].rsplit(".", 1)
             record = {k: v[i] for k, v in metrics.items() if k not in ("written_at", "image")}
             members = [(f"{key}.json", json.dumps(record, default=str).encode())]
             if ok[i]:

@@ -40,7 +40,7 @@ def test_end_to_end_local_with_tiny_hps(ray_local, tmp_path, fixtures_dir):
     assert manifest["packages"]["ray"] == ray_local.__version__ and manifest["config"]["job"]["seed"] == 0
     tars = sorted(p.stem for p in (tmp_path / "out" / "webdataset").glob("*.tar"))
     assert tars == sorted(p.stem for p in (tmp_path / "out" / "_shards").glob("*.parquet"))
-    assert tars == sorted(set(metrics["shard"].to_pylist())) and len(tars) == 12  # 12 samples: shards of 1
+    assert tars == sorted(set(metrics["shard"].to_pylist())) and len(tars) == 6  # default size 1: a prompt (2 samples)
 
 
 @pytest.fixture
