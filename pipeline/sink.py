@@ -189,7 +189,7 @@ class SampleSink(Datasink[int]):
             return False
         columns = {name: table[name].to_pylist() for name in table.column_names}
         names = [image_name(p, i, self.image_format) for p, i in zip(columns["prompt_id"], columns["sample_idx"])]
-        ok = [bool(data) and not error for data, error in zip(columns["image"], columns["error"])]
+        ok = [size > 0 and not error for size, error in zip(columns["image_bytes"], columns["error"])]
         uris: list[str | None] = [self.storage.url(IMAGES, n) if good else None for n, good in zip(names, ok)]
         offsets: list[int | None] = [None] * table.num_rows
         if self.tars:
@@ -232,19 +232,29 @@ def _tar(names: list[str], images: list[bytes | None], ok: list[bool],
 
     Returns the tar and, per sample, the byte offset of its image data inside it (-1 without image).
     """
-    buffer, offsets = io.BytesIO(), []
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, name in enumerate(names):
-            key, ext = name.rsplit("-", 1)[1].rsplit(".", 1)
-            record = {k: v[i] for k, v in metrics.items() if k not in ("written_at", "image")}
-            members = [(f"{key}.json", json.dumps(record, default=str).encode())]
-            if ok[i]:
-                members.insert(0, (f"{key}.{ext}", images[i]))
-            offsets.append(-1)
-            for member, data in members:
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-                if member.endswith(f".{ext}") and ok[i]:  # the data sits before its padding to 512-byte blocks
-                    offsets[-1] = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    return buffer.getvalue(), offsets
+    chunks, offsets, position = [], [], 0
+    for i, name in enumerate(names):
+        key, ext = name.rsplit("-", 1)[1].rsplit(".", 1)
+        record = {k: v[i] for k, v in metrics.items() if k not in ("written_at", "image")}
+        members = [(f"{key}.{ext}", images[i])] if ok[i] else []
+        members.append((f"{key}.json", json.dumps(record, default=str).encode()))
+        offsets.append(position + tarfile.BLOCKSIZE if ok[i] else -1)
+        for member, data in members:
+            padding = -len(data) % tarfile.BLOCKSIZE
+            chunks += [_ustar_header(member, len(data)), data, b"\0" * padding]
+            position += tarfile.BLOCKSIZE + len(data) + padding
+    chunks.append(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+    return b"".join(chunks), offsets
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte POSIX ustar header of a regular file (``tarfile.addfile`` spends ~0.5 ms per member in
+    pure-Python copies and field packing, which made tars 80 % of a write task's time)."""
+    header = bytearray(tarfile.BLOCKSIZE)
+    header[0:100] = name.encode().ljust(100, b"\0")
+    header[100:148] = b"0000644\0" + b"0000000\0" * 2 + b"%011o\0" % size + b"%011o\0" % int(time.time())
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[156:157] = tarfile.REGTYPE
+    header[257:265] = tarfile.POSIX_MAGIC
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)

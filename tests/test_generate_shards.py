@@ -4,6 +4,7 @@ from pieces, a rerun's record check (empty, corrupt, short records) and finalize
 from __future__ import annotations
 
 import io
+import tarfile
 
 import numpy as np
 import pandas as pd
@@ -53,9 +54,10 @@ def _rows(keys: list[tuple[str, int]], shard: str, size: int) -> pa.Table:
                      "shard_samples": [size] * count})
 
 
-def test_sink_assembles_a_shard_from_pieces_of_several_blocks_and_retries(tmp_path):
+@pytest.mark.parametrize("layout", ["webdataset", "files"])
+def test_sink_assembles_a_shard_from_pieces_of_several_blocks_and_retries(tmp_path, layout):
     out = Storage(str(tmp_path / "out"))
-    sink = SampleSink(out, RUN, "png", layout="webdataset")
+    sink = SampleSink(out, RUN, "png", layout=layout)
     keys = [("a", 0), ("a", 1), ("b", 0)]
     assert sink.write_table(_rows(keys[:2], "s", 3)) == []
     assert sink.write_table(_rows(keys[1:2], "s", 3)) == []  # a retried block: 3 rows listed, 2 distinct
@@ -63,10 +65,19 @@ def test_sink_assembles_a_shard_from_pieces_of_several_blocks_and_retries(tmp_pa
     assert sink.write_table(_rows(keys[2:], "s", 3)) == ["s"]
     record = pq.read_table(tmp_path / "out" / "_shards" / "s.parquet")
     assert list(zip(record["prompt_id"].to_pylist(), record["sample_idx"].to_pylist())) == keys
-    assert not (tmp_path / "out" / "_pieces" / "s").exists() and not (tmp_path / "out" / "images").exists()
+    assert not (tmp_path / "out" / "_pieces" / "s").exists()
+    images = [f"img-{key}-{idx}".encode() for key, idx in keys]
+    if layout == "files":
+        assert [open(uri, "rb").read() for uri in record["image_uri"].to_pylist()] == images
+        assert record["image_offset"].null_count == 3 and not (tmp_path / "out" / "webdataset").exists()
+        return
+    assert not (tmp_path / "out" / "images").exists()
     tar = (tmp_path / "out" / "webdataset" / "s.tar").read_bytes()
-    for (key, idx), offset, size in zip(keys, record["image_offset"].to_pylist(), record["image_bytes"].to_pylist()):
-        assert tar[offset:offset + size] == f"img-{key}-{idx}".encode()  # a ranged read finds the image
+    for image, offset, size in zip(images, record["image_offset"].to_pylist(), record["image_bytes"].to_pylist()):
+        assert tar[offset:offset + size] == image  # a ranged read finds the image
+    with tarfile.open(tmp_path / "out" / "webdataset" / "s.tar") as archive:  # a standard tar, WebDataset keys
+        assert [m.split("_")[1] for m in archive.getnames()] == ["0.png", "0.json", "1.png", "1.json", "0.png",
+                                                                 "0.json"]
 
 
 def _record(out: Storage, shard: str, keys: list[tuple[str, int]], uris: list[str] | None = None) -> None:
