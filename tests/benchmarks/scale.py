@@ -10,7 +10,10 @@ bookkeeping's, not a model's. Storage is a local folder or the S3 protocol: a ``
 for millions of samples: a million files would measure the object store's PUT rate).
 
 Three runs into one ``--out``: a fresh run; a rerun with nothing left to do; a rerun after deleting
-``--delete-shards`` completion records (what a crash that lost that many shards leaves). Reported (JSON and a
+``--delete-shards`` completion records (what a crash that lost that many shards leaves). With ``--prefill``
+the fresh run is replaced by writing every shard through ``SampleSink.write_table`` in a separate process
+(same files, no Ray), so resume, finalize and driver memory at 10^6+ samples are measured in minutes; the
+fresh run's rate then comes from a smaller ``--samples`` run. Reported (JSON and a
 table): ``samples``, ``records`` (shard records), ``generate_seconds``, ``samples_per_second`` and
 ``seconds_per_sample`` (fresh run), ``ideal_samples_per_second`` (actors x batch / delay, with ``--delay``),
 ``resume_seconds`` (rerun with nothing left: from its start until it knows what is left, Ray start excluded),
@@ -141,6 +144,47 @@ class InFlight:
         self.thread.join()
 
 
+def prefill(config, stage: type, processes: int = 2) -> None:
+    """Write every shard's record (and tar) as a finished run would, through the real sink, without Ray."""
+    from multiprocessing import get_context
+
+    from pipeline import manifest
+    from pipeline.prompts import scan_prompts
+    from pipeline.shards import default_shard_size, plan_shards
+    from pipeline.storage import Storage
+
+    job = config.job
+    prompts = Storage(job.prompts, job.storage_options)
+    scan = scan_prompts(job.prompts, prompts, job.num_images)
+    size = job.shard_size or default_shard_size(scan.samples)
+    plan = plan_shards(scan.files, scan.row_samples, size)
+    out = Storage(job.out, job.storage_options)
+    manifest.start_attempt(out, config, None, [prompts.uri], 0, size)
+    chunks = [plan[i::processes] for i in range(processes)]
+    with get_context("spawn").Pool(processes) as pool:
+        pool.starmap(_prefill_shards, [(config, stage, chunk, scan.columns) for chunk in chunks])
+
+
+def _prefill_shards(config, stage: type, shards: list, columns: list[str]) -> None:
+    from pipeline.generate import run_constants
+    from pipeline.prompts import expand_samples
+    from pipeline.shards import read_shards
+    from pipeline.sink import SampleSink
+    from pipeline.storage import Storage
+
+    job = config.job
+    prompts, out = Storage(job.prompts, job.storage_options), Storage(job.out, job.storage_options)
+    sink = SampleSink(out, run_constants(config, 0), job.image_format, job.layout)
+    generator = stage(model={}, settings={})
+    for shard in shards:
+        descriptor = pa.Table.from_pylist([{"name": shard.name, "file": shard.file, "start": shard.start,
+                                            "stop": shard.stop, "samples": shard.samples}])
+        rows = read_shards(descriptor, storage=prompts, columns=columns)
+        batch = expand_samples({c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names},
+                               run_seed=job.seed, num_images=job.num_images)
+        sink.write_table(pa.table(generator(batch)))
+
+
 def run(args: argparse.Namespace, root: Path) -> dict:
     import ray
 
@@ -164,6 +208,10 @@ def run(args: argparse.Namespace, root: Path) -> dict:
                     "shard_size": args.shard_size, "generator_actors": args.actors, "storage_options": options},
             "model": {"device": "cpu"}, "generation": {"steps": 1, "width": 8, "height": 8}})
         stage = stub_stage(args.delay)
+        if args.prefill:
+            began = time.perf_counter()
+            prefill(config, StubGenerator)
+            prefill_seconds = time.perf_counter() - began
         started = time.perf_counter()
         ray.init(address="local", include_dashboard=False, num_cpus=args.ray_cpus, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -171,33 +219,36 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         out = Storage(out_uri, options)
         quiet = lambda _: None  # noqa: E731
         with InFlight(out) as watch:
-            fresh = run_generate(config, log=quiet, generator_stage=stage)
-        assert fresh["rows"] == args.samples, fresh
+            fresh = None if args.prefill else run_generate(config, log=quiet, generator_stage=stage)
+        assert args.prefill or fresh["rows"] == args.samples, fresh
         rerun = run_generate(config, log=quiet, generator_stage=stage)
+        assert rerun["rows"] == args.samples and rerun["generated"] == 0, rerun
         records = out.list(out.path("_shards"), ".parquet")
         for path in records[:: max(1, len(records) // args.delete_shards)][: args.delete_shards]:
             out.fs.rm(path)
         redo = run_generate(config, log=quiet, generator_stage=stage)
-        assert redo["rows"] == args.samples and rerun["generated"] == 0, (rerun, redo)
+        assert redo["rows"] == args.samples, redo
         ray.shutdown()
     finally:
         if server is not None:
             server.terminate()
             server.wait()
-    shard_size = args.shard_size or fresh["expected"] // max(1, fresh["shards"])
-    generate = fresh["timings"]["generate_seconds"]
+    shard_size = -(-rerun["expected"] // rerun["shards"])
+    generate = None if args.prefill else fresh["timings"]["generate_seconds"]
     result = {
         "samples": args.samples, "storage": args.storage, "records": len(records), "shard_size": shard_size,
         "batch_size": args.batch_size, "actors": args.actors, "delay": args.delay,
-        "generate_seconds": generate, "samples_per_second": round(args.samples / generate, 2),
-        "seconds_per_sample": generate / args.samples,
+        "prefill_seconds": round(prefill_seconds, 1) if args.prefill else None, "generate_seconds": generate,
+        "samples_per_second": round(args.samples / generate, 2) if generate else None,
+        "seconds_per_sample": generate / args.samples if generate else None,
         "ideal_samples_per_second": round(args.actors * args.batch_size / args.delay, 2) if args.delay else None,
         "ray_start_seconds": round(ray_start, 3), "resume_seconds": rerun["timings"]["resume_seconds"],
-        "resume_seconds_fresh": fresh["timings"]["resume_seconds"],
-        "finalize_seconds": fresh["timings"]["finalize_seconds"],
+        "resume_seconds_fresh": None if args.prefill else fresh["timings"]["resume_seconds"],
+        "finalize_seconds": (rerun if args.prefill else fresh)["timings"]["finalize_seconds"],
         "finalize_seconds_rerun": rerun["timings"]["finalize_seconds"],
         "regenerated_after_deleting": redo["generated"], "deleted_shards": args.delete_shards,
-        "regenerated_after_crash": watch.most * shard_size, "shards_in_flight_max": watch.most,
+        "regenerated_after_crash": None if args.prefill else watch.most * shard_size,
+        "shards_in_flight_max": watch.most, "regenerate_seconds": redo["timings"]["generate_seconds"],
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
     }
@@ -226,6 +277,8 @@ def main() -> None:
     parser.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--row-group", type=int, default=1000, help="rows per Parquet row group of the prompts")
     parser.add_argument("--delete-shards", type=int, default=3)
+    parser.add_argument("--prefill", action="store_true", help="write the shards without Ray instead of a fresh "
+                        "run (measures resume, finalize and memory at scale quickly)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="maskray-scale-") as folder:
         result = run(args, Path(folder))
