@@ -123,3 +123,15 @@ def test_finalize_writes_a_dataset_of_parts_and_fails_loudly_on_a_shared_object(
     _record(out, plan[2].name, [("p4", 0), ("p5", 0)], uris=[f"{out.uri}/images/p0_0.png"] * 2)
     with pytest.raises(manifest.OutputCollision, match=r"image_uri='.*p0_0.png'.*\('p0', 0\).*\('p4', 0\)"):
         manifest.finalize(out, record, plan, 1.0)
+
+
+def test_a_run_keeps_its_shard_size_and_refuses_another():
+    from pipeline.config import JobOptions
+
+    recorded = {"shard_size": 50}
+    assert manifest.shard_size(recorded, JobOptions(), 10**6, default_shard_size) == 50
+    assert manifest.shard_size(recorded, JobOptions(shard_size=50), 10**6, default_shard_size) == 50
+    assert manifest.shard_size(None, JobOptions(), 10**6, default_shard_size) == 1000
+    with pytest.raises(manifest.RunConfigMismatch, match="shards of 50 samples.*rerun with --shard-size 50"):
+        manifest.shard_size(recorded, JobOptions(shard_size=20), 10**6, default_shard_size)
+    assert JobOptions(webdataset=True).layout == "both" and JobOptions(layout="webdataset").layout == "webdataset"
