@@ -17,7 +17,8 @@ fresh run's rate then comes from a smaller ``--samples`` run. Reported (JSON and
 table): ``samples``, ``records`` (shard records), ``generate_seconds``, ``samples_per_second`` and
 ``seconds_per_sample`` (fresh run), ``ideal_samples_per_second`` (actors x batch / delay, with ``--delay``),
 ``resume_seconds`` (rerun with nothing left: from its start until it knows what is left, Ray start excluded),
-``ray_start_seconds``, ``finalize_seconds`` (fresh run, and ``finalize_seconds_rerun``),
+``steady_samples_per_second`` (from the first piece written to the last, start-up excluded; the fraction of
+ideal is given for both rates), ``ray_start_seconds``, ``finalize_seconds`` (fresh run, and ``finalize_seconds_rerun``),
 ``regenerated_after_deleting`` (samples the third run generated), ``regenerated_after_crash`` (the samples a
 crash at the worst moment of the fresh run makes a rerun regenerate: the most shards seen in flight under
 ``_pieces/`` times their size), ``driver_peak_rss_mib``.
@@ -185,6 +186,15 @@ def _prefill_shards(config, stage: type, shards: list, columns: list[str]) -> No
         sink.write_table(pa.table(generator(batch)))
 
 
+def steady_rate(out) -> float | None:
+    """Samples/s between the first and the last piece written (``written_at``), start-up and first piece excluded."""
+    from pipeline.manifest import read_metrics
+
+    stamps = read_metrics(out, ["written_at"])["written_at"].cast("int64").to_numpy()
+    first, last = stamps.min(), stamps.max()
+    return float((stamps > first).sum() / ((last - first) / 1000)) if last > first else None
+
+
 def run(args: argparse.Namespace, root: Path) -> dict:
     import ray
 
@@ -221,6 +231,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         with InFlight(out) as watch:
             fresh = None if args.prefill else run_generate(config, log=quiet, generator_stage=stage)
         assert args.prefill or fresh["rows"] == args.samples, fresh
+        steady = None if args.prefill else steady_rate(out)
         rerun = run_generate(config, log=quiet, generator_stage=stage)
         assert rerun["rows"] == args.samples and rerun["generated"] == 0, rerun
         records = out.list(out.path("_shards"), ".parquet")
@@ -252,15 +263,19 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
     }
-    if args.delay:
+    if steady:
+        result["steady_samples_per_second"] = round(steady, 2)
+    if args.delay and steady:
         result["fraction_of_ideal"] = round(result["samples_per_second"] / result["ideal_samples_per_second"], 3)
+        result["steady_fraction_of_ideal"] = round(steady / result["ideal_samples_per_second"], 3)
     return result
 
 
 def table(result: dict) -> str:
     keys = ["samples", "storage", "records", "generate_seconds", "samples_per_second", "resume_seconds",
             "ray_start_seconds", "finalize_seconds", "driver_peak_rss_mib", "regenerated_after_crash",
-            "regenerated_after_deleting"] + (["fraction_of_ideal"] if result.get("delay") else [])
+            "regenerated_after_deleting"] + (["fraction_of_ideal", "steady_fraction_of_ideal"] if result.get("delay")
+                                             else [])
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
                       "| " + " | ".join(str(result[k]) for k in keys) + " |"])
 
