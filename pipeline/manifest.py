@@ -195,9 +195,9 @@ def finalize(storage: Storage, manifest: dict, plan: list[Shard], seconds: float
             storage.remove(stale)
     _check_unique(storage, key_hashes, ["prompt_id", "sample_idx"], "key")
     _check_unique(storage, uri_hashes, ["image_uri", "image_offset"], "image object")
-    done = {Path(p).stem for p in paths}
+    recorded = {Path(p).stem for p in records}
     for shard in storage.list(storage.path(WEBDATASET), ".tar"):
-        if Path(shard).stem not in done:  # its writer crashed before the record: the shard is redone
+        if Path(shard).stem not in recorded:  # its writer crashed before the record: the shard is redone
             storage.remove(shard)
     storage.remove(storage.path(PIECES))  # rows of shards a crash left incomplete, or of retried writes
     summary = {
