@@ -12,9 +12,9 @@ Columns (others are ignored):
 | ``num_images`` | integer >= 1 | the run's --num-images |
 
 A row becomes ``num_images`` sample rows keyed by (``prompt_id``, ``sample_idx``), the key that names the
-output files; ``pipeline.shards`` groups rows into the shards a rerun skips or redoes as a whole. Every problem that would stop the job (no files, unreadable path,
-missing or mistyped column, nulls, duplicate ids, empty input) is raised by ``scan_prompts`` on the driver,
-before Ray starts a single actor.
+output files; ``pipeline.shards`` groups rows into the shards a rerun skips or redoes as a whole. Every
+problem that would stop the job (no files, unreadable path, missing or mistyped column, nulls, duplicate ids,
+empty input) is raised by ``scan_prompts`` on the driver, before Ray starts a single actor.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmark: ``maskray generate``'s bookkeeping at 10^4..10^6+ samples, with a stub generator (not collected by pytest).
+"""Benchmark: ``maskray generate``'s bookkeeping at 10^4..10^6+ samples, stub generator (not collected by pytest).
 
     python tests/benchmarks/scale.py --samples 1000000 --storage s3 --out scale-1e6-s3.json [--delay 0]
 
@@ -15,8 +15,9 @@ the fresh run is replaced by writing every shard through ``SampleSink.write_tabl
 (same files, no Ray), so resume, finalize and driver memory at 10^6+ samples are measured in minutes; the
 fresh run's rate then comes from a smaller ``--samples`` run. Reported (JSON and a
 table): ``samples``, ``records`` (shard records), ``generate_seconds``, ``samples_per_second`` and
-``seconds_per_sample`` (fresh run), ``ideal_samples_per_second`` (actors x batch / delay, with ``--delay``; give a ``--batch-size`` that divides
-the shard size, since a shard's last batch is otherwise partial and the stub sleeps as long for it),
+``seconds_per_sample`` (fresh run), ``ideal_samples_per_second`` (actors x batch / delay, with ``--delay``;
+give a ``--batch-size`` that divides the shard size, since a shard's last batch is otherwise partial and the
+stub sleeps as long for it),
 ``resume_seconds`` (rerun with nothing left: from its start until it knows what is left, Ray start excluded),
 ``steady_samples_per_second`` (from the first piece written to the last, start-up excluded; the fraction of
 ideal is given for both rates), ``ray_start_seconds``, ``finalize_seconds`` (fresh run, and ``finalize_seconds_rerun``),
