@@ -32,15 +32,21 @@ class JobOptions(BaseModel):
     prompts: str = Field("examples/prompts.parquet", description="Prompt shards: a Parquet file, a folder or a "
                          "glob of them, local or s3:// / gs://. Columns: prompt (required), prompt_id, seed, "
                          "negative_prompt, num_images (optional).")
-    out: str = Field("out", description="Output root, a local folder or s3:// / gs:// URI: images/, metrics.parquet, "
-                     "manifest.json. Rerunning into the same --out resumes the run.")
+    out: str = Field("out", description="Output root, a local folder or s3:// / gs:// URI: images/ (or webdataset/), "
+                     "metrics.parquet/ (a Parquet dataset), manifest.json. Rerunning into the same --out resumes "
+                     "the run.")
     seed: int = Field(0, description="Run seed: a row without a seed gets one derived from (prompt_id, run seed, "
                       "sample index); a row with a seed uses seed + sample index.")
     num_images: int = Field(1, ge=1, description="Images per prompt for rows without a num_images value.")
     image_format: Literal["png", "webp", "jpeg"] = Field("png", description="Encoding of the image files.")
     image_quality: int = Field(95, ge=1, le=100, description="WebP/JPEG quality (PNG is lossless and ignores it).")
-    webdataset: bool = Field(False, description="Also write WebDataset tar shards (one per written block) under "
-                             "webdataset/.")
+    layout: Literal["files", "webdataset", "both"] = Field("files", description="Where images go: files (one "
+                                                           "file per sample under images/), webdataset (one tar "
+                                                           "per shard under webdataset/) or both.")
+    webdataset: bool = Field(False, description="Also write WebDataset tars: --layout files becomes both.")
+    shard_size: int | None = Field(None, ge=1, description="Samples per shard, the unit of completion records, "
+                                   "tars and resume. Unset: samples/100 within 1..1000; a run keeps the size it "
+                                   "started with.")
     fail_fast: bool = Field(False, description="Stop the job at the first failed row instead of recording the "
                             "error in its metrics row.")
     batch_size: int = Field(4, ge=1, description="Rows per generator call (per GPU forward).")
@@ -73,6 +79,14 @@ class JobOptions(BaseModel):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// / gs:// "
                                             "prompts and --out, e.g. {client_kwargs: {endpoint_url: ...}} (YAML only).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _webdataset_is_a_layout(cls, data: Any) -> Any:
+        """``--webdataset`` (kept for existing commands) adds tars to the files layout: ``both``."""
+        if isinstance(data, dict) and data.get("webdataset") and data.get("layout", "files") == "files":
+            return {**data, "layout": "both"}
+        return data
+
     @field_validator("generator_actors", "scorer_actors", mode="before")
     @classmethod
     def _check_pool(cls, value: Any) -> Any:
@@ -99,11 +113,12 @@ def pool_range(value: int | str | None) -> tuple[int, int] | None:
 
 
 # Factors of the output files: a rerun into the same --out must agree on all of them.
-HASHED_OPTIONS = ("seed", "image_format", "image_quality", "scorer", "scorer_checkpoint", "scorer_model")
+HASHED_OPTIONS = ("seed", "image_format", "image_quality", "layout", "scorer", "scorer_checkpoint", "scorer_model")
 # Throughput, placement, input location and bookkeeping: they never change a written file.
 UNHASHED_OPTIONS = ("prompts", "out", "num_images", "webdataset", "fail_fast", "batch_size", "generator_actors",
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
-                    "scorer_gpus", "scorer_cpus", "storage_options")
+                    "scorer_gpus", "scorer_cpus", "storage_options",
+                    "shard_size")  # recorded in manifest.json, which refuses a different --shard-size
 # ModelConfig fields that only place the model; every other field (quantization, token merging ...) counts.
 UNHASHED_MODEL_FIELDS = ("device",)
 

@@ -1,7 +1,8 @@
-"""The batch generation dataflow: read -> expand -> repartition -> generate -> score -> write, resumable.
+"""The batch generation dataflow: shards -> read -> expand -> repartition -> generate -> score -> write, resumable.
 
-``build_dataset`` only builds (lazy Ray Data plan); ``run_generate`` checks the input and ``--out``, then
-executes it into a ``SampleSink`` and finalizes the run. Ray must already be initialised (the job starts
+``build_dataset`` only builds (lazy Ray Data plan) over the shards still to do; ``run_generate`` checks the
+input and ``--out``, finds the done shards (``pipeline.shards``, ``pipeline.manifest``), executes the plan
+into a ``SampleSink`` and finalizes the run. Ray must already be initialised (the job starts
 it: ``jobs/generate_cmd.py``), so the same code runs on a laptop and on a cluster.
 
 Sizing rules (docs/ray-notes.md §3): stages use ``compute=ActorPoolStrategy(...)``, a fixed size
@@ -26,8 +27,9 @@ from pipeline import manifest as run_manifest
 from pipeline.capacity import ENV as CAPACITY_ENV, Capacity, NodeWatch, nodes_to_wait_for, per_node
 from pipeline.capacity import pool_usage, read_capacity
 from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS, pool_range
-from pipeline.prompts import PromptScan, expand_samples, sample_key, scan_prompts
-from pipeline.sink import SampleSink
+from pipeline.prompts import expand_samples, scan_prompts
+from pipeline.shards import Shard, default_shard_size, plan_shards, read_shards
+from pipeline.sink import PIECES, SampleSink
 from pipeline.storage import Storage
 
 SMALL_CLUSTER_CPUS = 4
@@ -188,17 +190,26 @@ def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float 
     return StagePlan(low, high, share, gpus, batch_size, torch_threads, eager=stage == "generator")
 
 
-def build_dataset(config: GenerateConfig, scan: PromptScan, prompts: Storage, done: frozenset[str],
-                  generator: StagePlan, scorer: StagePlan | None) -> ray.data.Dataset:
-    """The lazy plan from prompt shards to scored image rows (the sink is attached by ``run_generate``)."""
+def build_dataset(config: GenerateConfig, shards: list[Shard], columns: list[str], prompts: Storage,
+                  generator: StagePlan, scorer: StagePlan | None,
+                  generator_stage: type = Generator) -> ray.data.Dataset:
+    """The lazy plan from the shards to do to scored image rows (the sink is attached by ``run_generate``).
+
+    Each shard descriptor is its own block, so shards are read in parallel and reach the actors in plan
+    order (few shards in flight at a time). ``generator_stage`` is the generator actor class; it takes
+    ``Generator``'s constructor arguments and returns its columns (a benchmark plugs in a stub there).
+    """
     job = config.job
-    batches = -(-(scan.samples - len(done)) // generator.batch_size)
-    ds = ray.data.read_parquet(scan.files, filesystem=prompts.arrow_fs).select_columns(scan.columns)
+    batches = -(-sum(s.samples for s in shards) // generator.batch_size)
+    descriptors = [{"name": s.name, "file": s.file, "start": s.start, "stop": s.stop, "samples": s.samples}
+                   for s in shards]
+    ds = ray.data.from_items(descriptors, override_num_blocks=max(1, len(descriptors)))
+    ds = ds.map_batches(read_shards, batch_format="pyarrow", fn_kwargs={"storage": prompts, "columns": columns})
     ds = ds.map_batches(expand_samples, batch_format="numpy",
-                        fn_kwargs={"run_seed": job.seed, "num_images": job.num_images, "done": done})
+                        fn_kwargs={"run_seed": job.seed, "num_images": job.num_images})
     ds = ds.repartition(target_num_rows_per_block=generator.batch_size)
     ds = ds.map_batches(
-        Generator, batch_format="numpy", batch_size=generator.batch_size, udf_modifying_row_count=False,
+        generator_stage, batch_format="numpy", batch_size=generator.batch_size, udf_modifying_row_count=False,
         compute=generator.compute(batches), num_cpus=generator.num_cpus,
         num_gpus=generator.num_gpus or None,
         fn_constructor_kwargs={"model": config.generator_model().model_dump(mode="json"),
@@ -247,47 +258,64 @@ def run_constants(config: GenerateConfig, attempt: int) -> dict:
 
 
 def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
-                 connect: Callable[[], None] | None = None) -> dict:
-    """Generate every missing (prompt_id, sample_idx) of ``config.job.prompts`` into ``config.job.out``.
+                 connect: Callable[[], None] | None = None, generator_stage: type = Generator) -> dict:
+    """Generate every shard of ``config.job.prompts`` that has no good completion record under ``config.job.out``.
 
-    Order: scan the prompts (errors here leave ``--out`` untouched), check ``--out``'s config hash, call
-    ``connect`` (the job's ``ray.init``; None when Ray is already up), read the completion records, open an
-    attempt, run the plan, finalize.
+    Order: scan the prompts (errors here leave ``--out`` untouched), check ``--out``'s config hash and
+    shard size, plan the shards, call ``connect`` (the job's ``ray.init``; None when Ray is already up),
+    read the completion records, open an attempt, run the plan over the shards left, finalize.
 
     Returns:
-        The run summary (see ``pipeline.manifest.finalize``) and ``actors``: per stage, the most actors alive
+        The run summary (see ``pipeline.manifest.finalize``) plus ``timings``: ``resume_seconds`` (input scan,
+        shard plan and record check: until the run knows what is left), ``ray_start_seconds``,
+        ``generate_seconds`` and ``finalize_seconds``. And ``actors``: per stage, the most actors alive
         at once, the nodes they ran on and each one's start in seconds from the run's start (also stored in the
         manifest's attempt).
     """
     job = config.job
+    begun = time.perf_counter()
     prompts = Storage(job.prompts, job.storage_options)
     out = Storage(job.out, job.storage_options)
     scan = scan_prompts(job.prompts, prompts, job.num_images)
     existing = run_manifest.check_out(out, config)
+    size = run_manifest.shard_size(existing, job, scan.samples, default_shard_size)
+    plan = plan_shards(scan.files, scan.row_samples, size)
+    before_ray = time.perf_counter()
     if connect is not None:
         connect()
+    connected = time.perf_counter()
     capacity = read_capacity()
     generator, scorer = plan_stages(config, capacity)
-    records = run_manifest.completed(out)
-    done = frozenset(sample_key(p, i) for p, i in zip(records["prompt_id"].to_pylist(),
-                                                      records["sample_idx"].to_pylist()))
-    log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s); "
-        f"{len(done)} already done under {out.uri}; {generator.describe()} generator actor(s) "
+    records = run_manifest.scan_records(out, plan)
+    for name, reason in sorted(records.bad.items()):
+        log(f"maskray generate: completion record {out.url('_shards', name + '.parquet')} is {reason}; its shard "
+            f"is generated again")
+    todo = [shard for shard in plan if shard.name not in records.done]
+    done = sum(records.done.values())
+    resume = (before_ray - begun) + (time.perf_counter() - connected)
+    log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s), "
+        f"{len(plan)} shard(s) of ~{size}; {len(plan) - len(todo)} shard(s) ({done} samples) already done under "
+        f"{out.uri}; {generator.describe()} generator actor(s) "
         f"({generator.num_gpus:g} GPU, {generator.num_cpus:g} CPU each, batch {generator.batch_size})"
         + (f", {scorer.describe()} scorer actor(s) ({job.scorer})" if scorer else ", no scorer"))
     watch = watch_autoscaler(capacity, generator, scorer, log)
-    manifest = run_manifest.start_attempt(out, config, existing, [prompts.uri], len(done))
+    manifest = run_manifest.start_attempt(out, config, existing, [prompts.uri], done, size)
     attempt = manifest["attempts"][-1]["attempt"]
     started, started_at = time.perf_counter(), time.time()
-    if len(done) < scan.samples:
-        ds = build_dataset(config, scan, prompts, done, generator, scorer)
-        ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.webdataset))
-    actors = {"generator": pool_usage("Generator", started_at).as_dict(),
+    if todo:
+        out.remove(out.path(PIECES))  # rows of shards a crashed attempt left incomplete: those shards are redone
+        ds = build_dataset(config, todo, scan.columns, prompts, generator, scorer, generator_stage)
+        ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.layout, size))
+    generated = time.perf_counter()
+    actors = {"generator": pool_usage(generator_stage.__name__, started_at).as_dict(),
               **({"scorer": pool_usage("ScoringStage", started_at).as_dict()} if scorer else {})}
     manifest["attempts"][-1]["actors"] = actors  # written with the attempt by finalize
-    summary = {**run_manifest.finalize(out, manifest, scan.samples, time.perf_counter() - started), "actors": actors}
+    summary = {**run_manifest.finalize(out, manifest, plan, generated - started), "actors": actors}
     if watch is not None:
         watch.stop()
+    summary["timings"] = {"resume_seconds": round(resume, 3), "ray_start_seconds": round(connected - before_ray, 3),
+                          "generate_seconds": round(generated - started, 3),
+                          "finalize_seconds": round(time.perf_counter() - generated, 3)}
     score = "n/a" if summary["mean_score"] is None else f"{summary['mean_score']:.4f}"
     log(f"maskray generate: {summary['rows']}/{summary['expected']} samples under {out.uri} "
         f"({summary['generated']} generated now, {summary['errors']} errors, "

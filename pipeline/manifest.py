@@ -1,14 +1,19 @@
 """Resume and the run manifest: what is done under ``--out``, who may write there, and the final tables.
 
-A run's progress is the set of completion records ``_parts/*.parquet`` (``pipeline.sink``). A rerun reads
-their (prompt_id, sample_idx) keys and generates only the rest; ``finalize`` merges the records into
-``metrics.parquet`` (one row per key, the exactly-once view), drops WebDataset shards whose record never
-landed, and closes the attempt in ``manifest.json``.
+A run's progress is its set of shard completion records ``_shards/<shard>.parquet`` (``pipeline.sink``,
+``pipeline.shards``). A rerun lists them, checks each one's Parquet footer in parallel (a corrupt, empty
+or short record is reported by name and its shard redone) and generates only the shards without a good
+record: its cost grows with the number of shards, never with the samples. ``finalize`` streams the records
+of the planned shards into the Parquet dataset ``metrics.parquet/part-*.parquet`` (one row per
+(prompt_id, sample_idx); readable as one table by pyarrow, pandas, Ray and DuckDB), fails loudly if two
+rows share a key or an image object, drops leftovers of crashed writers, and closes the attempt in
+``manifest.json``.
 
 Why not Ray Data's ``CheckpointConfig``: its id column must exist when the files are read and stay unique
 through every operator, but a prompt expands into ``num_images`` samples after the read and its id may be
-derived; with a custom ``Datasink`` (needed to name images by prompt_id) it only checkpoints after the write
-(docs/ray-notes.md §5). The completion records give the same guarantee with content-keyed names.
+derived; with a custom ``Datasink`` (needed to name images by prompt_id) it only checkpoints after the write,
+and it loads every done id into memory on start (docs/ray-notes.md §5). Shard records give the same guarantee
+at shard cost.
 """
 
 from __future__ import annotations
@@ -17,20 +22,27 @@ import io
 import json
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from pipeline.config import GenerateConfig
-from pipeline.sink import METRICS_SCHEMA, PARTS, WEBDATASET
+from pipeline.config import GenerateConfig, JobOptions
+from pipeline.shards import Shard
+from pipeline.sink import METRICS_SCHEMA, PIECES, SHARDS, WEBDATASET
 from pipeline.storage import Storage
 
 MANIFEST, METRICS = "manifest.json", "metrics.parquet"
+METRICS_ROWS_PER_FILE = 100_000  # rows per metrics.parquet/part-*.parquet file
+READ_CHUNK = 256  # records fetched at once (concurrently) by a rerun and by finalize
 PACKAGES = ("maskray", "torch", "diffusers", "transformers", "ray", "pyarrow", "open_clip_torch", "optimum-quanto",
             "pydantic", "fsspec", "s3fs", "pillow", "numpy")
 
@@ -63,19 +75,69 @@ def check_out(storage: Storage, config: GenerateConfig) -> dict | None:
     )
 
 
-def completed(storage: Storage) -> pa.Table:
-    """``prompt_id``, ``sample_idx`` of every sample with a completion record (duplicates possible)."""
-    files = storage.list(storage.path(PARTS), ".parquet")
-    tables = [pq.read_table(io.BytesIO(storage.read(f)), columns=["prompt_id", "sample_idx"]) for f in files]
-    return pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table().select(["prompt_id", "sample_idx"])
+def shard_size(manifest: dict | None, job: JobOptions, samples: int, default: Callable[[int], int]) -> int:
+    """The run's shard size: the one ``manifest.json`` recorded, else ``--shard-size``, else ``default(samples)``.
+
+    Raises:
+        RunConfigMismatch: ``--shard-size`` differs from the size the run under ``--out`` was cut with.
+    """
+    recorded = (manifest or {}).get("shard_size")
+    if recorded and job.shard_size and job.shard_size != recorded:
+        raise RunConfigMismatch(f"--out {job.out} was cut into shards of {recorded} samples, this run asks for "
+                                f"--shard-size {job.shard_size}; rerun with --shard-size {recorded} (or without it) "
+                                f"to resume, or choose a new --out")
+    return int(recorded or job.shard_size or default(samples))
+
+
+@dataclass
+class RecordScan:
+    """What a rerun found under ``_shards/``: good records by shard name, and the bad ones with the reason."""
+
+    done: dict[str, int] = field(default_factory=dict)
+    bad: dict[str, str] = field(default_factory=dict)
+    stale: int = 0
+
+
+def scan_records(storage: Storage, plan: list[Shard]) -> RecordScan:
+    """List the completion records and check every planned shard's record (footer and row count) in parallel.
+
+    A record that is empty, unreadable or holds another row count than its shard is *bad*: its shard is
+    generated again (the new record replaces it). Records of shards not in the plan (the input changed)
+    are counted as stale and ignored.
+    """
+    expected = {shard.name: shard.samples for shard in plan}
+    listed = storage.sizes(storage.path(SHARDS), ".parquet")
+    found, scan = {}, RecordScan()
+    for path, size in listed.items():
+        name = Path(path).stem
+        if name not in expected:
+            scan.stale += 1
+        elif size == 0:
+            scan.bad[name] = "empty file"
+        else:
+            found[name] = path
+    names = sorted(found)
+    for start in range(0, len(names), READ_CHUNK):
+        chunk = names[start:start + READ_CHUNK]
+        for name, blob in zip(chunk, storage.read_many([found[n] for n in chunk])):
+            try:
+                rows = pq.read_metadata(io.BytesIO(blob)).num_rows
+            except (pa.ArrowInvalid, OSError) as error:
+                scan.bad[name] = f"unreadable ({type(error).__name__}: {error})"
+                continue
+            if rows != expected[name]:
+                scan.bad[name] = f"{rows} rows, the shard has {expected[name]}"
+            else:
+                scan.done[name] = rows
+    return scan
 
 
 def start_attempt(storage: Storage, config: GenerateConfig, manifest: dict | None, inputs: list[str],
-                  done_before: int) -> dict:
+                  done_before: int, shard_size: int) -> dict:
     """Write ``manifest.json`` with a new running attempt; returns the manifest."""
     manifest = manifest or {"config_hash": config.config_hash(), "hashed_factors": config.hashed_factors(),
                             "attempts": []}
-    manifest.update(status="running", config=config.model_dump(mode="json"), inputs=inputs,
+    manifest.update(status="running", config=config.model_dump(mode="json"), inputs=inputs, shard_size=shard_size,
                     packages=_versions(), git_revision=_git_revision(), python=platform.python_version())
     manifest["attempts"].append({"attempt": len(manifest["attempts"]), "started_at": _now(),
                                  "done_before": done_before})
@@ -83,48 +145,118 @@ def start_attempt(storage: Storage, config: GenerateConfig, manifest: dict | Non
     return manifest
 
 
-def finalize(storage: Storage, manifest: dict, expected: int, seconds: float) -> dict:
-    """Merge the completion records into ``metrics.parquet``, drop orphan shards, close the attempt.
+class OutputCollision(RuntimeError):
+    """Two metrics rows share a (prompt_id, sample_idx) key or an image object: one output overwrote another."""
+
+
+def finalize(storage: Storage, manifest: dict, plan: list[Shard], seconds: float) -> dict:
+    """Stream the planned shards' records into ``metrics.parquet/``, drop leftovers, close the attempt.
+
+    Records are fetched ``READ_CHUNK`` at a time (concurrently) and written out every
+    ``METRICS_ROWS_PER_FILE`` rows, so memory holds one part, plus 16 bytes per row for the collision check.
 
     Returns:
         The summary also stored in the manifest: ``rows`` (unique samples), ``expected``, ``errors``,
-        ``generated`` (this attempt), ``duplicates_dropped``, ``images_per_second`` (this attempt),
-        ``mean_score``.
+        ``generated`` (this attempt), ``shards`` / ``shards_done``, ``stale_records`` (records of shards not in
+        this plan, ignored), ``images_per_second`` (this attempt), ``mean_score``.
+
+    Raises:
+        OutputCollision: two rows share a key or an image object (names both rows).
     """
     attempt = manifest["attempts"][-1]
-    part_files = storage.list(storage.path(PARTS), ".parquet")
-    tables = [pq.read_table(io.BytesIO(storage.read(f)), schema=METRICS_SCHEMA) for f in part_files]
-    metrics = pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
-    metrics = metrics.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending"), ("attempt", "ascending")])
-    unique = _first_per_key(metrics)
-    buffer = io.BytesIO()
-    pq.write_table(unique, buffer)
-    storage.write_atomic(storage.path(METRICS), buffer.getvalue())
-    parts = {Path(f).stem for f in part_files}
+    planned = {shard.name for shard in plan}
+    records = storage.sizes(storage.path(SHARDS), ".parquet")
+    paths = sorted(p for p in records if Path(p).stem in planned)
+    folder = storage.path(METRICS)
+    totals = {"rows": 0, "errors": 0, "generated": 0, "scored": 0, "score_sum": 0.0}
+    key_hashes, uri_hashes, pending, parts = [], [], [], []
+
+    def flush() -> None:
+        name = f"part-{len(parts):05d}.parquet"
+        storage.write_atomic(f"{folder}/{name}", _to_parquet(pa.concat_tables(pending)))
+        parts.append(name)
+        pending.clear()
+
+    for start in range(0, len(paths), READ_CHUNK):
+        chunk = paths[start:start + READ_CHUNK]
+        for blob in storage.read_many(chunk):
+            table = pq.read_table(io.BytesIO(blob), schema=METRICS_SCHEMA)
+            _count(table, totals, attempt["attempt"])
+            key_hashes.append(_hash(table, ["prompt_id", "sample_idx"]))
+            uris = table.filter(pc.is_valid(table["image_uri"]))
+            uri_hashes.append(_hash(uris, ["image_uri", "image_offset"]))
+            pending.append(table)
+            if sum(t.num_rows for t in pending) >= METRICS_ROWS_PER_FILE:
+                flush()
+    if pending or not parts:  # the rest, or one empty part so that the dataset has its schema
+        pending.append(METRICS_SCHEMA.empty_table())
+        flush()
+    for stale in storage.list(folder, ".parquet"):
+        if Path(stale).name not in parts:
+            storage.remove(stale)
+    _check_unique(storage, key_hashes, ["prompt_id", "sample_idx"], "key")
+    _check_unique(storage, uri_hashes, ["image_uri", "image_offset"], "image object")
+    recorded = {Path(p).stem for p in records}
     for shard in storage.list(storage.path(WEBDATASET), ".tar"):
-        if Path(shard).stem not in parts:  # its block crashed before the record: the rows were redone elsewhere
-            storage.fs.rm(shard)
-    generated = int(pc.sum(pc.equal(unique["attempt"], attempt["attempt"])).as_py() or 0)
-    scores = unique["score"]
+        if Path(shard).stem not in recorded:  # its writer crashed before the record: the shard is redone
+            storage.remove(shard)
+    storage.remove(storage.path(PIECES))  # rows of shards a crash left incomplete, or of retried writes
     summary = {
-        "rows": unique.num_rows, "expected": expected, "errors": int(unique.num_rows - unique["error"].null_count),
-        "generated": generated, "duplicates_dropped": metrics.num_rows - unique.num_rows,
-        "seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds > 0 else None,
-        "mean_score": pc.mean(scores).as_py() if scores.null_count < len(scores) else None,
+        "rows": totals["rows"], "expected": int(sum(s.samples for s in plan)), "errors": totals["errors"],
+        "generated": totals["generated"], "shards": len(plan), "shards_done": len(paths),
+        "stale_records": len(records) - len(paths), "seconds": round(seconds, 3),
+        "images_per_second": round(totals["generated"] / seconds, 3) if seconds > 0 else None,
+        "mean_score": totals["score_sum"] / totals["scored"] if totals["scored"] else None,
     }
     attempt.update(ended_at=_now(), **summary)
-    manifest.update(status="complete" if unique.num_rows == expected else "incomplete", counts=summary)
+    manifest.update(status="complete" if summary["rows"] == summary["expected"] else "incomplete", counts=summary)
     _write_manifest(storage, manifest)
     return summary
 
 
-def _first_per_key(metrics: pa.Table) -> pa.Table:
-    """One row per (prompt_id, sample_idx) of a table sorted by key: the first (earliest attempt)."""
-    if metrics.num_rows == 0:
-        return metrics
-    ids, samples = metrics["prompt_id"].to_pylist(), metrics["sample_idx"].to_pylist()
-    keep = [i for i in range(len(ids)) if i == 0 or (ids[i], samples[i]) != (ids[i - 1], samples[i - 1])]
-    return metrics.take(keep)
+def read_metrics(storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """The final metrics of the run under ``storage`` as one table (all ``metrics.parquet/`` parts)."""
+    return pds.dataset(storage.path(METRICS), filesystem=storage.arrow_fs, format="parquet",
+                       schema=METRICS_SCHEMA).to_table(columns=columns)
+
+
+def _count(table: pa.Table, totals: dict, attempt: int) -> None:
+    totals["rows"] += table.num_rows
+    totals["errors"] += table.num_rows - table["error"].null_count
+    totals["generated"] += int(pc.sum(pc.equal(table["attempt"], attempt)).as_py() or 0)
+    scores = table["score"].drop_null()
+    totals["scored"] += len(scores)
+    totals["score_sum"] += float(pc.sum(scores).as_py() or 0.0)
+
+
+def _hash(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """64-bit hashes of the rows' ``columns`` (pandas' vectorised SipHash)."""
+    return pd.util.hash_pandas_object(table.select(columns).to_pandas(), index=False).to_numpy()
+
+
+def _check_unique(storage: Storage, hashes: list[np.ndarray], columns: list[str], what: str) -> None:
+    """Raise ``OutputCollision`` if two rows share ``columns``: hashes first, then the exact values."""
+    values, counts = np.unique(np.concatenate(hashes) if hashes else np.empty(0, np.uint64), return_counts=True)
+    if not (counts > 1).any():
+        return
+    table = read_metrics(storage, ["prompt_id", "sample_idx", *[c for c in columns if c not in
+                                                                  ("prompt_id", "sample_idx")]])
+    table = table.filter(pc.is_in(pa.array(_hash(table, columns)), pa.array(values[counts > 1])))
+    groups = table.group_by(columns).aggregate([("prompt_id", "list"), ("sample_idx", "list")])
+    clashes = [row for row in groups.to_pylist() if len(row["prompt_id_list"]) > 1]
+    if clashes:
+        row = clashes[0]
+        rows = list(zip(row["prompt_id_list"], row["sample_idx_list"]))
+        where = ", ".join(f"{c}={row[c]!r}" for c in columns)
+        raise OutputCollision(f"{len(clashes)} {what}(s) shared by several metrics rows under {storage.uri}, e.g. "
+                              f"{where} for (prompt_id, sample_idx) {rows}: one output overwrote another; this is "
+                              f"a bug in the shard plan or the image names, report it with manifest.json")
+
+
+def _to_parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
 
 
 def _write_manifest(storage: Storage, manifest: dict) -> None:

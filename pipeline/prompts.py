@@ -12,14 +12,15 @@ Columns (others are ignored):
 | ``num_images`` | integer >= 1 | the run's --num-images |
 
 A row becomes ``num_images`` sample rows keyed by (``prompt_id``, ``sample_idx``), the key that names the
-output files and makes resume exact. Every problem that would stop the job (no files, unreadable path,
-missing or mistyped column, nulls, duplicate ids, empty input) is raised by ``scan_prompts`` on the driver,
-before Ray starts a single actor.
+output files; ``pipeline.shards`` groups rows into the shards a rerun skips or redoes as a whole. Every
+problem that would stop the job (no files, unreadable path, missing or mistyped column, nulls, duplicate ids,
+empty input) is raised by ``scan_prompts`` on the driver, before Ray starts a single actor.
 """
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ COLUMNS = {
     "num_images": (pa.types.is_integer, "integer"),
 }
 MAX_LISTED = 5
+READ_THREADS = 16  # prompt files whose id columns are read at once
 SEED_MASK = (1 << 63) - 1  # derived seeds fit int64 and torch.Generator.manual_seed
 
 
@@ -50,12 +52,14 @@ class PromptInputError(ValueError):
 
 @dataclass(frozen=True)
 class PromptScan:
-    """What ``scan_prompts`` found: the files, the columns present, and the row and sample counts."""
+    """What ``scan_prompts`` found: the files, the columns present, the row and sample counts, and per file
+    the samples of each row (in file order, for ``pipeline.shards.plan_shards``)."""
 
     files: list[str]
     columns: list[str]
     rows: int
     samples: int
+    row_samples: list[np.ndarray]
 
 
 def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (".parquet",), kind: str = "Parquet",
@@ -115,7 +119,10 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
             raise PromptInputError(f"--prompts {spec!r}: column {name!r} is {schema.field(name).type}, expected "
                                    f"{wanted}; cast it (e.g. df[{name!r}].astype(...)) or drop the column")
     present = [name for name in COLUMNS if name in schema.names]
-    table = dataset.to_table(columns=present)
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # one table per file, in file order
+        tables = list(pool.map(lambda fragment: fragment.to_table(columns=present, schema=schema),
+                               dataset.get_fragments()))
+    table = pa.concat_tables(tables)
     if table.num_rows == 0:
         raise PromptInputError(f"--prompts {spec!r} holds no rows ({len(files)} file(s)); nothing to generate")
     for name in ("prompt", "prompt_id"):
@@ -135,9 +142,10 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
         source = "prompt_id" if "prompt_id" in present else "derived id (same prompt, negative_prompt and seed)"
         raise PromptInputError(f"--prompts {spec!r}: {int((counts > 1).sum())} duplicate {source} value(s), e.g. "
                                f"{duplicated}; make prompt_id unique, or for repeats of one prompt use num_images")
-    samples = int(pc.sum(pc.fill_null(table["num_images"], num_images)).as_py()) if "num_images" in present \
-        else table.num_rows * num_images
-    return PromptScan(files=files, columns=present, rows=table.num_rows, samples=samples)
+    row_samples = [pc.fill_null(t["num_images"], num_images).to_numpy().astype(np.int64) if "num_images" in present
+                   else np.full(t.num_rows, num_images, dtype=np.int64) for t in tables]
+    samples = int(sum(int(r.sum()) for r in row_samples))
+    return PromptScan(files=files, columns=present, rows=table.num_rows, samples=samples, row_samples=row_samples)
 
 
 def prompt_ids(table: pa.Table | dict[str, Any]) -> np.ndarray:
@@ -166,48 +174,42 @@ def derive_seed(prompt_id: str, run_seed: int, sample_idx: int) -> int:
     return int.from_bytes(digest[:8], "little") & SEED_MASK
 
 
-def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: int,
-                   done: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-    """Prompt rows -> sample rows (one per image), dropping the samples already written.
+def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: int) -> dict[str, np.ndarray]:
+    """Prompt rows -> sample rows (one per image).
 
     Args:
-        batch: a column batch of prompt rows (the columns of ``COLUMNS`` that the input has).
+        batch: a column batch of prompt rows (the columns of ``COLUMNS`` that the input has, plus any
+            bookkeeping columns such as ``shard``, which are repeated on each of the row's samples).
         run_seed: the job's seed, for rows without a seed.
         num_images: images for rows without a num_images value.
-        done: ``sample_key(prompt_id, sample_idx)`` of the samples a previous attempt completed.
 
     Returns:
         Columns ``prompt_id`` (str), ``sample_idx`` (int64), ``prompt`` (str), ``negative_prompt`` (str, ''
-        for the run's default) and ``seed`` (int64), one row per sample still to generate.
+        for the run's default), ``seed`` (int64) and the bookkeeping columns, one row per sample.
     """
     ids = prompt_ids(batch)
     counts = _column(batch, "num_images")
     seeds = _column(batch, "seed")
     negatives = _column(batch, "negative_prompt")
+    totals = np.array([num_images if counts is None or _is_null(counts[i]) else int(counts[i])
+                       for i in range(len(ids))], dtype=np.int64)
     out: dict[str, list] = {"prompt_id": [], "sample_idx": [], "prompt": [], "negative_prompt": [], "seed": []}
     for i, prompt_id in enumerate(ids):
-        total = num_images if counts is None or _is_null(counts[i]) else int(counts[i])
-        for sample_idx in range(total):
-            if sample_key(prompt_id, sample_idx) in done:
-                continue
-            given = None if seeds is None or _is_null(seeds[i]) else int(seeds[i])
+        given = None if seeds is None or _is_null(seeds[i]) else int(seeds[i])
+        negative = None if negatives is None else negatives[i]
+        for sample_idx in range(totals[i]):
             out["prompt_id"].append(prompt_id)
             out["sample_idx"].append(sample_idx)
             out["prompt"].append(str(batch["prompt"][i]))
-            negative = None if negatives is None else negatives[i]
             out["negative_prompt"].append(negative if isinstance(negative, str) else "")
             out["seed"].append(derive_seed(prompt_id, run_seed, sample_idx) if given is None
                                else (given + sample_idx) & SEED_MASK)
+    carried = {name: np.repeat(np.asarray(values), totals) for name, values in batch.items() if name not in COLUMNS}
     return {"prompt_id": np.array(out["prompt_id"], dtype=object),
             "sample_idx": np.array(out["sample_idx"], dtype=np.int64),
             "prompt": np.array(out["prompt"], dtype=object),
             "negative_prompt": np.array(out["negative_prompt"], dtype=object),
-            "seed": np.array(out["seed"], dtype=np.int64)}
-
-
-def sample_key(prompt_id: str, sample_idx: int) -> str:
-    """The resume key of one sample."""
-    return f"{prompt_id}\x00{int(sample_idx)}"
+            "seed": np.array(out["seed"], dtype=np.int64), **carried}
 
 
 def _column(table: pa.Table | dict[str, Any], name: str) -> list | np.ndarray | None:

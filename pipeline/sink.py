@@ -1,17 +1,25 @@
-"""``SampleSink``: the Ray Data ``Datasink`` that writes images, completion records and WebDataset shards.
+"""``SampleSink``: the Ray Data ``Datasink`` that writes images, WebDataset shards and shard completion records.
 
-Layout under ``--out`` (local folder or object-store prefix)::
+Layout under ``--out`` (local folder or object-store prefix), for a run cut into shards (``pipeline.shards``)::
 
-    images/<slug>-<hash8>_<sample_idx>.<ext>   one file per sample, named by (prompt_id, sample_idx)
-    _parts/<block hash>.parquet                metrics rows of one written block: the completion record
-    webdataset/<block hash>.tar                optional, the same block as a WebDataset shard
-    metrics.parquet, manifest.json             written by ``pipeline.manifest.finalize`` at the end
+    images/<slug>-<sha256>_<sample_idx>.<ext>   one file per sample (layout files or both)
+    webdataset/<shard>.tar                      one WebDataset tar per shard (layout webdataset or both)
+    _shards/<shard>.parquet                     metrics rows of one whole shard: its completion record
+    _pieces/<shard>/<rows hash>-<n>.parquet     rows of a shard written so far (removed once the shard is whole)
+    metrics.parquet/, manifest.json             written by ``pipeline.manifest.finalize`` at the end
 
-Names derive from content keys, never from Ray's write UUID or task index (docs/ray-notes.md §4), so a retried task
-or a rerun overwrites instead of duplicating. A block's images (and tar) are written before its part file,
-and the part is written atomically, so a part on storage means its images are complete: resume trusts parts
-only. ``prompt_id`` is user data: ``image_name`` slugs it and appends a hash, so ``../x`` or ``a/b`` can
-never leave ``images/``.
+Ray Data hands a write task whatever rows arrive (a block may hold the end of one shard and the start of
+the next), so every write task writes its rows' images, then one *piece* per shard it touched, then lists
+that shard's pieces. The task whose piece brings the listed count to the shard's size assembles the shard:
+it reads the pieces, writes the tar, then the record (atomically), then drops the pieces. Whichever piece
+lands last, its writer lists after every other piece is on storage, so some writer always sees the whole
+shard (a retried task only adds duplicate rows, which assembly drops). A record on storage therefore
+means the shard's images and tar are complete: resume trusts records only, and a crash loses at most the
+shards in flight.
+
+Names derive from content keys, never from Ray's write UUID or task index (docs/ray-notes.md §4), so a
+retried task or a rerun overwrites instead of duplicating. ``prompt_id`` is user data: ``image_name`` slugs it for reading and
+appends its full SHA-256, so ``../x`` or ``a/b`` can never leave ``images/`` and two ids never share a name.
 """
 
 from __future__ import annotations
@@ -22,61 +30,92 @@ import json
 import re
 import tarfile
 import time
-from typing import Iterable
+from typing import Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from pipeline.storage import Storage
 
-IMAGES, PARTS, WEBDATASET = "images", "_parts", "webdataset"
+IMAGES, SHARDS, PIECES, WEBDATASET = "images", "_shards", "_pieces", "webdataset"
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 SLUG_CHARS = 48
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+Layout = Literal["files", "webdataset", "both"]
 
 # The metrics table, one row per (prompt_id, sample_idx); null score when no scorer ran, null error when OK.
+# ``image_uri`` is the image file, or the shard's tar in the webdataset layout, where ``image_offset`` and
+# ``image_bytes`` locate the image inside it (a ranged read).
 METRICS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_idx", pa.int64()), ("prompt", pa.string()),
-    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("image_uri", pa.string()),
-    ("image_bytes", pa.int64()), ("model", pa.string()), ("quantization", pa.string()), ("sampler", pa.string()),
-    ("sampler_hash", pa.string()), ("config_hash", pa.string()), ("scorer", pa.string()), ("score", pa.float64()),
-    ("nfe", pa.int64()), ("gen_seconds", pa.float64()), ("error", pa.string()), ("attempt", pa.int64()),
+    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("shard", pa.string()), ("image_uri", pa.string()),
+    ("image_offset", pa.int64()), ("image_bytes", pa.int64()), ("model", pa.string()),
+    ("quantization", pa.string()), ("sampler", pa.string()), ("sampler_hash", pa.string()),
+    ("config_hash", pa.string()), ("scorer", pa.string()), ("score", pa.float64()), ("nfe", pa.int64()),
+    ("gen_seconds", pa.float64()), ("error", pa.string()), ("attempt", pa.int64()),
     ("written_at", pa.timestamp("ms", tz="UTC")),
 ])
+# A piece: the metrics columns known before assembly, plus the encoded image when a tar is to be built.
+PIECE_SCHEMA = pa.schema([f for f in METRICS_SCHEMA if f.name not in ("image_uri", "image_offset")]
+                         + [pa.field("image", pa.binary())])
+RUN_COLUMNS = ("model", "quantization", "sampler", "sampler_hash", "config_hash", "scorer", "attempt")
 
 
 def image_name(prompt_id: str, sample_idx: int, image_format: str) -> str:
-    """A file name that stays inside ``images/`` whatever ``prompt_id`` holds.
+    """A file name that stays inside ``images/`` whatever ``prompt_id`` holds, distinct for distinct ids.
 
-    ``[A-Za-z0-9._-]`` runs of the id (at most 48 characters, no leading dots) give a readable slug; the
-    first 8 hex digits of SHA-256(prompt_id) keep distinct ids distinct (``a/b`` vs ``a-b``).
+    The id's first 48 characters, runs outside ``[A-Za-z0-9._-]`` replaced by ``-`` and no leading dots,
+    give a readable slug; the full SHA-256 of the id (64 hex digits, no truncation) keeps distinct ids
+    distinct even when they share a long prefix (URLs) or differ only in characters the slug drops.
     """
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", prompt_id)[:SLUG_CHARS].strip(".-") or "prompt"
-    digest = hashlib.sha256(prompt_id.encode()).hexdigest()[:8]
+    slug = UNSAFE.sub("-", prompt_id[:SLUG_CHARS]).strip(".-") or "prompt"
+    digest = hashlib.sha256(prompt_id.encode()).hexdigest()
     return f"{slug}-{digest}_{int(sample_idx)}.{EXTENSIONS[image_format]}"
 
 
-def block_id(prompt_ids: Iterable[str], sample_idx: Iterable[int]) -> str:
-    """20 hex digits of SHA-256 over a block's sorted sample keys: the same rows give the same name."""
+def rows_id(prompt_ids: Iterable[str], sample_idx: Iterable[int]) -> str:
+    """20 hex digits of SHA-256 over sorted sample keys: the same rows give the same piece name."""
     keys = sorted(f"{p}\x00{int(i)}" for p, i in zip(prompt_ids, sample_idx))
     return hashlib.sha256("\x01".join(keys).encode()).hexdigest()[:20]
 
 
 class SampleSink(Datasink[int]):
-    """Writes each block's images, then its WebDataset shard (optional), then its completion record.
+    """Writes each block's images and pieces, and assembles every shard it completes.
 
     Args:
         storage: the ``--out`` root.
-        run: constant metrics columns of this run (``model``, ``quantization``, ``sampler``,
-            ``sampler_hash``, ``config_hash``, ``scorer``, ``attempt``).
+        run: constant metrics columns of this run (``RUN_COLUMNS``).
         image_format: ``png``, ``webp`` or ``jpeg`` (the file extension).
-        webdataset: also write ``webdataset/<block>.tar``.
+        layout: ``files`` (one image file per sample), ``webdataset`` (one tar per shard) or ``both``.
+        rows_per_write: rows Ray Data gathers for one write task (the shard size: about one piece per shard
+            and per task, instead of one per generator batch).
+
+    Rows must carry ``shard`` (the shard's name) and ``shard_samples`` (its size) besides the generator's
+    and scorer's columns.
     """
 
-    def __init__(self, storage: Storage, run: dict, image_format: str, webdataset: bool = False):
-        self.storage, self.run, self.image_format, self.webdataset = storage, dict(run), image_format, webdataset
+    def __init__(self, storage: Storage, run: dict, image_format: str, layout: Layout = "files",
+                 rows_per_write: int | None = None):
+        if layout not in ("files", "webdataset", "both"):
+            raise ValueError(f"unknown layout {layout!r}; choose files, webdataset or both")
+        self.storage, self.run, self.image_format, self.layout = storage, dict(run), image_format, layout
+        self.rows_per_write = rows_per_write
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_write
+
+    @property
+    def files(self) -> bool:
+        return self.layout in ("files", "both")
+
+    @property
+    def tars(self) -> bool:
+        return self.layout in ("webdataset", "both")
 
     def get_name(self) -> str:
         return "SampleSink"
@@ -91,58 +130,131 @@ class SampleSink(Datasink[int]):
                 rows += table.num_rows
         return rows
 
-    def write_table(self, table: pa.Table) -> str:
-        """Write one block; returns its id (the part and tar name)."""
+    def write_table(self, table: pa.Table) -> list[str]:
+        """Write one block's rows; returns the shards this call assembled (completed)."""
+        completed = []
+        shards = table["shard"]
+        for shard in pc.unique(shards).to_pylist():
+            rows = table.filter(pc.equal(shards, shard))
+            expected = int(rows["shard_samples"][0].as_py())
+            self._write_piece(shard, rows)
+            if self._listed_rows(shard) >= expected and self.assemble(shard, expected):
+                completed.append(shard)
+        return completed
+
+    def _write_piece(self, shard: str, table: pa.Table) -> None:
+        """The rows' image files (layout files/both), then their piece."""
         columns = {name: table[name].to_pylist() for name in table.column_names}
         count = table.num_rows
-        ids, samples = columns["prompt_id"], columns["sample_idx"]
-        uris, sizes, names = [], [], []
-        for i in range(count):
-            data = columns["image"][i] or b""
-            name = image_name(ids[i], samples[i], self.image_format)
-            names.append(name)
-            if columns["error"][i] or not data:
-                uris.append(None)
-                sizes.append(0)
-                continue
-            self.storage.write_atomic(self.storage.path(IMAGES, name), data)
-            uris.append(self.storage.url(IMAGES, name))
-            sizes.append(len(data))
-        part = block_id(ids, samples)
+        ids, samples, images = columns["prompt_id"], columns["sample_idx"], columns["image"]
+        errors = [e or None for e in columns["error"]]
+        if self.files:
+            for i in range(count):
+                if images[i] and not errors[i]:
+                    name = image_name(ids[i], samples[i], self.image_format)
+                    self.storage.write_atomic(self.storage.path(IMAGES, name), images[i])
         scores = columns.get("score") or [None] * count
-        metrics = {
+        piece = {
             "prompt_id": ids, "sample_idx": samples, "prompt": columns["prompt"],
             "negative_prompt": [n or None for n in columns["negative_prompt"]], "seed": columns["seed"],
-            "image_uri": uris, "image_bytes": sizes,
-            **{key: [self.run[key]] * count for key in ("model", "quantization", "sampler", "sampler_hash",
-                                                         "config_hash", "scorer")},
+            "shard": [shard] * count, "image_bytes": [len(b or b"") if not e else 0 for b, e in zip(images, errors)],
+            **{key: [self.run[key]] * count for key in RUN_COLUMNS},
             "score": [None if s is None or np.isnan(s) else float(s) for s in scores],
-            "nfe": columns["nfe"], "gen_seconds": columns["gen_seconds"],
-            "error": [e or None for e in columns["error"]], "attempt": [self.run["attempt"]] * count,
+            "nfe": columns["nfe"], "gen_seconds": columns["gen_seconds"], "error": errors,
             "written_at": [int(time.time() * 1000)] * count,
+            "image": [b if self.tars and not e else None for b, e in zip(images, errors)],
         }
-        if self.webdataset:
-            self.storage.write_atomic(self.storage.path(WEBDATASET, f"{part}.tar"),
-                                      _tar(names, columns["image"], metrics))
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pydict(metrics, schema=METRICS_SCHEMA), buffer)
-        self.storage.write_atomic(self.storage.path(PARTS, f"{part}.parquet"), buffer.getvalue())
-        return part
+        name = f"{rows_id(ids, samples)}-{count}.parquet"
+        self.storage.write_atomic(self.storage.path(PIECES, shard, name), _parquet(pa.table(piece, PIECE_SCHEMA)))
+
+    def _listed_rows(self, shard: str) -> int:
+        """Rows of the shard's pieces on storage, from their names (retries may count a row twice)."""
+        names = self.storage.list(self.storage.path(PIECES, shard), ".parquet")
+        return sum(int(name.rsplit("-", 1)[1].split(".")[0]) for name in names)
+
+    def assemble(self, shard: str, expected: int) -> bool:
+        """Merge the shard's pieces into its tar (if any) and its record; False if the pieces are not whole.
+
+        Two writers may both see a whole shard; both write the same record, and the one that finds the
+        pieces already gone leaves it to the other.
+        """
+        paths = self.storage.list(self.storage.path(PIECES, shard), ".parquet")
+        try:
+            blobs = self.storage.read_many(paths)
+        except FileNotFoundError:
+            return False  # another writer assembled this shard and removed the pieces meanwhile
+        table = pa.concat_tables([pq.read_table(io.BytesIO(b), schema=PIECE_SCHEMA) for b in blobs])
+        table = first_per_key(table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")]))
+        if table.num_rows != expected:
+            return False
+        columns = {name: table[name].to_pylist() for name in table.column_names}
+        names = [image_name(p, i, self.image_format) for p, i in zip(columns["prompt_id"], columns["sample_idx"])]
+        ok = [size > 0 and not error for size, error in zip(columns["image_bytes"], columns["error"])]
+        uris: list[str | None] = [self.storage.url(IMAGES, n) if good else None for n, good in zip(names, ok)]
+        offsets: list[int | None] = [None] * table.num_rows
+        if self.tars:
+            tar, tar_offsets = _tar(names, columns["image"], ok, columns)
+            self.storage.write_atomic(self.storage.path(WEBDATASET, f"{shard}.tar"), tar)
+            if not self.files:
+                tar_uri = self.storage.url(WEBDATASET, f"{shard}.tar")
+                uris = [tar_uri if good else None for good in ok]
+                offsets = [o if good else None for o, good in zip(tar_offsets, ok)]
+        record = table.drop_columns(["image"])
+        index = record.schema.get_field_index("image_bytes")
+        record = record.add_column(index, "image_offset", pa.array(offsets, pa.int64()))
+        record = record.add_column(index, "image_uri", pa.array(uris, pa.string())).select(METRICS_SCHEMA.names)
+        self.storage.write_atomic(self.storage.path(SHARDS, f"{shard}.parquet"), _parquet(record.cast(METRICS_SCHEMA)))
+        self.storage.remove(self.storage.path(PIECES, shard))
+        return True
 
 
-def _tar(names: list[str], images: list[bytes], metrics: dict[str, list]) -> bytes:
-    """A WebDataset shard: per sample ``<key>.<ext>`` (image, when there is one) and ``<key>.json``."""
+def first_per_key(table: pa.Table) -> pa.Table:
+    """One row per (prompt_id, sample_idx) of a table sorted by key: the first."""
+    if table.num_rows < 2:
+        return table
+    ids, samples = table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()
+    keep = [i for i in range(len(ids)) if i == 0 or (ids[i], samples[i]) != (ids[i - 1], samples[i - 1])]
+    return table.take(keep)
+
+
+def _parquet(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for i, name in enumerate(names):
-            key, ext = name.rsplit(".", 1)
-            key = key.replace(".", "_")  # WebDataset splits the key at the first dot
-            record = {k: v[i] for k, v in metrics.items() if k != "written_at"}
-            members = [(f"{key}.json", json.dumps(record, default=str).encode())]
-            if images[i] and not metrics["error"][i]:
-                members.insert(0, (f"{key}.{ext}", images[i]))
-            for member, data in members:
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    pq.write_table(table, buffer)
     return buffer.getvalue()
+
+
+def _tar(names: list[str], images: list[bytes | None], ok: list[bool],
+         metrics: dict[str, list]) -> tuple[bytes, list[int]]:
+    """A WebDataset shard: per sample ``<key>.<ext>`` (when it has an image) and ``<key>.json``.
+
+    The key is the image name without its slug (``<sha256 of prompt_id>_<sample_idx>``): unique, free of
+    dots (WebDataset splits keys at the first dot) and short enough for a plain ustar header.
+
+    Returns the tar and, per sample, the byte offset of its image data inside it (-1 without image).
+    """
+    chunks, offsets, position = [], [], 0
+    for i, name in enumerate(names):
+        key, ext = name.rsplit("-", 1)[1].rsplit(".", 1)
+        record = {k: v[i] for k, v in metrics.items() if k not in ("written_at", "image")}
+        members = [(f"{key}.{ext}", images[i])] if ok[i] else []
+        members.append((f"{key}.json", json.dumps(record, default=str).encode()))
+        offsets.append(position + tarfile.BLOCKSIZE if ok[i] else -1)
+        for member, data in members:
+            padding = -len(data) % tarfile.BLOCKSIZE
+            chunks += [_ustar_header(member, len(data)), data, b"\0" * padding]
+            position += tarfile.BLOCKSIZE + len(data) + padding
+    chunks.append(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+    return b"".join(chunks), offsets
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte POSIX ustar header of a regular file (``tarfile.addfile`` spends ~0.5 ms per member in
+    pure-Python copies and field packing, which made tars 80 % of a write task's time)."""
+    header = bytearray(tarfile.BLOCKSIZE)
+    header[0:100] = name.encode().ljust(100, b"\0")
+    header[100:148] = b"0000644\0" + b"0000000\0" * 2 + b"%011o\0" % size + b"%011o\0" % int(time.time())
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[156:157] = tarfile.REGTYPE
+    header[257:265] = tarfile.POSIX_MAGIC
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)

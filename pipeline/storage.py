@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
+
+READ_THREADS = 16  # concurrent local reads of many small files (object stores batch them in fsspec)
 
 
 class Storage:
@@ -79,17 +82,46 @@ class Storage:
     def read(self, path: str) -> bytes:
         return self.fs.cat_file(path)
 
+    def read_many(self, paths: list[str]) -> list[bytes]:
+        """The contents of ``paths`` in order, fetched concurrently (fsspec's batched ``cat``).
+
+        Raises:
+            FileNotFoundError: one of them is missing.
+        """
+        if not paths:
+            return []
+        if self.local:
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                return list(pool.map(self.read, paths))
+        found = self.fs.cat(paths, on_error="return")
+        for path in paths:
+            if isinstance(found[path], Exception):
+                raise found[path]
+        return [found[path] for path in paths]
+
+    def remove(self, path: str) -> None:
+        """Delete a file or folder tree; a missing one is not an error."""
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
     def list(self, folder: str, suffix: str) -> list[str]:
         """Files directly under ``folder`` ending in ``suffix`` (none if the folder is missing)."""
+        return sorted(self.sizes(folder, suffix))
+
+    def sizes(self, folder: str, suffix: str) -> dict[str, int]:
+        """Path -> size in bytes of the files directly under ``folder`` ending in ``suffix`` (one listing)."""
         try:
             if self.local:
-                entries = [os.path.join(folder, name) for name in os.listdir(folder)]
-            else:
-                self.fs.invalidate_cache(folder)  # other workers wrote here since the last listing
-                entries = self.fs.ls(folder, detail=False)
+                with os.scandir(folder) as entries:
+                    return {e.path: e.stat().st_size for e in entries if e.name.endswith(suffix) and e.is_file()}
+            self.fs.invalidate_cache(folder)  # other workers wrote here since the last listing
+            entries = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
-            return []
-        return sorted(e for e in entries if e.endswith(suffix))
+            return {}
+        return {e["name"]: int(e.get("size") or 0) for e in entries if e["name"].endswith(suffix)
+                and e.get("type") == "file"}

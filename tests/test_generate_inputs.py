@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.config import HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
 from pipeline.generate import plan_stages
-from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, sample_key, scan_prompts
+from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, scan_prompts
 from pipeline.sink import SampleSink, image_name
 from pipeline.storage import Storage
 
@@ -80,7 +80,7 @@ def test_derived_ids_are_stable_and_content_keyed():
     assert list(prompt_ids(pa.table({"prompt": ["a"], "prompt_id": [7]}))) == ["7"]
 
 
-def test_expand_samples_seeds_and_resume_keys():
+def test_expand_samples_seeds_and_carried_columns():
     batch = {"prompt": np.array(["a", "b"], dtype=object), "prompt_id": np.array(["p", "q"], dtype=object),
              "seed": np.array([10.0, np.nan]), "num_images": np.array([2, np.nan])}
     rows = expand_samples(batch, run_seed=0, num_images=3)
@@ -89,8 +89,8 @@ def test_expand_samples_seeds_and_resume_keys():
     other_run = expand_samples(batch, run_seed=1, num_images=3)
     assert rows["seed"][2] != other_run["seed"][2]  # derived seeds follow the run seed
     assert list(rows["seed"][2:]) == list(expand_samples(batch, run_seed=0, num_images=3)["seed"][2:])
-    rest = expand_samples(batch, run_seed=0, num_images=3, done=frozenset({sample_key("p", 1), sample_key("q", 0)}))
-    assert list(zip(rest["prompt_id"], rest["sample_idx"])) == [("p", 0), ("q", 1), ("q", 2)]
+    sharded = expand_samples({**batch, "shard": np.array(["s1", "s2"], dtype=object)}, run_seed=0, num_images=3)
+    assert list(sharded["shard"]) == ["s1", "s1", "s2", "s2", "s2"]  # bookkeeping columns follow their row
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def test_expand_samples_seeds_and_resume_keys():
 @pytest.mark.parametrize("prompt_id", ["../x", "a/b", "/etc/passwd", "..", "", "a\\b", "ü ñ", "x" * 300])
 def test_image_names_never_escape(prompt_id):
     name = image_name(prompt_id, 3, "png")
-    assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 80
+    assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 130
     assert name.endswith("_3.png")
 
 
@@ -209,16 +209,18 @@ def test_sink_keeps_escaping_ids_inside_out(tmp_path, generator):
         batch[column] = np.append(batch[column], np.array([value], dtype=batch[column].dtype))
     run = {"model": "tiny-meissonic", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h",
            "config_hash": "c", "scorer": None, "attempt": 0}
-    sink = SampleSink(Storage(str(out)), run, "png", webdataset=True)
-    part = sink.write_table(pa.table({k: list(v) for k, v in batch.items()}))
+    sink = SampleSink(Storage(str(out)), run, "png", layout="both")
+    table = pa.table({k: list(v) for k, v in batch.items()})
+    table = table.append_column("shard", pa.array(["s0"] * 4)).append_column("shard_samples", pa.array([4] * 4))
+    assert sink.write_table(table) == ["s0"]
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert all(p.startswith("out/") for p in written)
     assert len([p for p in written if p.startswith("out/images/")]) == 3
-    metrics = pq.read_table(out / "_parts" / f"{part}.parquet")
+    metrics = pq.read_table(out / "_shards" / "s0.parquet")
     assert sorted(metrics["prompt_id"].to_pylist()) == ["../../etc/passwd", "../x", "a/b", "failed"]
     uris = dict(zip(metrics["prompt_id"].to_pylist(), metrics["image_uri"].to_pylist()))
     errors = dict(zip(metrics["prompt_id"].to_pylist(), metrics["error"].to_pylist()))
     assert uris.pop("failed") is None and errors.pop("failed") == "RuntimeError: boom"
     assert all(os.path.isfile(u) for u in uris.values()) and set(errors.values()) == {None}
-    with tarfile.open(out / "webdataset" / f"{part}.tar") as tar:
+    with tarfile.open(out / "webdataset" / "s0.tar") as tar:
         assert len([m for m in tar.getnames() if m.endswith(".png")]) == 3

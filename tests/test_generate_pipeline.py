@@ -38,8 +38,9 @@ def test_end_to_end_local_with_tiny_hps(ray_local, tmp_path, fixtures_dir):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 12
     assert manifest["packages"]["ray"] == ray_local.__version__ and manifest["config"]["job"]["seed"] == 0
-    tars = list((tmp_path / "out" / "webdataset").glob("*.tar"))
-    assert len(tars) == len(list((tmp_path / "out" / "_parts").glob("*.parquet")))
+    tars = sorted(p.stem for p in (tmp_path / "out" / "webdataset").glob("*.tar"))
+    assert tars == sorted(p.stem for p in (tmp_path / "out" / "_shards").glob("*.parquet"))
+    assert tars == sorted(set(metrics["shard"].to_pylist())) and len(tars) == 6  # default size 1: a prompt (2 samples)
 
 
 @pytest.fixture
@@ -61,6 +62,8 @@ def test_end_to_end_on_s3(ray_local, tmp_path, moto_s3):
     import s3fs
 
     from pipeline.generate import run_generate
+    from pipeline.manifest import read_metrics
+    from pipeline.storage import Storage
 
     fs = s3fs.S3FileSystem(**moto_s3)
     fs.mkdir("bucket")
@@ -69,7 +72,7 @@ def test_end_to_end_on_s3(ray_local, tmp_path, moto_s3):
     summary = run_generate(config("s3://bucket/prompts/", "s3://bucket/run", storage_options=moto_s3,
                                   image_format="webp"), log=lambda _: None)
     assert (summary["rows"], summary["errors"]) == (6, 0)
-    metrics = pq.read_table(io.BytesIO(fs.cat_file("bucket/run/metrics.parquet")))
+    metrics = read_metrics(Storage("s3://bucket/run", moto_s3))
     check_exactly_once(metrics, ids, 1)
     for uri in metrics["image_uri"].to_pylist():
         assert uri.startswith("s3://bucket/run/images/") and uri.endswith(".webp")

@@ -1,5 +1,6 @@
 """Failures of ``maskray generate`` on real Ray (loopback, 2 CPUs), tiny model: a generator actor killed
-mid-run, and a driver killed mid-run then rerun. Both end with every (prompt_id, sample_idx) exactly once."""
+mid-run; a driver killed mid-run then rerun; shard records deleted or corrupted between runs. All end with
+every (prompt_id, sample_idx) exactly once, and a rerun redoes only the shards without a good record."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_killed_generator_actor_still_exactly_once(ray_local, tmp_path):
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run_generate(cfg, log=lambda _: None)))
     runner.start()
-    parts = tmp_path / "out" / "_parts"
+    parts = tmp_path / "out" / "_shards"
     killed_pid, written_at_kill = None, 0
     deadline = time.monotonic() + 120
     while runner.is_alive() and killed_pid is None and time.monotonic() < deadline:
@@ -51,38 +52,51 @@ def test_killed_generator_actor_still_exactly_once(ray_local, tmp_path):
         time.sleep(0.05)
     runner.join(timeout=180)
     assert killed_pid is not None and written_at_kill < 12, "the generator was not killed mid-run"
-    assert result["rows"] == 24 and result["errors"] == 0 and result["duplicates_dropped"] == 0
+    assert result["rows"] == 24 and result["errors"] == 0 and result["shards_done"] == result["shards"]
     check_exactly_once(pq.read_table(tmp_path / "out" / "metrics.parquet"), ids, 2)
     assert [p.pid for p in _generator_processes()] != [killed_pid]
 
 
-def test_driver_crash_then_rerun_generates_only_the_rest(ray_local, tmp_path):
+def test_driver_crash_then_rerun_then_lost_and_corrupt_records(ray_local, tmp_path):
     from pipeline.generate import run_generate
 
     ids = shards(tmp_path / "prompts", count=3, per_shard=6, separator="-")
-    out, parts = tmp_path / "out", tmp_path / "out" / "_parts"
+    out, records = tmp_path / "out", tmp_path / "out" / "_shards"
     command = [sys.executable, "-m", "jobs.cli", "generate", "--prompts", str(tmp_path / "prompts"), "--out",
-               str(out), "--batch-size", "2", "--steps", "4", "--width", "32", "--height", "32"]
+               str(out), "--batch-size", "2", "--steps", "4", "--width", "32", "--height", "32", "--shard-size", "2"]
     driver = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 150
     try:
-        while driver.poll() is None and time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+        while driver.poll() is None and time.monotonic() < deadline and len(list(records.glob("*.parquet"))) < 2:
             time.sleep(0.05)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
         driver.wait()
-    before = {p.name: p.read_bytes() for p in parts.glob("*.parquet")}
+    before = {p.name: p.read_bytes() for p in records.glob("*.parquet")}
     done = [(k, i) for blob in before.values() for k, i in zip(*_keys(blob))]
-    assert 2 <= len(before) and len(done) < 18, "the driver was not killed mid-run"
+    assert 2 <= len(before) < 9 and len(done) == 2 * len(before), "the driver was not killed mid-run"
 
-    summary = run_generate(config(str(tmp_path / "prompts"), str(out), steps=4), log=lambda _: None)
-    assert summary["rows"] == 18 and summary["generated"] == 18 - len(done)
+    cfg = config(str(tmp_path / "prompts"), str(out), steps=4)  # no --shard-size: the run keeps its own
+    summary = run_generate(cfg, log=lambda _: None)
+    assert (summary["rows"], summary["shards"], summary["generated"]) == (18, 9, 18 - len(done))
     check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
-    after = {p.name: p.read_bytes() for p in parts.glob("*.parquet")}
-    assert all(after[name] == blob for name, blob in before.items())  # written rows were not redone
+    after = {p.name: p.read_bytes() for p in records.glob("*.parquet")}
+    assert all(after[name] == blob for name, blob in before.items())  # written shards were not redone
     redone = [(k, i) for name, blob in after.items() if name not in before for k, i in zip(*_keys(blob))]
     assert not set(redone) & set(done) and len(redone) == 18 - len(done)
+    assert not (out / "_pieces").exists()
+
+    lost, corrupt, *kept = sorted(after)
+    (records / lost).unlink()
+    (records / corrupt).write_bytes(b"PAR1 truncated")
+    lines: list[str] = []
+    summary = run_generate(cfg, log=lines.append)
+    assert (summary["rows"], summary["generated"]) == (18, 4)  # the two shards of 2 samples, nothing else
+    assert any(corrupt in line and "unreadable" in line for line in lines)
+    assert all((records / name).read_bytes() == after[name] for name in kept)
+    assert _keys((records / lost).read_bytes()) == _keys(after[lost])
+    check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
 
 
 def _keys(blob: bytes) -> tuple[list, list]:

@@ -26,6 +26,7 @@ from jobs.evaluation.report import write_report
 from mgt.config import GenerationSettings, ModelConfig
 from mgt.sampler_config import SamplerConfig
 from pipeline.config import GenerateConfig, JobOptions
+from pipeline.manifest import read_metrics
 from pipeline.prompts import prompt_ids
 from pipeline.storage import Storage
 
@@ -117,6 +118,8 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
 
     if job.scorer is None:
         raise ValueError("evaluation needs a scorer: pass --scorer (hps-v2, hps-v2.1, clip or a plugin's scorer)")
+    if job.layout == "webdataset":
+        raise ValueError("the evaluation report reads images as files; use --layout files or both")
     samplers = {name: SamplerConfig.from_spec(spec) for name, spec in
                 ((sampler_name(s), s) for s in [options.baseline, *options.candidates])}
     baseline, candidates = sampler_name(options.baseline), [sampler_name(c) for c in options.candidates]
@@ -135,8 +138,7 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
         log(f"maskray evaluate: sampler {name} -> {run_job.out}")
         run_generate(config, log=log, connect=None if connected or connect is None else connect)
         connected = True
-        run_out = Storage(run_job.out, job.storage_options)
-        metrics = pq.read_table(io.BytesIO(run_out.read(run_out.path("metrics.parquet")))).to_pandas()
+        metrics = read_metrics(Storage(run_job.out, job.storage_options)).to_pandas()
         frames.append(metrics.assign(sampler=name))
     scores = pd.concat(frames, ignore_index=True).merge(categories, on="prompt_id", how="left")
     summary = write_report_to(out, scores, baseline, candidates, job.storage_options, options.bootstrap_seed)

@@ -64,6 +64,7 @@ def ray_pipeline(prompts: list[str], batch_size: int, settings: dict, actors: in
     from pipeline.config import GenerateConfig
     from pipeline.generate import build_dataset, plan_stages, run_constants
     from pipeline.prompts import scan_prompts
+    from pipeline.shards import default_shard_size, plan_shards
     from pipeline.sink import SampleSink
     from pipeline.storage import Storage
 
@@ -75,7 +76,9 @@ def ray_pipeline(prompts: list[str], batch_size: int, settings: dict, actors: in
     out, source = Storage(config.job.out), Storage(config.job.prompts)
     scan = scan_prompts(config.job.prompts, source, 1)
     generator, scorer = plan_stages(config, ray.cluster_resources())
-    parts = root / "out" / "_parts"
+    size = default_shard_size(scan.samples)
+    plan = plan_shards(scan.files, scan.row_samples, size)
+    parts = root / "out" / "_shards"
     seen: dict[str, tuple[float, int]] = {}
     stop = threading.Event()
 
@@ -87,16 +90,16 @@ def ray_pipeline(prompts: list[str], batch_size: int, settings: dict, actors: in
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
-    record = manifest.start_attempt(out, config, None, [source.uri], 0)
+    record = manifest.start_attempt(out, config, None, [source.uri], 0, size)
     begun = time.perf_counter()
     watcher.start()
-    ds = build_dataset(config, scan, source, frozenset(), generator, scorer)
-    ds.write_datasink(SampleSink(out, run_constants(config, 0), "png"))
+    ds = build_dataset(config, plan, scan.columns, source, generator, scorer)
+    ds.write_datasink(SampleSink(out, run_constants(config, 0), "png", "files", size))
     total = time.perf_counter() - begun
     time.sleep(0.1)
     stop.set()
     watcher.join()
-    summary = manifest.finalize(out, record, scan.samples, total)
+    summary = manifest.finalize(out, record, plan, total)
     metrics = pq.read_table(root / "out" / "metrics.parquet")
     times = sorted(seen.values())
     first, last = times[0][0], times[-1][0]
