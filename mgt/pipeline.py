@@ -156,7 +156,12 @@ class MGTPipeline:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
-        self.check_size(width, height)
+        try:
+            self.check_size(width, height)
+        except ValueError as error:
+            if first_edit is None or first_edit.image.size != (width, height):
+                raise
+            raise ValueError(f"{first_edit.name} is {width}x{height}: {error}; resize or crop it") from None
         for edit in edits:
             if edit is not None:
                 edit.check(width, height)
