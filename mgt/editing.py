@@ -40,9 +40,10 @@ class EditOptions(BaseModel):
                                    "its size is the output size. Alone: img2img.")
     mask_image: str | None = Field(None, description="Inpainting mask of the same size as the init image (path or "
                                    "URI): white pixels are redrawn, black ones kept.")
-    strength: float | None = Field(None, gt=0, le=1, description="Share of the steps that run, from the end of the "
-                                   f"schedule; img2img also re-masks that share of tokens (unset: "
-                                   f"{IMG2IMG_STRENGTH} for img2img, {INPAINT_STRENGTH} with a mask or --outpaint).")
+    strength: float | None = Field(None, gt=0, le=1, description="Share of the steps that run: the last "
+                                   "int(steps * strength); img2img re-masks each token with the mask schedule's ratio "
+                                   f"at that point (unset: {IMG2IMG_STRENGTH} for img2img, {INPAINT_STRENGTH} "
+                                   "with a mask or --outpaint).")
     outpaint: tuple[int, int, int, int] | None = Field(None, description="LEFT,TOP,RIGHT,BOTTOM pixels added around "
                                                        "the init image and generated (multiples of the VQ scale).")
 
