@@ -135,15 +135,14 @@ def mask_counts(sampler: SamplerConfig, unknown: torch.Tensor, step_index: int, 
     """``m_i`` of every sample: tokens still masked after step ``step_index``, from the mask schedule.
 
     ``start_ratio`` `(B,)` float32 scales each sample's schedule (an inpainting mask's share of the grid, as
-    ``AmusedScheduler.step``'s ``starting_mask_ratio``). A sample with no masked token keeps 0: the reference
-    would re-mask one known token, which an edit's kept tokens must never be (plain generation never gets there).
+    ``AmusedScheduler.step``'s ``starting_mask_ratio``).
     """
     schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
     length = unknown.shape[1]
     counts = []
     for b, n in enumerate(unknown.sum(-1).tolist()):
         scaled = schedule if start_ratio is None else _scaled(schedule, start_ratio[b])
-        counts.append(0 if n == 0 else schedules.num_to_mask(scaled, step_index, num_steps, length, n))
+        counts.append(schedules.num_to_mask(scaled, step_index, num_steps, length, n))
     return counts
 
 
