@@ -18,8 +18,9 @@ rounds the grid down to a multiple of the VQ scale and then fails to reshape it)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -61,7 +62,7 @@ class EditOptions(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _needs_image(self) -> "EditOptions":
+    def _needs_image(self) -> EditOptions:
         if self.init_image is None and (self.mask_image or self.outpaint or self.strength is not None):
             raise ValueError("--mask-image, --outpaint and --strength edit an image: add --init-image PATH")
         if self.mask_image and self.outpaint:
@@ -69,7 +70,7 @@ class EditOptions(BaseModel):
                              "yourself and drop --outpaint")
         return self
 
-    def load(self, multiple: int, storage_options: dict | None = None) -> "Edit | None":
+    def load(self, multiple: int, storage_options: dict | None = None) -> Edit | None:
         """The :class:`Edit` these options describe (images read now), or None without an init image."""
         if self.init_image is None:
             return None
@@ -84,8 +85,8 @@ class EditOptions(BaseModel):
 class Edit:
     """One sample's edit: init image, optional mask (white = redraw), strength (None = the use's default)."""
 
-    image: "Image.Image"
-    mask: "Image.Image | None" = None
+    image: Image.Image
+    mask: Image.Image | None = None
     strength: float | None = None
     name: str = "init image"  # how errors name the image (its path or URI)
 
@@ -116,7 +117,7 @@ class Edit:
                              f"{self.image.width}x{self.image.height}; give a mask of the image's size")
 
 
-def load_image(uri: str, what: str = "image", storage_options: dict | None = None) -> "Image.Image":
+def load_image(uri: str, what: str = "image", storage_options: dict | None = None) -> Image.Image:
     """An RGB or L image read through fsspec (local path, ``s3://``, ``gs://``...); errors name ``what`` and ``uri``."""
     import fsspec
     from PIL import Image, UnidentifiedImageError
@@ -132,8 +133,8 @@ def load_image(uri: str, what: str = "image", storage_options: dict | None = Non
     return image if image.mode in ("RGB", "L") else image.convert("RGB")
 
 
-def outpaint_canvas(image: "Image.Image", padding: Sequence[int], multiple: int,
-                    name: str = "init image") -> tuple["Image.Image", "Image.Image"]:
+def outpaint_canvas(image: Image.Image, padding: Sequence[int], multiple: int,
+                    name: str = "init image") -> tuple[Image.Image, Image.Image]:
     """The canvas and mask of an outpainting: ``image`` at offset (left, top), the new area masked.
 
     The new area repeats the image's edge pixels, so the VQ encoder sees the image continued rather than a
@@ -154,7 +155,7 @@ def outpaint_canvas(image: "Image.Image", padding: Sequence[int], multiple: int,
     return Image.fromarray(canvas), Image.fromarray(mask, mode="L")
 
 
-def image_tokens(vqvae, images: Sequence["Image.Image"]) -> "torch.Tensor":
+def image_tokens(vqvae, images: Sequence[Image.Image]) -> torch.Tensor:
     """`(B, h, w)` VQ token ids of same-size images, preprocessed and quantized as the reference pipeline does.
 
     Images are encoded one at a time: a convolution over another batch size may take another kernel, and a
@@ -177,7 +178,7 @@ def image_tokens(vqvae, images: Sequence["Image.Image"]) -> "torch.Tensor":
     return torch.stack(out)
 
 
-def mask_grid(mask: "Image.Image", height: int, width: int) -> "torch.Tensor":
+def mask_grid(mask: Image.Image, height: int, width: int) -> torch.Tensor:
     """`(height, width)` bool: the mask resized to the token grid (lanczos) and binarized at 0.5 (white = True)."""
     from diffusers.image_processor import VaeImageProcessor
 
@@ -187,14 +188,14 @@ def mask_grid(mask: "Image.Image", height: int, width: int) -> "torch.Tensor":
 
 
 def initial_tokens(
-    tokens: "torch.Tensor",
-    mask: "torch.Tensor | None",
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None,
     start_step: int,
     num_steps: int,
     mask_schedule,
-    generator: "torch.Generator",
+    generator: torch.Generator,
     mask_token_id: int,
-) -> "torch.Tensor":
+) -> torch.Tensor:
     """One sample's starting `(h, w)` tokens: ``tokens`` with the positions to redraw set to ``mask_token_id``.
 
     With a ``mask`` (inpainting) those are its True positions; without (img2img) a position is masked when

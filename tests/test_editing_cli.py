@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from test_loading import s3_server  # noqa: F401  (a moto S3 server on loopback)
 
 import mgt
 from jobs.cli import main
 from mgt.editing import Edit, outpaint_canvas
-from test_loading import s3_server  # noqa: F401  (a moto S3 server on loopback)
 
 BASE = ["sample", "--model", "tiny-amused", "--device", "cpu", "--steps", "6", "--seed", "3"]
 
@@ -47,7 +46,8 @@ def test_sample_edits_the_init_image_as_the_engine_does(files, pipe, use):
     assert main(argv + extra) == 0
     pixels, meta = written(files / "out")
     mask = Image.open(files / "mask.png") if use == "inpaint" else None
-    expected = pipe.generate(["a red circle"], [3], steps=6, edits=[Edit(picture(), mask, 0.5 if mask is None else None)])
+    strength = 0.5 if mask is None else None
+    expected = pipe.generate(["a red circle"], [3], steps=6, edits=[Edit(picture(), mask, strength)])
     assert np.array_equal(pixels, expected.images[0])
     assert meta["init_image"] == str(files / "init.png") and meta["seed"] == 3
     assert ("strength" in meta) == (use == "img2img") and ("mask_image" in meta) == (use == "inpaint")
