@@ -1,4 +1,4 @@
-"""``maskray sample``: generate images for a few prompts in this process and write PNG files.
+"""``maskray sample``: generate (or edit: ``--init-image``) images for a few prompts in this process, write PNGs.
 
 Every prompt uses ``--seed`` (and ``--seed+1 ...`` for ``--num-images`` > 1), so a prompt's image
 depends only on (prompt, seed, settings), never on the other prompts of the run.
@@ -15,6 +15,7 @@ from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.evaluation.prompt_sets import FORMATS
 from jobs.evaluation.prompt_sets import read_prompts as read_prompt_set
 from mgt.config import GenerationSettings, ModelConfig
+from mgt.editing import EditOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--config", help="YAML file with any of the options below (flags override it).")
     add_model_arguments(parser, ModelConfig, "model")
     add_model_arguments(parser, GenerationSettings, "generation")
+    add_model_arguments(parser, EditOptions, "editing")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     file_values = load_config_file(args.config)
     model_config = build_model(ModelConfig, file_values, args)
     settings = build_model(GenerationSettings, file_values, args)
+    edit_options = build_model(EditOptions, file_values, args, "editing options")
     prompts = read_prompts(args)
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
@@ -56,19 +59,22 @@ def run(args: argparse.Namespace) -> int:
 
     # ModelConfig's fields are load_pipeline's keyword arguments, so every engine option reaches the model.
     pipe = mgt.load_pipeline(model_config.model, **model_config.model_dump(exclude={"model"}))
+    edit = edit_options.load(pipe.vae_scale_factor)  # every prompt edits the same image
     jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(prompts) for k in range(args.num_images)]
     steps = settings.steps or pipe.defaults.steps
+    steps_run = steps - (edit.start_step(steps) if edit else 0)  # an edit runs the end of the schedule only
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(jobs) * steps, unit="step", desc="sampling") as bar:
+    with tqdm(total=len(jobs) * steps_run, unit="step", desc="sampling") as bar:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start:start + args.batch_size]
             result = settings.generate(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk],
-                                       on_step=lambda _: bar.update(len(chunk)))
+                                       on_step=lambda _: bar.update(len(chunk)), edits=[edit] * len(chunk))
             for (index, prompt, seed), image in zip(chunk, result.images):
                 info = PngInfo()
                 info.add_text("maskray", json.dumps({"prompt": prompt, "seed": seed, "model": model_config.model,
-                                                     **settings.model_dump(mode="json")}))
+                                                     **settings.model_dump(mode="json"),
+                                                     **edit_options.model_dump(mode="json", exclude_none=True)}))
                 path = out / f"{index:04d}_{_slug(prompt)}_s{seed}.png"
                 Image.fromarray(image).save(path, pnginfo=info)
     print(f"wrote {len(jobs)} images to {out}/")

@@ -14,6 +14,7 @@ from mgt.sampler_config import SamplerConfig
 
 if TYPE_CHECKING:
     from mgt.pipeline import GenerationOutput, MGTPipeline
+    from mgt.editing import Edit
 
 
 class ModelConfig(BaseModel):
@@ -71,15 +72,17 @@ class GenerationSettings(BaseModel):
 
     def generate(self, pipe: MGTPipeline, prompts: Sequence[str], seeds: Sequence[int], *,
                  negative_prompts: Sequence[str | None] | str | None = None,
-                 on_step: Callable[[int], None] | None = None) -> GenerationOutput:
+                 on_step: Callable[[int], None] | None = None,
+                 edits: Sequence[Edit | None] | None = None) -> GenerationOutput:
         """``pipe.generate`` of one image per (prompt, seed) with these settings.
 
         Args:
             negative_prompts: per-prompt negative prompts replacing ``negative_prompt`` (None in the list: the
                 family default); None uses ``negative_prompt``.
             on_step: called with the step index after each step (progress bars, cancellation).
+            edits: per-prompt image edits (``mgt.editing.Edit``; None in the list: a plain generation).
         """
         return pipe.generate(prompts, seeds,
                              negative_prompts=self.negative_prompt if negative_prompts is None else negative_prompts,
                              steps=self.steps, guidance=self.guidance, width=self.width, height=self.height,
-                             sampler=self.sampler, on_step=on_step)
+                             sampler=self.sampler, on_step=on_step, edits=edits)

@@ -2,7 +2,8 @@
 
 ``MGTPipeline.generate`` reads top to bottom like the reference pipelines (Meissonic ``src/pipeline.py``,
 diffusers ``AmusedPipeline``): validate, encode prompt and negative prompt, build micro-conditions, run
-the sampler with one generator per sample, decode with the VQ model.
+the sampler with one generator per sample, decode with the VQ model. Edits (img2img, inpainting,
+outpainting; :mod:`mgt.editing`) run the same loop from their image's tokens.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from diffusers import VQModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgt import efficient, loading, sampling
+from mgt import editing, efficient, loading, sampling, schedules
 from mgt.amused import AmusedTransformer
+from mgt.editing import Edit
 from mgt.meissonic import MeissonicTransformer
 from mgt.sampler_config import SamplerConfig
 from mgt.text import TextConditioner
@@ -118,8 +120,9 @@ class MGTPipeline:
         sampler: SamplerConfig | None = None,
         decode: bool = True,
         on_step: Callable[[int], None] | None = None,
+        edits: Sequence[Edit | None] | None = None,
     ) -> GenerationOutput:
-        """Generate one image per (prompt, seed).
+        """Generate one image per (prompt, seed), or edit the init image of the samples that have one.
 
         Args:
             prompts: B prompts; an empty string is an unconditional sample.
@@ -128,24 +131,40 @@ class MGTPipeline:
             steps, guidance, width, height: None means the model's defaults. CFG runs when guidance > 1.
             sampler: the sampling configuration; None is vanilla.
             decode: False returns tokens only.
-            on_step: called with the step index after each step (progress bars).
+            on_step: called with the step index after each step (progress bars); once per step of each
+                group of samples that start at the same step.
+            edits: one per prompt, None for a plain generation (see :mod:`mgt.editing`): img2img, inpainting
+                or outpainting. Their images set the default width and height and must all have that size.
+                Samples run in groups of equal start step; ``nfe`` is then that of the longest group.
         """
         started = time.perf_counter()
         d = self.defaults
         steps = d.steps if steps is None else int(steps)
         guidance = d.guidance if guidance is None else float(guidance)
-        width = d.width if width is None else int(width)
-        height = d.height if height is None else int(height)
+        edits = [None] * len(prompts) if edits is None else list(edits)
+        first_edit = next((e for e in edits if e is not None), None)
+        width = (first_edit.image.width if first_edit else d.width) if width is None else int(width)
+        height = (first_edit.image.height if first_edit else d.height) if height is None else int(height)
         sampler = sampler or SamplerConfig()
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         if not prompts:
             raise ValueError("nothing to generate: the prompt list is empty")
+        if len(edits) != len(prompts):
+            raise ValueError(f"got {len(edits)} edits for {len(prompts)} prompts; give one per prompt (None: none)")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
-        self.check_size(width, height)
+        try:
+            self.check_size(width, height)
+        except ValueError as error:
+            if first_edit is None or first_edit.image.size != (width, height):
+                raise
+            raise ValueError(f"{first_edit.name} is {width}x{height}: {error}; resize or crop it") from None
+        for edit in edits:
+            if edit is not None:
+                edit.check(width, height)
         negatives = _negatives(negative_prompts, d.negative_prompt, len(prompts))
 
         hidden, pooled = self.text.encode(list(prompts))
@@ -157,27 +176,73 @@ class MGTPipeline:
         hidden, pooled = hidden.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
 
         batch = len(prompts)
-        chunks = self.micro_batches(batch)
 
-        def predict(tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
-            # One forward per micro-batch: a matmul over other row counts may take another kernel, so running
-            # each sample's CFG pair alone keeps its logits, hence its tokens, independent of its batch-mates.
-            timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
-            outputs = []
-            for rows in chunks:
-                cond = (torch.cat([torch.arange(rows.start, rows.stop), torch.arange(rows.start, rows.stop) + batch])
-                        if use_cfg else rows)
-                model_input = torch.cat([tokens[rows], tokens[rows]]) if use_cfg else tokens[rows]
-                logits = self.transformer(model_input, hidden[cond], pooled[cond], micro[cond], timestep)
-                outputs.append(sampling.apply_guidance(logits, scale) if use_cfg else sampling.to_token_major(logits))
-            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        def predictor(members: torch.Tensor) -> sampling.Predictor:
+            """The guided logits of the samples ``members`` (rows of the batch), run in micro-batches."""
+
+            def predict(tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
+                # One forward per micro-batch: a matmul over other row counts may take another kernel, so running
+                # each sample's CFG pair alone keeps its logits, hence its tokens, independent of its batch-mates.
+                timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
+                outputs = []
+                for rows in self.micro_batches(len(members)):
+                    cond = torch.cat([members[rows], members[rows] + batch]) if use_cfg else members[rows]
+                    model_input = torch.cat([tokens[rows], tokens[rows]]) if use_cfg else tokens[rows]
+                    logits = self.transformer(model_input, hidden[cond], pooled[cond], micro[cond], timestep)
+                    outputs.append(sampling.apply_guidance(logits, scale) if use_cfg
+                                   else sampling.to_token_major(logits))
+                return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+            return predict
 
         scale = self.vae_scale_factor
-        shape = (len(prompts), height // scale, width // scale)
-        result = sampling.sample(predict, shape, steps, self.make_generators(seeds), self.mask_token_id,
-                                 sampler, guidance=guidance, device=self.device, on_step=on_step)
-        images = self.decode(result.tokens) if decode else None
-        return GenerationOutput(result.tokens.cpu(), images, result.nfe, time.perf_counter() - started)
+        grid = (height // scale, width // scale)
+        generators = self.make_generators(seeds)
+        init, start_steps, start_ratio = self.initial_tokens(edits, grid, steps, sampler, generators)
+        tokens = torch.empty((batch, *grid), dtype=torch.long)
+        nfe = 0
+        for start in sorted(set(start_steps)):  # one loop per start step; the usual case is a single group
+            members = torch.tensor([b for b in range(batch) if start_steps[b] == start])
+            result = sampling.sample(predictor(members), (len(members), *grid), steps,
+                                     [generators[b] for b in members], self.mask_token_id, sampler,
+                                     guidance=guidance, device=self.device, on_step=on_step, init=init[members],
+                                     start_step=start, start_ratio=start_ratio[members])
+            tokens[members] = result.tokens.cpu()
+            nfe = max(nfe, result.nfe)
+        images = self.decode(tokens) if decode else None
+        return GenerationOutput(tokens, images, nfe, time.perf_counter() - started)
+
+    def initial_tokens(
+        self,
+        edits: Sequence[Edit | None],
+        grid: tuple[int, int],
+        steps: int,
+        sampler: SamplerConfig,
+        generators: Sequence[torch.Generator],
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Where each sample's loop starts: `(B, h, w)` tokens, start steps and `(B,)` mask-schedule scales.
+
+        A plain generation starts fully masked at step 0 with scale 1. An edit starts from its image's tokens
+        with the positions to redraw masked (:func:`mgt.editing.initial_tokens`, which may draw from the
+        sample's generator before the loop, as the reference does); an inpainting mask scales the schedule by
+        its share of the grid (``starting_mask_ratio``).
+        """
+        init = torch.full((len(edits), *grid), self.mask_token_id, dtype=torch.long)
+        start_steps, start_ratio = [0] * len(edits), torch.ones(len(edits))
+        rows = [b for b, edit in enumerate(edits) if edit is not None]
+        if not rows:
+            return init, start_steps, start_ratio
+        schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
+        encoded = editing.image_tokens(self.vqvae, [edits[b].image for b in rows]).cpu()
+        for b, image_tokens in zip(rows, encoded):
+            edit = edits[b]
+            start_steps[b] = edit.start_step(steps)
+            mask = None if edit.mask is None else editing.mask_grid(edit.mask, *grid)
+            init[b] = editing.initial_tokens(image_tokens, mask, start_steps[b], steps, schedule, generators[b],
+                                             self.mask_token_id)
+            if mask is not None:
+                start_ratio[b] = mask.sum() / mask.numel()
+        return init, start_steps, start_ratio
 
     def micro_batches(self, batch: int) -> list[slice]:
         """The row slices of a batch of ``batch`` samples that run together (``micro_batch`` rows each)."""

@@ -75,11 +75,13 @@ def remask_lowest_confidence(
     temperature: torch.Tensor,
     generators: Sequence[torch.Generator],
     mask_token_id: int,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-mask the ``num_to_mask[b]`` drawn tokens of lowest annealed-Gumbel confidence.
 
     Confidence is ``log p(drawn) + temperature * Gumbel``; tokens that were already known get
-    ``log(finfo.max)`` so they are never re-masked, as in the reference.
+    ``log(finfo.max)`` so they are never re-masked, as in the reference. An edit's ``kept`` `(B, L)` tokens get
+    ``+inf``, so they stay out of reach whatever the temperature (88.7 + t * Gumbel could lose above t ~ 4).
 
     Args:
         drawn: `(B, L)` tokens after the draw.
@@ -91,6 +93,8 @@ def remask_lowest_confidence(
     out = drawn.clone()
     for b, generator in enumerate(generators):
         confidence = log_probs[b] + temperature * gumbel_noise(drawn.shape[1], generator, drawn.device)
+        if kept is not None:
+            confidence.masked_fill_(kept[b], torch.inf)
         cutoff = torch.kthvalue(confidence, num_to_mask[b] + 1).values  # == sort(confidence)[num_to_mask]
         out[b][confidence < cutoff] = mask_token_id
     return out
@@ -126,11 +130,24 @@ def vanilla_step(
     return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperature, generators, mask_token_id)
 
 
-def mask_counts(sampler: SamplerConfig, unknown: torch.Tensor, step_index: int, num_steps: int) -> list[int]:
-    """``m_i`` of every sample: tokens still masked after step ``step_index``, from the mask schedule."""
+def mask_counts(sampler: SamplerConfig, unknown: torch.Tensor, step_index: int, num_steps: int,
+                start_ratio: torch.Tensor | None = None) -> list[int]:
+    """``m_i`` of every sample: tokens still masked after step ``step_index``, from the mask schedule.
+
+    ``start_ratio`` `(B,)` float32 scales each sample's schedule (an inpainting mask's share of the grid, as
+    ``AmusedScheduler.step``'s ``starting_mask_ratio``).
+    """
     schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
     length = unknown.shape[1]
-    return [schedules.num_to_mask(schedule, step_index, num_steps, length, n) for n in unknown.sum(-1).tolist()]
+    counts = []
+    for b, n in enumerate(unknown.sum(-1).tolist()):
+        scaled = schedule if start_ratio is None else _scaled(schedule, start_ratio[b])
+        counts.append(schedules.num_to_mask(scaled, step_index, num_steps, length, n))
+    return counts
+
+
+def _scaled(schedule: schedules.MaskSchedule, factor: torch.Tensor) -> schedules.MaskSchedule:
+    return lambda ratio: factor * schedule(ratio)  # starting_mask_ratio * mask_ratio, float32 as the reference
 
 
 def gumbel_temperatures(sampler: SamplerConfig, num_steps: int) -> torch.Tensor:
@@ -149,14 +166,22 @@ def sample(
     guidance: float = 1.0,
     device: torch.device | str = "cpu",
     on_step: Callable[[int], None] | None = None,
+    init: torch.Tensor | None = None,
+    start_step: int = 0,
+    start_ratio: torch.Tensor | None = None,
 ) -> SamplingResult:
-    """Run the sampler from a fully masked `(B, h, w)` grid to final tokens.
+    """Run the sampler from a fully masked `(B, h, w)` grid, or from ``init``, to final tokens.
 
     Per step: forward + CFG -> noise regularization on the guided logits -> softmax -> differential sampling
     on the probabilities -> multinomial draw -> re-mask the lowest confidences. Masked Z-Sampling wraps a
     step with an inversion pass, a re-mask and a re-denoise at the same step. ``predict(tokens, t, s)``
     gets the step value ``t = T-1-i`` that the reference pipeline passes and the step's CFG scale ``s``
     (``guidance`` through ``sampler.guidance_schedule``; ``s_inv`` for the inversion pass).
+
+    Editing (see :mod:`mgt.editing`): ``init`` `(B, h, w)` holds the starting tokens, ``mask_token_id`` where
+    tokens are redrawn; only steps ``start_step..T-1`` run, and ``start_ratio`` `(B,)` scales the mask schedule.
+    The tokens known in ``init`` are kept: a step only draws masked positions and never re-masks a known token
+    (its confidence is the float32 maximum), and Z-Sampling re-masks only the redrawn positions.
     """
     batch, height, width = shape
     if len(generators) != batch:
@@ -166,7 +191,12 @@ def sample(
     zsampling = MaskedZSampling.from_config(sampler.zsampling) if sampler.zsampling else None
     zigzag_steps = zsampling.zigzag_steps(num_steps) if zsampling else 0
     temperatures = gumbel_temperatures(sampler, num_steps)
-    tokens = torch.full((batch, height * width), mask_token_id, dtype=torch.long, device=device)
+    if init is None:
+        tokens = torch.full((batch, height * width), mask_token_id, dtype=torch.long, device=device)
+    else:
+        tokens = init.reshape(batch, height * width).to(device)
+    editable = tokens == mask_token_id  # the positions a step or Z-Sampling may re-mask; the rest is kept
+    kept = None if bool(editable.all()) else ~editable
     probs = None  # the softmax buffer, reused by every step
     nfe = 0
 
@@ -188,16 +218,17 @@ def sample(
             return drawn
         token_probs = dist.gather(-1, drawn[..., None])[..., 0]
         return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
-                                        mask_token_id)
+                                        mask_token_id, kept)
 
-    for i in range(num_steps):
-        num_to_mask = mask_counts(sampler, tokens == mask_token_id, i, num_steps)
+    for i in range(start_step, num_steps):
+        num_to_mask = mask_counts(sampler, tokens == mask_token_id, i, num_steps, start_ratio)
         if i < zigzag_steps:  # Z-Sampling: the inversion pass at t_{i+1} and s_inv runs with no technique;
             # the re-denoise keeps the vanilla step's mask count, so the mask schedule is unchanged
             forward = step(tokens, i, num_to_mask)
             inversion = predict(forward.view(batch, height, width), num_steps - 2 - i, zsampling.inversion_cfg)
             nfe += 1
-            tokens = step(zsampling.remask(tokens, forward, inversion, generators, mask_token_id), i, num_to_mask)
+            tokens = step(zsampling.remask(tokens, forward, inversion, generators, mask_token_id, editable), i,
+                          num_to_mask)
         else:
             tokens = step(tokens, i, num_to_mask)
         if on_step is not None:

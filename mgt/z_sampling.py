@@ -63,6 +63,7 @@ class MaskedZSampling:
         inversion_logits: torch.Tensor,
         generators: Sequence[torch.Generator],
         mask_token_id: int,
+        editable: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The forward step's tokens with ``n`` more known tokens per sample set back to ``[MASK]``.
 
@@ -71,6 +72,8 @@ class MaskedZSampling:
             forward: `(B, L)` tokens after the forward step.
             inversion_logits: `(B, L, C)` float32 guided logits of the inversion pass; overwritten.
             generators: one per sample, used by the ``random`` rule only.
+            editable: `(B, L)` bool, the positions that may be re-masked (None: all). An edit's kept tokens
+                are never candidates, so they never change.
 
         Returns:
             `(B, L)` tokens with ``revealed - 1`` (or ``revealed``) of the known tokens re-masked.
@@ -84,6 +87,8 @@ class MaskedZSampling:
             if count <= 0:
                 continue
             candidates = revealed if self.remask_rule == "top_conf_new" else known[b]
+            if editable is not None:
+                candidates = candidates & editable[b]
             if self.remask_rule == "random":
                 score = torch.rand(kappa.shape[1], generator=generator, device=generator.device).to(kappa.device)
             else:
