@@ -23,7 +23,8 @@ same) and divided by the batch. The VQ decoder (the released Meissonic VQ config
 the pipeline loads it, resident throughout) is timed apart, after the bf16 settings: per image at micro-batch
 1 and whole-batch.
 
-Per setting: seconds per image, peak device memory (CUDA ``max_memory_allocated`` over the timed steps,
+Per setting: seconds per image (wall; also the process's CPU seconds, all threads, which a busy shared CPU
+disturbs less), peak device memory (CUDA ``max_memory_allocated`` over the timed steps,
 weights included; not measured on CPU) and the fraction of the device's peak dense bf16 rate. FLOPs are
 those of the dense model, counted with ``torch.utils.flop_counter`` on the meta device (matmuls,
 convolutions, attention): the same count for every variant, so TomeMGT and quantized rows are effective
@@ -188,10 +189,12 @@ def time_setting(pipe: MGTPipeline, batch: int, micro_batch: int | None, timed_s
     pipe.generate(prompts, seeds, steps=1, decode=False)
     warmup = time.perf_counter() - started
     reset_peak_memory(pipe.device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     pipe.generate(prompts, seeds, steps=timed_steps, decode=False)  # returns tokens on the host: synchronised
     per_step = (time.perf_counter() - started) / timed_steps
-    return {"seconds_per_image": per_step * STEPS / batch, "seconds_per_step": per_step, "warmup_seconds": warmup,
+    cpu_per_step = (time.process_time() - cpu_started) / timed_steps
+    return {"seconds_per_image": per_step * STEPS / batch, "seconds_per_step": per_step,
+            "cpu_seconds_per_image": cpu_per_step * STEPS / batch, "warmup_seconds": warmup,
             "peak_memory_gib": peak_memory_gib(pipe.device)}
 
 
@@ -281,17 +284,21 @@ def skipped(variant: Variant, batch: int, micro_batch: int | None, reason: str) 
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """``speedup_vs_eager`` of every compiled row over its eager twin (same batch and micro-batch)."""
-    eager = {(r["variant"], r["batch"], r["micro_batch"]): r["seconds_per_image"] for r in rows if not r["compiled"]}
+    """``speedup_vs_eager`` (wall) and ``cpu_speedup_vs_eager`` (CPU seconds) of every compiled row over its
+    eager twin (same batch and micro-batch)."""
+    eager = {(r["variant"], r["batch"], r["micro_batch"]): r for r in rows if not r["compiled"]}
     for row in rows:
         if row["compiled"]:
             variant = next(v for v in VARIANTS if v.name == row["variant"])
-            base = eager.get((variant.eager_name, row["batch"], row["micro_batch"]))
-            row["speedup_vs_eager"] = base / row["seconds_per_image"] if base and row["seconds_per_image"] else None
+            base = eager.get((variant.eager_name, row["batch"], row["micro_batch"]), {})
+            for key, measure in (("speedup_vs_eager", "seconds_per_image"),
+                                 ("cpu_speedup_vs_eager", "cpu_seconds_per_image")):
+                row[key] = base[measure] / row[measure] if base.get(measure) and row.get(measure) else None
 
 
 def print_table(rows: list[dict], decode_rows: list[dict]) -> None:
-    print(f"\n{'setting':28} {'s/image':>9} {'warm-up s':>10} {'peak GiB':>9} {'% peak':>7} {'vs eager':>9}")
+    print(f"\n{'setting':28} {'s/image':>9} {'CPU s/img':>10} {'warm-up s':>10} {'peak GiB':>9} {'% peak':>7} "
+          f"{'vs eager':>9}")
     for r in rows:
         if r["seconds_per_image"] is None:
             print(f"{r['name']:28} skipped: {r.get('error') or r['skipped']}")
@@ -299,15 +306,15 @@ def print_table(rows: list[dict], decode_rows: list[dict]) -> None:
         memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
         fraction = f"{100 * r['fraction_of_peak']:.1f}" if r["fraction_of_peak"] is not None else "-"
         speedup = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else ""
-        print(f"{r['name']:28} {r['seconds_per_image']:9.3f} {r['warmup_seconds']:10.1f} {memory:>9} {fraction:>7} "
-              f"{speedup:>9}")
+        print(f"{r['name']:28} {r['seconds_per_image']:9.3f} {r['cpu_seconds_per_image']:10.3f} "
+              f"{r['warmup_seconds']:10.1f} {memory:>9} {fraction:>7} {speedup:>9}")
     for r in decode_rows:
         label = f"VQ decode b{r['batch']} {'micro1' if r['micro_batch'] else 'whole'}"
         if r["seconds_per_image"] is None:
             print(f"{label:28} skipped: {r['skipped']}")
         else:
             memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
-            print(f"{label:28} {r['seconds_per_image']:9.3f} {'':>10} {memory:>9}")
+            print(f"{label:28} {r['seconds_per_image']:9.3f} {'':>10} {'':>10} {memory:>9}")
 
 
 def main(argv: list[str] | None = None) -> int:
