@@ -218,7 +218,7 @@ def time_decode(pipe: MGTPipeline, batch: int, micro_batch: int | None) -> dict:
     return row
 
 
-def settings_of(variant: Variant) -> list[tuple[int, int | None]]:
+def batch_settings() -> list[tuple[int, int | None]]:
     """(batch, micro_batch) pairs: micro-batch 1 and whole-batch per batch (the same at batch 1)."""
     return [(batch, micro) for batch in BATCHES for micro in (1, None) if not (batch == 1 and micro is None)]
 
@@ -232,7 +232,7 @@ def run(device: torch.device, config: dict, timed_steps: int, budget: float | No
     vqvae = build(VQModel, config["vq"], device)  # resident beside the transformer, as in a loaded pipeline
     rows, decode_rows, calibration = [], [], []
     for variant in VARIANTS:
-        pending = settings_of(variant)
+        pending = batch_settings()
         if budget and time.perf_counter() - started > budget:
             rows += [skipped(variant, batch, micro, "time budget") for batch, micro in pending]
             continue
@@ -346,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     vq_scale = 2 ** (len(config["vq"]["block_out_channels"]) - 1)
     flops_per_image = forward_flops(config["transformer"], config["size"], vq_scale) * STEPS
     peak_tflops, peak_source = device_peak(device, args.peak_tflops)
-    notes = [f"timed {timed_steps} of {STEPS} steps per setting after one warm-up step, extrapolated to {STEPS} "
-             "steps (every step runs the same forward)",
+    notes = [(f"timed {timed_steps} of {STEPS} steps per setting after one warm-up step, extrapolated to {STEPS} "
+              "steps (every step runs the same forward)"),
              "text encoder replaced by fixed random embeddings (not loaded, not timed)",
-             f"FLOPs of the dense model, {flops_per_image / STEPS / 1e12:.3f} TFLOP per CFG-pair forward, for "
-             "every variant"]
+             (f"FLOPs of the dense model, {flops_per_image / STEPS / 1e12:.3f} TFLOP per CFG-pair forward, for "
+              "every variant")]
     if args.smoke:
         notes.append("smoke: reduced config (2 + 2 blocks of width 256, 256x256 images), not Meissonic-1024")
     print(f"{'smoke' if args.smoke else 'Meissonic-1024'} on {device} ({device_name(device)}), compile mode "
