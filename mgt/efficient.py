@@ -69,13 +69,13 @@ def compile_mode(device: torch.device) -> str:
     """The ``torch.compile`` mode for ``device``.
 
     CUDA: ``max-autotune-no-cudagraphs``. Inductor fuses each block's chain of small ops (AdaLN modulation,
-    RMSNorm, RoPE, GELU, gates: about thirty kernel launches per block in eager mode) and autotunes the
+    RMSNorm, RoPE, GELU, gates: dozens of kernel launches per block in eager mode) and autotunes the
     GEMMs with Triton templates whose epilogues take the bias and activation. CUDA graphs
     (``reduce-overhead``) would remove the remaining launch cost but record one graph with its own static
     memory pool per input shape, i.e. per batch size under whole-batch forwards and Serve batching, and
     they cannot span TomeMGT's host-side merge plans; ``tests/benchmarks/gpu.py --compile-mode
-    reduce-overhead`` measures them. CPU and others: ``default`` (no CUDA graphs exist, and C++ GEMM
-    autotuning costs minutes of compilation for little gain).
+    reduce-overhead`` measures them. CPU and others: ``default`` (there are no CUDA graphs, and
+    max-autotune's C++ GEMM templates only lengthen the compilation).
     """
     return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
 
