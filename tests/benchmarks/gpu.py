@@ -30,8 +30,8 @@ those of the dense model, counted with ``torch.utils.flop_counter`` on the meta 
 convolutions, attention): the same count for every variant, so TomeMGT and quantized rows are effective
 rates. The peak comes from ``PEAK_BF16_TFLOPS`` by ``torch.cuda.get_device_name()`` or ``--peak-tflops``.
 
-``--smoke`` runs every setting on a reduced config (2 + 2 blocks of width 256, a narrow VQ, 256x256 images,
-2 timed steps). Not collected by pytest; ``tests/test_gpu_benchmark.py`` runs the smoke path.
+``--smoke`` runs every setting on a reduced config (2 + 2 blocks of width 256, a codebook of 1024, a narrow VQ,
+256x256 images, 2 timed steps). Not collected by pytest; ``tests/test_gpu_benchmark.py`` runs the smoke path.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ MEISSONIC_VQ = dict(act_fn="silu", block_out_channels=(128, 256, 256, 512, 768),
                     sample_size=32, scaling_factor=0.18215, vq_embed_dim=None, force_upcast=True)
 FULL = dict(transformer=MEISSONIC_1024, vq=MEISSONIC_VQ, size=1024, timed_steps=16)
 SMOKE = dict(transformer=dict(MEISSONIC_1024, attention_head_dim=64, axes_dims_rope=(8, 28, 28), num_attention_heads=4,
-                              joint_attention_dim=256, pooled_projection_dim=256, num_layers=2, num_single_layers=2),
-             vq=dict(MEISSONIC_VQ, block_out_channels=(32, 32, 32, 64, 64), layers_per_block=1),
+                              joint_attention_dim=256, pooled_projection_dim=256, num_layers=2, num_single_layers=2,
+                              codebook_size=1024, vocab_size=1025),
+             vq=dict(MEISSONIC_VQ, block_out_channels=(32, 32, 32, 64, 64), layers_per_block=1, num_vq_embeddings=1024),
              size=256, timed_steps=2)
 STEPS = 64  # Meissonic's steps per image (the released scripts and the paper)
 BATCHES = (1, 4, 8)
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
              (f"FLOPs of the dense model, {flops_per_image / STEPS / 1e12:.3f} TFLOP per CFG-pair forward, for "
               "every variant")]
     if args.smoke:
-        notes.append("smoke: reduced config (2 + 2 blocks of width 256, 256x256 images), not Meissonic-1024")
+        notes.append("smoke: reduced config (2 + 2 blocks of width 256, codebook 1024, 256x256 images), "
+                     "not Meissonic-1024")
     print(f"{'smoke' if args.smoke else 'Meissonic-1024'} on {device} ({device_name(device)}), compile mode "
           f"{compile_mode}; {notes[0]}", flush=True)
     rows, decode_rows = run(device, config, timed_steps, budget, compile_mode, flops_per_image, peak_tflops)
