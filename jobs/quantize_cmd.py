@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "folder of them or a glob; local path or URI. Default: a built-in set of 16 prompts.")
     io.add_argument("--out", required=True, help="Checkpoint folder: local path or object-store URI (s3://, gs://).")
     io.add_argument("--config", help="YAML file with any of the options below (flags override it).")
-    add_model_arguments(parser, ModelConfig, "model", skip=("quant", "tome", "tome_reuse"))
+    add_model_arguments(parser, ModelConfig, "model", skip=("quant", "tome", "tome_reuse", "compile"))
     add_model_arguments(parser, SCQConfig, "calibration")
 
 

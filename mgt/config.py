@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mgt.sampler_config import SamplerConfig
 
@@ -41,6 +41,23 @@ class ModelConfig(BaseModel):
                                     "(matmuls over other row counts take other kernels); unset runs the whole "
                                     "batch in one forward (faster on big GPUs; sensitive samplers may then "
                                     "give other tokens in another batch).")
+    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks (mode "
+                          "max-autotune-no-cudagraphs on CUDA, default on CPU). The first batch of each shape "
+                          "compiles (minutes on a GPU); blocks patched by TomeMGT stay eager; not combinable "
+                          "with quant.")
+
+    @model_validator(mode="after")
+    def _compile_without_quant(self) -> ModelConfig:
+        check_compile(self.compile, self.quant)
+        return self
+
+
+def check_compile(compile: bool, quant: str | None) -> None:
+    """Refuse ``compile`` with ``quant``: optimum-quanto's quantized tensors break torch.compile's graph."""
+    if compile and quant:
+        raise ValueError(f"compile cannot be combined with quant={quant!r}: optimum-quanto 0.2.7's quantized "
+                         "tensors are tensor subclasses torch.compile cannot trace, so every quantized Linear "
+                         "breaks the compiled graph and nothing is gained; drop --compile or --quant")
 
 
 class GenerationSettings(BaseModel):

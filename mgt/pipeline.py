@@ -21,6 +21,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgt import editing, efficient, loading, sampling, schedules
 from mgt.amused import AmusedTransformer
+from mgt.config import check_compile
 from mgt.editing import Edit
 from mgt.meissonic import MeissonicTransformer
 from mgt.sampler_config import SamplerConfig
@@ -326,6 +327,7 @@ def load_pipeline(
     tome: float = 0.0,
     tome_reuse: int = 5,
     micro_batch: int | None = 1,
+    compile: bool = False,
 ) -> MGTPipeline:
     """Load a whole model (registered name, local folder, ``s3://``/``gs://`` URI or hub id).
 
@@ -336,9 +338,13 @@ def load_pipeline(
     ``tome``: TomeMGT merge ratio rho in the dual-stream blocks (0 = off), one plan per ``tome_reuse`` blocks.
     ``micro_batch``: samples per transformer forward (1: every image is bit-identical alone or in a batch;
     None: the whole batch in one forward, faster on large GPUs).
+    ``compile``: ``torch.compile`` the transformer's repeated blocks once quantization and TomeMGT are
+    applied (:func:`mgt.efficient.apply_compile`; not with ``quant``). Compilation happens in the first
+    ``generate`` of each input shape.
     """
     if micro_batch is not None and micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1 or None, got {micro_batch}")
+    check_compile(compile, quant)
     model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
     family = detect_family(model_dir)
     torch_dtype, torch_device = loading.resolve_dtype(dtype), loading.resolve_device(device)
@@ -358,6 +364,8 @@ def load_pipeline(
                        micro_batch=micro_batch)
     efficient.calibrate_pipeline(pipe, quant)
     efficient.apply_tome(pipe.transformer, tome, tome_reuse)
+    if compile:
+        efficient.apply_compile(pipe.transformer)
     return pipe
 
 

@@ -119,8 +119,11 @@ UNHASHED_OPTIONS = ("prompts", "out", "num_images", "webdataset", "fail_fast", "
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
                     "scorer_gpus", "scorer_cpus", "storage_options",
                     "shard_size")  # recorded in manifest.json, which refuses a different --shard-size
-# ModelConfig fields that only place the model; every other field (quantization, token merging ...) counts.
-UNHASHED_MODEL_FIELDS = ("device",)
+# ModelConfig fields that only place or schedule the model's math; every other field (quantization, token
+# merging ...) counts. compile runs the same blocks with fused kernels: tokens agree with eager on CPU (a test
+# checks it) and, like a change of device, may differ only by float rounding on a GPU; the VQ decode is not
+# compiled, so equal tokens give equal pixels.
+UNHASHED_MODEL_FIELDS = ("device", "compile")
 
 
 class GenerateConfig(BaseModel):
