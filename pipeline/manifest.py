@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from pipeline.storage import Storage
 MANIFEST, METRICS = "manifest.json", "metrics.parquet"
 METRICS_ROWS_PER_FILE = 100_000  # rows per metrics.parquet/part-*.parquet file
 READ_CHUNK = 256  # records fetched at once (concurrently) by a rerun and by finalize
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PACKAGES = ("maskray", "torch", "diffusers", "transformers", "ray", "pyarrow", "open_clip_torch", "optimum-quanto",
             "pydantic", "fsspec", "s3fs", "pillow", "numpy")
 
@@ -160,12 +162,30 @@ def start_attempt(storage: Storage, config: GenerateConfig, manifest: dict | Non
 
 
 def fail_attempt(storage: Storage, manifest: dict, error: BaseException, secrets: list[str]) -> None:
-    """Close the running attempt as failed, with the error's type and message (``secrets`` scrubbed out)."""
-    message = redact_text(str(error), secrets)[:2000]
-    manifest["attempts"][-1].update(ended_at=_now(), status="failed",
-                                    error={"type": type(error).__name__, "message": message})
+    """Close the running attempt as failed, with the error's type and message (``secrets`` scrubbed out).
+
+    A Ray task error is recorded as its root cause (the user code's exception), its terminal colours removed.
+    """
+    cause = _root_cause(error)
+    message = redact_text(ANSI.sub("", str(cause)), secrets)[:2000]
+    described = {"type": type(cause).__name__, "message": message}
+    if cause is not error:  # Ray keeps the user code's own exception only in the text of its traceback
+        described["raised_as"] = type(error).__name__
+        described["detail"] = redact_text(ANSI.sub("", str(error)), secrets)[-2000:]
+    manifest["attempts"][-1].update(ended_at=_now(), status="failed", error=described)
     manifest["status"] = "failed"
     _write_manifest(storage, manifest)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception: Ray's ``cause``, else ``__cause__``, followed to the end."""
+    seen = {id(error)}
+    while True:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
 
 
 class OutputCollision(RuntimeError):
