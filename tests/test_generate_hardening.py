@@ -1,7 +1,8 @@
 """Issue 23 through the real ``maskray`` CLI (a local Ray per run, tiny model, 2 steps): failed samples exit 3
 and are retried on rerun, refusals before Ray exit 2, a crash is recorded as a failed attempt, credentials never
 reach the manifest, the metrics, the output or ``--print-config``, and a live lock on ``--out`` refuses a second
-run (on the S3 protocol, a moto server on loopback)."""
+run (on the S3 protocol, a moto server on loopback). Then, without Ray: the redaction rules, and two runs racing
+for one local ``--out`` (exactly one holds it)."""
 
 from __future__ import annotations
 
@@ -156,3 +157,47 @@ def test_s3_secrets_never_leave_and_a_live_lock_refuses_a_second_run(tmp_path, m
 
     resumed = maskray("generate", "--config", str(config), *SMALL)  # redaction keeps the config hash: resume
     assert resumed.returncode == 0 and json.loads(fs.cat_file("bucket/run/manifest.json"))["counts"]["generated"] == 0
+
+
+def test_redaction_rules_and_scrubbed_error_text():
+    from pipeline.redact import REDACTED, redact, redact_text, secret_values
+
+    config = {"job": {"out": "s3://b/run", "storage_options": {
+        "key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "profile": "prod-admin", "anon": False,
+        "client_kwargs": {"endpoint_url": "http://minio:9000", "region_name": "eu-west-1",
+                          "aws_session_token": "session-token-1"}}},
+        "model": {"hub_token": "hf_abcdef", "steps": 4}}
+    hidden = redact(config)
+    options = hidden["job"]["storage_options"]
+    assert options["key"] == options["secret"] == options["profile"] == REDACTED and options["anon"] is False
+    assert options["client_kwargs"] == {"endpoint_url": "http://minio:9000", "region_name": "eu-west-1",
+                                        "aws_session_token": REDACTED}
+    assert hidden["model"] == {"hub_token": REDACTED, "steps": 4} and hidden["job"]["out"] == "s3://b/run"
+    text = redact_text("403 for AKIAEXAMPLE with s3cr3t-value (profile prod-admin)", secret_values(config))
+    assert text == "403 for *** with *** (profile ***)"
+
+
+def test_two_runs_on_one_local_out_cannot_both_hold_the_lease(tmp_path):
+    import threading
+
+    from pipeline.lease import OutBusy, RunLease
+    from pipeline.storage import Storage
+
+    storage, outcomes = Storage(str(tmp_path / "out")), []
+
+    def run() -> None:
+        try:
+            with RunLease(storage, log=lambda _: None):
+                outcomes.append("held")
+                time.sleep(1.5)
+        except OutBusy as error:
+            outcomes.append(str(error))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]  # both find no lease, then race to write it
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    refused = [o for o in outcomes if o != "held"]
+    assert len(outcomes) == 2 and len(refused) == 1 and "is in use by pid" in refused[0]
+    assert not (tmp_path / "out" / "_lock.json").exists()
