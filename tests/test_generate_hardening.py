@@ -147,7 +147,8 @@ def test_s3_secrets_never_leave_and_a_live_lock_refuses_a_second_run(tmp_path, m
     assert result.returncode == 0, result.stderr
     assert "taking over the stale lock" in result.stdout and not fs.exists("bucket/run/_lock.json")
     fs.invalidate_cache()
-    written = [fs.cat_file("bucket/run/manifest.json")] + [fs.cat_file(p) for p in fs.find("bucket/run/metrics.parquet")]
+    parts = fs.find("bucket/run/metrics.parquet")
+    written = [fs.cat_file("bucket/run/manifest.json")] + [fs.cat_file(p) for p in parts]
     for text in [printed.stdout, result.stdout, result.stderr, *[b.decode("latin-1") for b in written]]:
         assert not any(s in text for s in secrets)
     record = json.loads(written[0])
