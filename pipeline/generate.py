@@ -27,7 +27,7 @@ from pipeline import manifest as run_manifest
 from pipeline.capacity import ENV as CAPACITY_ENV, Capacity, NodeWatch, nodes_to_wait_for, per_node
 from pipeline.capacity import pool_usage, read_capacity
 from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS, pool_range
-from pipeline.lease import RunLease
+from pipeline.lease import LeaseLost, RunLease
 from pipeline.prompts import expand_samples, scan_prompts
 from pipeline.redact import secret_values
 from pipeline.shards import Shard, default_shard_size, plan_shards, read_shards
@@ -309,6 +309,8 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
         try:
             summary = _execute(config, out, prompts, manifest, plan, todo, size, scan.columns, generator,
                                scorer, generator_stage, lease)
+        except LeaseLost:  # --out belongs to another run now: its manifest is not this run's to write
+            raise
         except BaseException as error:  # a crash or Ctrl-C: the attempt is closed as failed, never left running
             run_manifest.fail_attempt(out, manifest, error, secret_values(config.model_dump(mode="json")))
             raise
