@@ -4,14 +4,17 @@
         --candidates noise,differential --scorer hps-v2.1 --out eval
 
 Every (prompt, seed) is generated for the baseline and each candidate with the same seed through the
-``maskray generate`` pipeline; generations already under ``--out`` are reused.
+``maskray generate`` pipeline; generations already under ``--out`` are reused. Exit codes as ``maskray
+generate``'s: 3 when a sampler's run finished with failed samples (the report covers the others).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
+from jobs.generate_cmd import EXIT_FAILED_SAMPLES
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.config import JobOptions
 
@@ -46,5 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from jobs.ray_session import ray_session
 
     with ray_session() as connect:
-        run_evaluate(options, job, model, generation, connect=connect)
-    return 0
+        summary = run_evaluate(options, job, model, generation, connect=connect)
+    for name, failed in summary["failed_samples"].items():
+        print(f"maskray evaluate: sampler {name}: {failed['errors']} sample(s) failed"
+              + (f" and {failed['missing']} are missing" if failed["missing"] else "")
+              + f"; their errors are in {failed['metrics']} (rows whose `error` is not null); rerun to retry them",
+              file=sys.stderr)
+    return EXIT_FAILED_SAMPLES if summary["failed_samples"] else 0

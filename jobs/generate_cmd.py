@@ -5,13 +5,18 @@
         --dtype fp16 --generator-gpus 1 --batch-size 8 --scorer hps-v2.1 --scorer-gpus 0.25
 
 Ray: ``RAY_ADDRESS`` when set (an existing cluster), else a local Ray on this machine, on loopback.
-Rerunning the same command after a crash generates only the missing samples; the same ``--out`` with
-other output-changing settings is refused.
+Rerunning the same command after a crash generates only the missing and the failed samples; the same
+``--out`` with other output-changing settings is refused, and so is an ``--out`` another live run holds.
+
+Exit codes: 0 every sample generated; 1 a crash (traceback; the attempt is recorded as failed in
+manifest.json); 2 a usage error, refused before Ray starts (one line); 3 the run finished but some samples
+failed or are missing (their errors are in metrics.parquet).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pydantic import ValidationError
 
@@ -19,6 +24,9 @@ from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from mgt.config import GenerationSettings, ModelConfig
 from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
+from pipeline.redact import redact
+
+EXIT_FAILED_SAMPLES = 3  # finished, but some samples failed: distinct from a crash (1) and a usage error (2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
-        dump = config.model_dump(mode="json")
+        dump = redact(config.model_dump(mode="json"))
         print(yaml.safe_dump({**dump["job"], **dump["model"], **dump["generation"]}, sort_keys=False))
         return 0
     from jobs.ray_session import ray_session
@@ -57,4 +65,19 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.generate import run_generate  # imports Ray: after ray_session() set its environment
 
         summary = run_generate(config, connect=connect)
-    return 0 if summary["rows"] == summary["expected"] else 1
+    return outcome(summary, config.job.out)
+
+
+def outcome(summary: dict, out: str) -> int:
+    """The exit code of a finished run: 0 when every sample is there without error, else ``EXIT_FAILED_SAMPLES``
+    after a line on stderr saying how many failed and where their errors are."""
+    missing = summary["expected"] - summary["rows"]
+    if not summary["errors"] and not missing:
+        return 0
+    metrics = f"{out.rstrip('/')}/metrics.parquet"
+    print(f"maskray generate: {summary['errors']} of {summary['expected']} samples failed"
+          + (f" and {missing} are missing" if missing else "")
+          + f"; their errors are in {metrics} (rows whose `error` is not null, e.g. "
+          f"pyarrow.dataset.dataset('{metrics}').to_table(filter=pyarrow.compute.field('error').is_valid())); "
+          f"rerun the same command to retry them (--keep-failed keeps them)", file=sys.stderr)
+    return EXIT_FAILED_SAMPLES

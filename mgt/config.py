@@ -87,6 +87,14 @@ class GenerationSettings(BaseModel):
     def _parse_sampler(cls, value):
         return SamplerConfig.from_spec(value) if isinstance(value, (str, dict)) else value
 
+    def check_sampler_steps(self) -> None:
+        """Raise the engine's own ValueError when the sampler cannot run ``steps`` steps (Masked Z-Sampling
+        zigzags on at most T-1 of them); unset steps are the model's and are checked when it is loaded."""
+        if self.steps is not None and self.sampler.zsampling is not None:
+            from mgt.z_sampling import MaskedZSampling
+
+            MaskedZSampling.from_config(self.sampler.zsampling).zigzag_steps(self.steps)
+
     def generate(self, pipe: MGTPipeline, prompts: Sequence[str], seeds: Sequence[int], *,
                  negative_prompts: Sequence[str | None] | str | None = None,
                  on_step: Callable[[int], None] | None = None,

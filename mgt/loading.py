@@ -65,12 +65,31 @@ def resolve_model_path(
         return local
     if spec.startswith(OBJECT_STORE_SCHEMES):
         return _download_object_store(spec, root / "objects", storage_options or {})
-    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") != 1:
-        raise ModelLoadError(
-            f"model {spec!r} is not a local folder, not an object-store URI and not a hub id (owner/name); "
-            f"registered names: {', '.join(registered_models())}"
-        )
+    if _is_path(spec) or not _is_hub_id(spec):
+        raise _not_a_model(spec)
     return _download_hub(spec, root / "hub", variant)
+
+
+def check_model_name(spec: str) -> None:
+    """Raise ``ModelLoadError`` for a model that can be nothing: not registered, not a path, not an object-store
+    URI, not a hub id (owner/name). Run before a job starts; a path is not checked here, since on a cluster the
+    folder may exist on the workers only (``resolve_model_path`` checks it where the model loads)."""
+    if spec not in MODELS and not spec.startswith(OBJECT_STORE_SCHEMES) and not _is_path(spec) \
+            and not _is_hub_id(spec) and not Path(spec).is_dir():
+        raise _not_a_model(spec)
+
+
+def _is_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~"))
+
+
+def _is_hub_id(spec: str) -> bool:
+    return not _is_path(spec) and spec.count("/") == 1
+
+
+def _not_a_model(spec: str) -> ModelLoadError:
+    return ModelLoadError(f"model {spec!r} is not a local folder, not an object-store URI and not a hub id "
+                          f"(owner/name); registered names: {', '.join(registered_models())}")
 
 
 def _registered_folder(name: str, folder: Path) -> Path:

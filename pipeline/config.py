@@ -49,6 +49,12 @@ class JobOptions(BaseModel):
                                    "started with.")
     fail_fast: bool = Field(False, description="Stop the job at the first failed row instead of recording the "
                             "error in its metrics row.")
+    keep_failed: bool = Field(False, description="On a rerun, keep the samples that failed instead of generating "
+                              "their shards again (by default a shard whose record holds an error is redone).")
+    force: bool = Field(False, description="Take over --out's lock (_lock.json) even though its owner's heartbeat "
+                        "is fresh: only when that run is known to be gone.")
+    lock_stale_seconds: float = Field(120.0, ge=5, description="A lock on --out whose heartbeat is older than "
+                                      "this is stale and taken over (its owner refreshes it every quarter of it).")
     batch_size: int = Field(4, ge=1, description="Rows per generator call (per GPU forward).")
     generator_actors: int | str | None = Field(None, description="Generator pool: N actors, or MIN:MAX for a pool "
                                                "that Ray Data grows and shrinks between the bounds. Unset: on an "
@@ -117,7 +123,7 @@ HASHED_OPTIONS = ("seed", "image_format", "image_quality", "layout", "scorer", "
 # Throughput, placement, input location and bookkeeping: they never change a written file.
 UNHASHED_OPTIONS = ("prompts", "out", "num_images", "webdataset", "fail_fast", "batch_size", "generator_actors",
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
-                    "scorer_gpus", "scorer_cpus", "storage_options",
+                    "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds",
                     "shard_size")  # recorded in manifest.json, which refuses a different --shard-size
 # ModelConfig fields that only place or schedule the model's math; every other field (quantization, token
 # merging ...) counts. compile runs the same blocks with fused kernels: tokens agree with eager on CPU (a test
@@ -136,8 +142,14 @@ class GenerateConfig(BaseModel):
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Per-image settings.")
 
     @model_validator(mode="after")
-    def _check_scorer(self) -> GenerateConfig:
-        self.scorer_config()  # an unknown scorer name fails here, before Ray starts
+    def _check_before_ray(self) -> GenerateConfig:
+        """Refuse here, before Ray starts, what every row would fail on: an unknown scorer, a model name that
+        names nothing, a sampler that cannot run the given steps (the engine's own rule)."""
+        from mgt.loading import check_model_name
+
+        self.scorer_config()
+        check_model_name(self.model.model)
+        self.generation.check_sampler_steps()
         return self
 
     def hashed_factors(self) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from pipeline import manifest as run_manifest
 from pipeline.capacity import ENV as CAPACITY_ENV, Capacity, NodeWatch, nodes_to_wait_for, per_node
 from pipeline.capacity import pool_usage, read_capacity
 from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS, pool_range
+from pipeline.lease import LeaseLost, RunLease
 from pipeline.prompts import expand_samples, scan_prompts
+from pipeline.redact import secret_values
 from pipeline.shards import Shard, default_shard_size, plan_shards, read_shards
 from pipeline.sink import PIECES, SampleSink
 from pipeline.storage import Storage
@@ -261,9 +263,12 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
                  connect: Callable[[], None] | None = None, generator_stage: type = Generator) -> dict:
     """Generate every shard of ``config.job.prompts`` that has no good completion record under ``config.job.out``.
 
-    Order: scan the prompts (errors here leave ``--out`` untouched), check ``--out``'s config hash and
-    shard size, plan the shards, call ``connect`` (the job's ``ray.init``; None when Ray is already up),
-    read the completion records, open an attempt, run the plan over the shards left, finalize.
+    Order: scan the prompts (errors here leave ``--out`` untouched), take ``--out``'s lease
+    (``pipeline.lease``: a second live run is refused), check ``--out``'s config hash and shard size, plan the
+    shards, call ``connect`` (the job's ``ray.init``; None when Ray is already up), read the completion records
+    (shards with failed samples are redone unless ``--keep-failed``), open an attempt, run the plan over the
+    shards left, finalize. An exception after the attempt opened closes it as failed in ``manifest.json``,
+    with the error's type and message (credentials scrubbed).
 
     Returns:
         The run summary (see ``pipeline.manifest.finalize``) plus ``timings``: ``resume_seconds`` (input scan,
@@ -277,47 +282,67 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     prompts = Storage(job.prompts, job.storage_options)
     out = Storage(job.out, job.storage_options)
     scan = scan_prompts(job.prompts, prompts, job.num_images)
-    existing = run_manifest.check_out(out, config)
-    size = run_manifest.shard_size(existing, job, scan.samples, default_shard_size)
-    plan = plan_shards(scan.files, scan.row_samples, size)
-    before_ray = time.perf_counter()
-    if connect is not None:
-        connect()
-    connected = time.perf_counter()
-    capacity = read_capacity()
-    generator, scorer = plan_stages(config, capacity)
-    records = run_manifest.scan_records(out, plan)
-    for name, reason in sorted(records.bad.items()):
-        log(f"maskray generate: completion record {out.url('_shards', name + '.parquet')} is {reason}; its shard "
-            f"is generated again")
-    todo = [shard for shard in plan if shard.name not in records.done]
-    done = sum(records.done.values())
-    resume = (before_ray - begun) + (time.perf_counter() - connected)
-    log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s), "
-        f"{len(plan)} shard(s) of ~{size}; {len(plan) - len(todo)} shard(s) ({done} samples) already done under "
-        f"{out.uri}; {generator.describe()} generator actor(s) "
-        f"({generator.num_gpus:g} GPU, {generator.num_cpus:g} CPU each, batch {generator.batch_size})"
-        + (f", {scorer.describe()} scorer actor(s) ({job.scorer})" if scorer else ", no scorer"))
-    watch = watch_autoscaler(capacity, generator, scorer, log)
-    manifest = run_manifest.start_attempt(out, config, existing, [prompts.uri], done, size)
+    with RunLease(out, job.lock_stale_seconds, job.force, log) as lease:
+        existing = run_manifest.check_out(out, config)
+        size = run_manifest.shard_size(existing, job, scan.samples, default_shard_size)
+        plan = plan_shards(scan.files, scan.row_samples, size)
+        before_ray = time.perf_counter()
+        if connect is not None:
+            connect()
+        connected = time.perf_counter()
+        capacity = read_capacity()
+        generator, scorer = plan_stages(config, capacity)
+        records = run_manifest.scan_records(out, plan, keep_failed=job.keep_failed)
+        for name, reason in sorted(records.bad.items()):
+            log(f"maskray generate: completion record {out.url('_shards', name + '.parquet')} is {reason}; its "
+                f"shard is generated again")
+        todo = [shard for shard in plan if shard.name not in records.done]
+        done = sum(records.done.values())
+        resume = (before_ray - begun) + (time.perf_counter() - connected)
+        log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s), "
+            f"{len(plan)} shard(s) of ~{size}; {len(plan) - len(todo)} shard(s) ({done} samples) already done under "
+            f"{out.uri}; {generator.describe()} generator actor(s) "
+            f"({generator.num_gpus:g} GPU, {generator.num_cpus:g} CPU each, batch {generator.batch_size})"
+            + (f", {scorer.describe()} scorer actor(s) ({job.scorer})" if scorer else ", no scorer"))
+        watch = watch_autoscaler(capacity, generator, scorer, log)
+        manifest = run_manifest.start_attempt(out, config, existing, [prompts.uri], done, size)
+        try:
+            summary = _execute(config, out, prompts, manifest, plan, todo, size, scan.columns, generator,
+                               scorer, generator_stage, lease)
+        except LeaseLost:  # --out belongs to another run now: its manifest is not this run's to write
+            raise
+        except BaseException as error:  # a crash or Ctrl-C: the attempt is closed as failed, never left running
+            run_manifest.fail_attempt(out, manifest, error, secret_values(config.model_dump(mode="json")))
+            raise
+        finally:
+            if watch is not None:
+                watch.stop()
+    summary["timings"] = {"resume_seconds": round(resume, 3), "ray_start_seconds": round(connected - before_ray, 3),
+                          **summary["timings"]}
+    score = "n/a" if summary["mean_score"] is None else f"{summary['mean_score']:.4f}"
+    log(f"maskray generate: {summary['rows']}/{summary['expected']} samples under {out.uri} "
+        f"({summary['generated']} generated now, {summary['errors']} errors, "
+        f"{summary['images_per_second'] or 0:.2f} images/s incl. actor start-up, mean score {score})")
+    return summary
+
+
+def _execute(config: GenerateConfig, out: Storage, prompts: Storage, manifest: dict, plan: list[Shard],
+             todo: list[Shard], size: int, columns: list[str], generator: StagePlan, scorer: StagePlan | None,
+             generator_stage: type, lease: RunLease) -> dict:
+    """Generate the shards ``todo`` and finalize (only while this run still holds ``--out``'s lease)."""
+    job = config.job
     attempt = manifest["attempts"][-1]["attempt"]
     started, started_at = time.perf_counter(), time.time()
     if todo:
         out.remove(out.path(PIECES))  # rows of shards a crashed attempt left incomplete: those shards are redone
-        ds = build_dataset(config, todo, scan.columns, prompts, generator, scorer, generator_stage)
+        ds = build_dataset(config, todo, columns, prompts, generator, scorer, generator_stage)
         ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.layout, size))
     generated = time.perf_counter()
     actors = {"generator": pool_usage(generator_stage.__name__, started_at).as_dict(),
               **({"scorer": pool_usage("ScoringStage", started_at).as_dict()} if scorer else {})}
     manifest["attempts"][-1]["actors"] = actors  # written with the attempt by finalize
+    lease.check()  # finalize removes leftovers: never on behalf of a run that lost --out to another
     summary = {**run_manifest.finalize(out, manifest, plan, generated - started), "actors": actors}
-    if watch is not None:
-        watch.stop()
-    summary["timings"] = {"resume_seconds": round(resume, 3), "ray_start_seconds": round(connected - before_ray, 3),
-                          "generate_seconds": round(generated - started, 3),
+    summary["timings"] = {"generate_seconds": round(generated - started, 3),
                           "finalize_seconds": round(time.perf_counter() - generated, 3)}
-    score = "n/a" if summary["mean_score"] is None else f"{summary['mean_score']:.4f}"
-    log(f"maskray generate: {summary['rows']}/{summary['expected']} samples under {out.uri} "
-        f"({summary['generated']} generated now, {summary['errors']} errors, "
-        f"{summary['images_per_second'] or 0:.2f} images/s incl. actor start-up, mean score {score})")
     return summary

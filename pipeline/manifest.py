@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from pipeline.config import GenerateConfig, JobOptions
+from pipeline.redact import redact, redact_text
 from pipeline.shards import Shard
 from pipeline.sink import METRICS_SCHEMA, PIECES, SHARDS, WEBDATASET
 from pipeline.storage import Storage
@@ -43,6 +45,7 @@ from pipeline.storage import Storage
 MANIFEST, METRICS = "manifest.json", "metrics.parquet"
 METRICS_ROWS_PER_FILE = 100_000  # rows per metrics.parquet/part-*.parquet file
 READ_CHUNK = 256  # records fetched at once (concurrently) by a rerun and by finalize
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PACKAGES = ("maskray", "torch", "diffusers", "transformers", "ray", "pyarrow", "open_clip_torch", "optimum-quanto",
             "pydantic", "fsspec", "s3fs", "pillow", "numpy")
 
@@ -98,12 +101,14 @@ class RecordScan:
     stale: int = 0
 
 
-def scan_records(storage: Storage, plan: list[Shard]) -> RecordScan:
+def scan_records(storage: Storage, plan: list[Shard], keep_failed: bool = False) -> RecordScan:
     """List the completion records and check every planned shard's record (footer and row count) in parallel.
 
     A record that is empty, unreadable or holds another row count than its shard is *bad*: its shard is
-    generated again (the new record replaces it). Records of shards not in the plan (the input changed)
-    are counted as stale and ignored.
+    generated again (the new record replaces it). So is a record holding failed samples (a transient CUDA
+    OOM or lost connection gets its retry), unless ``keep_failed``; the failures are counted from the
+    footer's null count of ``error``, so this costs no extra read. Records of shards not in the plan (the
+    input changed) are counted as stale and ignored.
     """
     expected = {shard.name: shard.samples for shard in plan}
     listed = storage.sizes(storage.path(SHARDS), ".parquet")
@@ -125,8 +130,11 @@ def scan_records(storage: Storage, plan: list[Shard]) -> RecordScan:
             except (pa.ArrowInvalid, OSError) as error:
                 scan.bad[name] = f"unreadable ({type(error).__name__}: {error})"
                 continue
+            failed = 0 if keep_failed else _failed_rows(blob)
             if rows != expected[name]:
                 scan.bad[name] = f"{rows} rows, the shard has {expected[name]}"
+            elif failed:
+                scan.bad[name] = f"holding {failed} failed sample(s) (--keep-failed keeps them)"
             else:
                 scan.done[name] = rows
     return scan
@@ -134,15 +142,50 @@ def scan_records(storage: Storage, plan: list[Shard]) -> RecordScan:
 
 def start_attempt(storage: Storage, config: GenerateConfig, manifest: dict | None, inputs: list[str],
                   done_before: int, shard_size: int) -> dict:
-    """Write ``manifest.json`` with a new running attempt; returns the manifest."""
+    """Write ``manifest.json`` with a new running attempt; returns the manifest.
+
+    The config is recorded redacted (``pipeline.redact``); earlier attempts that never closed (their process was
+    killed) are marked ``abandoned``.
+    """
     manifest = manifest or {"config_hash": config.config_hash(), "hashed_factors": config.hashed_factors(),
                             "attempts": []}
-    manifest.update(status="running", config=config.model_dump(mode="json"), inputs=inputs, shard_size=shard_size,
+    manifest.update(status="running", config=redact(config.model_dump(mode="json")), inputs=inputs,
+                    shard_size=shard_size,
                     packages=_versions(), git_revision=_git_revision(), python=platform.python_version())
+    for earlier in manifest["attempts"]:
+        if "ended_at" not in earlier:  # killed outright (SIGKILL, node loss): it could not close itself
+            earlier.setdefault("status", "abandoned")
     manifest["attempts"].append({"attempt": len(manifest["attempts"]), "started_at": _now(),
                                  "done_before": done_before})
     _write_manifest(storage, manifest)
     return manifest
+
+
+def fail_attempt(storage: Storage, manifest: dict, error: BaseException, secrets: list[str]) -> None:
+    """Close the running attempt as failed, with the error's type and message (``secrets`` scrubbed out).
+
+    A Ray task error is recorded as its root cause (the user code's exception), its terminal colours removed.
+    """
+    cause = _root_cause(error)
+    message = redact_text(ANSI.sub("", str(cause)), secrets)[:2000]
+    described = {"type": type(cause).__name__, "message": message}
+    if cause is not error:  # Ray keeps the user code's own exception only in the text of its traceback
+        described["raised_as"] = type(error).__name__
+        described["detail"] = redact_text(ANSI.sub("", str(error)), secrets)[-2000:]
+    manifest["attempts"][-1].update(ended_at=_now(), status="failed", error=described)
+    manifest["status"] = "failed"
+    _write_manifest(storage, manifest)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception: Ray's ``cause``, else ``__cause__``, followed to the end."""
+    seen = {id(error)}
+    while True:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
 
 
 class OutputCollision(RuntimeError):
@@ -208,8 +251,9 @@ def finalize(storage: Storage, manifest: dict, plan: list[Shard], seconds: float
         "images_per_second": round(totals["generated"] / seconds, 3) if seconds > 0 else None,
         "mean_score": totals["score_sum"] / totals["scored"] if totals["scored"] else None,
     }
-    attempt.update(ended_at=_now(), **summary)
-    manifest.update(status="complete" if summary["rows"] == summary["expected"] else "incomplete", counts=summary)
+    whole = summary["rows"] == summary["expected"] and not summary["errors"]
+    attempt.update(ended_at=_now(), status="complete" if whole else "incomplete", **summary)
+    manifest.update(status="complete" if whole else "incomplete", counts=summary)
     _write_manifest(storage, manifest)
     return summary
 
@@ -227,6 +271,20 @@ def _count(table: pa.Table, totals: dict, attempt: int) -> None:
     scores = table["score"].drop_null()
     totals["scored"] += len(scores)
     totals["score_sum"] += float(pc.sum(scores).as_py() or 0.0)
+
+
+def _failed_rows(record: bytes) -> int:
+    """Rows of a completion record with an error: rows minus the ``error`` column's null count (footer stats)."""
+    metadata = pq.read_metadata(io.BytesIO(record))
+    column = metadata.schema.names.index("error")
+    failed = 0
+    for group in range(metadata.num_row_groups):
+        stats = metadata.row_group(group).column(column).statistics
+        if stats is None or not stats.has_null_count:  # a writer without statistics: read the column
+            table = pq.read_table(io.BytesIO(record), columns=["error"])
+            return table.num_rows - table["error"].null_count
+        failed += metadata.row_group(group).num_rows - stats.null_count
+    return failed
 
 
 def _hash(table: pa.Table, columns: list[str]) -> np.ndarray:

@@ -19,12 +19,13 @@ from typing import Any, Callable
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobs.evaluation.prompt_sets import load_prompt_set
 from jobs.evaluation.report import write_report
 from mgt.config import GenerationSettings, ModelConfig
 from mgt.sampler_config import SamplerConfig
+from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.manifest import read_metrics
 from pipeline.prompts import prompt_ids
@@ -112,7 +113,8 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
     """Generate and score every sampler's images (reusing what exists), then write the report.
 
     Returns:
-        The report summary (``report/report.json``).
+        The report summary (``report/report.json``) plus ``failed_samples``: per sampler whose run has failed
+        or missing samples, their counts and its metrics path (the report compares the samples that exist).
     """
     from pipeline.generate import run_generate
 
@@ -125,19 +127,26 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
     baseline, candidates = sampler_name(options.baseline), [sampler_name(c) for c in options.candidates]
     if baseline in candidates:
         raise ValueError(f"the baseline {options.baseline!r} is also a candidate; drop it from --candidates")
+    sampler_job = job.model_copy(update={"num_images": options.seeds_per_prompt, "seed": options.seed})
+    try:  # every sampler's settings are checked here, before any prompt is written or Ray starts
+        configs = {name: GenerateConfig(job=sampler_job, model=model,
+                                        generation=generation.model_copy(update={"sampler": sampler}))
+                   for name, sampler in samplers.items()}
+    except ValidationError as error:
+        raise ValueError(f"invalid options: {describe_validation_error(error)}") from None
     prompts_uri, categories = prepare_prompts(options, job)
     out = Storage(options.out, job.storage_options)
-    connected, frames = False, []
-    for name, sampler in samplers.items():
-        run_job = job.model_copy(update={"prompts": prompts_uri, "num_images": options.seeds_per_prompt,
-                                         "seed": options.seed})
-        config = GenerateConfig(job=run_job, model=model,
-                                generation=generation.model_copy(update={"sampler": sampler}))
-        run_job = run_job.model_copy(update={"out": out.url("runs", f"{name}-{config.config_hash()}")})
+    connected, frames, failed = False, [], {}
+    for name, config in configs.items():
+        run_job = sampler_job.model_copy(update={"prompts": prompts_uri,
+                                                 "out": out.url("runs", f"{name}-{config.config_hash()}")})
         config = config.model_copy(update={"job": run_job})
         log(f"maskray evaluate: sampler {name} -> {run_job.out}")
-        run_generate(config, log=log, connect=None if connected or connect is None else connect)
+        run = run_generate(config, log=log, connect=None if connected or connect is None else connect)
         connected = True
+        if run["errors"] or run["rows"] < run["expected"]:
+            failed[name] = {"errors": run["errors"], "missing": run["expected"] - run["rows"],
+                            "metrics": f"{run_job.out}/metrics.parquet"}
         metrics = read_metrics(Storage(run_job.out, job.storage_options)).to_pandas()
         frames.append(metrics.assign(sampler=name))
     scores = pd.concat(frames, ignore_index=True).merge(categories, on="prompt_id", how="left")
@@ -149,7 +158,7 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
             f"mean diff {c['mean_difference']:+.4f}")
     log(f"maskray evaluate: report in {out.url('report')}/ (report.md, report.json, win_rates.png, scores.png, "
         "grid.png)")
-    return summary
+    return {**summary, "failed_samples": failed}
 
 
 def write_report_to(out: Storage, scores: pd.DataFrame, baseline: str, candidates: list[str],

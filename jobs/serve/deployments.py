@@ -44,11 +44,8 @@ class ImageJob:
 def check_settings(pipe, settings: GenerationSettings) -> None:
     """Raise the engine's own ValueError for settings ``pipe.generate`` would refuse, before any work starts: a
     size off the model's grid, or Masked Z-Sampling zigzagging on more steps than T-1."""
-    from mgt.z_sampling import MaskedZSampling
-
     pipe.check_size(settings.width, settings.height)
-    if settings.sampler.zsampling is not None:
-        MaskedZSampling.from_config(settings.sampler.zsampling).zigzag_steps(settings.steps)
+    settings.check_sampler_steps()
 
 
 def load_model(config: ModelConfig):
