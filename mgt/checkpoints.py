@@ -188,7 +188,7 @@ def _publish_folder(staging: Path, target: Path) -> None:
         except FileNotFoundError:
             continue  # another process moved it aside first
         if (aside / COMPLETE).exists():  # it was completed between the check and the move: put it back
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # fails only if a third filler published meanwhile
                 aside.rename(target)
                 return
         shutil.rmtree(aside, ignore_errors=True)

@@ -4,8 +4,9 @@
 in each Ray worker), so sinks and readers agree on one way to reach ``--out`` and ``--prompts``.
 Writes that mark progress are atomic and durable: a local file is written beside its target, flushed to disk
 (``fsync``) and renamed, and the folder is flushed so the rename survives a power loss; an object store PUT
-of one object is atomic by itself. A crash can leave a ``<name>.tmp-<hex>`` file beside its target; every
-listing here selects by suffix (``.parquet``, ``.tar``), so such leftovers are never read.
+of one object is atomic by itself. A crash can leave a ``<name>.tmp-<hex>`` file beside its target; ``list``
+and ``sizes`` select by suffix (the sink and the manifest ask for ``.parquet`` and ``.tar``), so such
+leftovers are never read.
 """
 
 from __future__ import annotations

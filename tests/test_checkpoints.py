@@ -1,6 +1,7 @@
 """``mgt.checkpoints``: one cache and fetch for models and scorer checkpoints, one state-dict check."""
 
 import os
+import re
 import socket
 import threading
 
@@ -86,8 +87,8 @@ def test_keys_that_leave_the_cache_folder_are_refused(tmp_path, s3, key):
     fs.pipe(f"ckpt-bucket/{prefix}/ok.json", b"{}")
     fs.pipe(f"ckpt-bucket/{key}", b"payload")  # S3 keeps such keys verbatim and lists them so
     root = tmp_path / "cache" / "objects"
-    with pytest.raises(ValueError, match=f"object 'ckpt-bucket/{key}' under 's3://ckpt-bucket/{prefix}' has a key that would "
-                                         f"leave the local cache folder"):
+    message = f"object 'ckpt-bucket/{key}' under 's3://ckpt-bucket/{prefix}' has a key that would leave the local"
+    with pytest.raises(ValueError, match=re.escape(message)):
         fetch_prefix(f"s3://ckpt-bucket/{prefix}", root, options)
     assert not list(tmp_path.rglob("escape.bin")) and not os.path.exists("/escape.bin")
     assert not root.exists() or not any(root.iterdir())  # no entry, no staging folder left
