@@ -15,7 +15,8 @@ Every file holds the same input columns with the same Arrow types (a shard whose
 another's is int64 is refused, naming both files: cast them to one type). A ``prompt_id`` is normalised to
 Unicode NFC before it names anything, so the NFC and NFD spellings of "café" are one id (and two rows that
 differ only so are duplicates). Seeds outside [0, 2^63-1] (what ``torch.Generator.manual_seed`` and the
-int64 output column hold) are refused rather than wrapped.
+int64 output column hold) are refused rather than wrapped; so is a row whose last sample's seed (seed +
+num_images - 1) would pass 2^63-1.
 
 A row becomes ``num_images`` sample rows keyed by (``prompt_id``, ``sample_idx``), the key that names the
 output files; ``pipeline.shards`` groups rows into the shards a rerun skips or redoes as a whole. Every
@@ -157,6 +158,14 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
                                f"{duplicated}; make prompt_id unique, or for repeats of one prompt use num_images")
     row_samples = [pc.fill_null(t["num_images"], num_images).to_numpy().astype(np.int64) if "num_images" in present
                    else np.full(t.num_rows, num_images, dtype=np.int64) for t in tables]
+    if "seed" in present:  # sample i of a row uses seed + i, which must not wrap onto another row's seeds
+        for file, part, counts in zip(files, tables, row_samples):
+            seeds = pc.fill_null(part["seed"], 0).to_numpy().astype(np.int64)
+            rows = np.flatnonzero(seeds > MAX_SEED - (counts - 1))
+            if len(rows):
+                raise PromptInputError(f"{file}: seed + num_images - 1 passes 2^63-1 at rows "
+                                       f"{rows[:MAX_LISTED].tolist()} of the file (sample i uses seed + i); lower "
+                                       f"those seeds")
     samples = int(sum(int(r.sum()) for r in row_samples))
     return PromptScan(files=files, columns=present, rows=table.num_rows, samples=samples, row_samples=row_samples)
 

@@ -138,9 +138,12 @@ def test_run_num_images_has_the_same_bound(tmp_path, capsys):
 
 
 def test_edge_values_are_accepted(tmp_path):
-    write(tmp_path / "p.parquet", prompt=["x", "y"], seed=pa.array([0, 2**63 - 1], pa.uint64()),
-          num_images=[1, 10_000])
-    assert scan(tmp_path / "p.parquet").samples == 10_001
+    write(tmp_path / "p.parquet", prompt=["x", "y", "z"], seed=pa.array([0, 2**63 - 2, None], pa.uint64()),
+          num_images=[10_000, 2, None])
+    assert scan(tmp_path / "p.parquet", num_images=10_000).samples == 20_002
+    write(tmp_path / "q.parquet", prompt=["x", "y"], seed=[0, 2**63 - 2], num_images=[1, 3])
+    with pytest.raises(PromptInputError, match=r"q.parquet: seed \+ num_images - 1 passes 2\^63-1 at rows \[1\]"):
+        scan(tmp_path / "q.parquet")  # its third sample would reuse seed 0's
 
 
 def test_hidden_and_underscore_names_count_only_below_the_given_folder(tmp_path):
