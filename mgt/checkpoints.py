@@ -3,18 +3,23 @@
 One copy for the engine's models (``mgt.loading``) and the scorers' checkpoints (``actors.scoring.hps``): the
 local cache, the fetch from an object store (``s3://``, ``gs://``, any fsspec URI) or from the Hugging Face
 hub, and the strict state-dict check that lists every missing, unexpected and mis-shaped tensor in one
-error. Downloads land under a temporary name and are renamed into place, so actors that start together
-on one node never read a half-written copy, and a finished copy is never fetched again.
+error. Downloads land under a temporary name unique to the process and thread and are renamed into place
+in one step, so actors that start together on one node never read a half-written copy, the first finished
+copy wins (a later one is discarded, never renamed over a folder another actor may be reading), and a
+finished copy is never fetched again. Remote keys that would land outside their cache folder (``..``
+components, absolute paths) are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import threading
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import torch
@@ -42,7 +47,7 @@ def fetch_object(uri: str, root: Path, storage_options: dict[str, Any] | None = 
     if not fs.isfile(path):
         raise FileNotFoundError(f"{what} {uri!r} does not exist (check the bucket, the key and credentials)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _staged(target) as staging:
+    with staged(target) as staging:
         fs.get_file(path, str(staging))
     return target
 
@@ -53,7 +58,7 @@ def fetch_prefix(uri: str, root: Path, storage_options: dict[str, Any] | None = 
 
     Raises:
         FileNotFoundError: nothing exists at ``uri``; ``what`` names it in the message.
-        ValueError: the URI's scheme has no fsspec backend.
+        ValueError: the URI's scheme has no fsspec backend, or an object's key would leave the folder.
     """
     target = _slot(uri, root)
     if (target / COMPLETE).exists():
@@ -61,10 +66,11 @@ def fetch_prefix(uri: str, root: Path, storage_options: dict[str, Any] | None = 
     fs, path = _open(uri, storage_options, what)
     if not fs.exists(path):
         raise FileNotFoundError(f"{what} {uri!r} does not exist (check the bucket, the prefix and credentials)")
-    with _staged(target) as staging:
+    prefix = path.rstrip("/") + "/"
+    with staged(target) as staging:
         staging.mkdir(parents=True)
         for remote in fs.find(path):
-            local = staging / remote[len(path.rstrip("/")) + 1:]
+            local = staging / _relative_key(remote, prefix, uri)
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote, str(local))
         (staging / COMPLETE).touch()
@@ -131,17 +137,58 @@ def _open(uri: str, storage_options: dict[str, Any] | None, what: str):
         raise ValueError(f"{what} URI {uri!r} cannot be opened with fsspec: {error}") from error
 
 
+def _relative_key(remote: str, prefix: str, uri: str) -> str:
+    """``remote``'s name below ``prefix``, refused when joining it to a local folder would leave the folder."""
+    name = remote[len(prefix):] if remote.startswith(prefix) else remote
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or ".." in parts:
+        raise ValueError(f"object {remote!r} under {uri!r} has a key that would leave the local cache folder "
+                         f"(an absolute path or '..' components); rename or remove that object")
+    return name
+
+
 @contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A fresh temporary path beside ``target``, renamed onto it when the block succeeds."""
-    staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+def staged(target: Path) -> Iterator[Path]:
+    """A fresh path beside ``target`` (unique to this process and thread), published onto ``target`` when the
+    block succeeds: a file replaces any older one, a folder is renamed into place unless a complete one
+    (holding ``COMPLETE``) is already there, in which case the fresh copy is discarded and that one is used.
+    """
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
     try:
         yield staging
-        if target.is_dir():
-            shutil.rmtree(target)  # an unfinished copy from a crashed run
-        staging.replace(target)
+        if staging.is_dir():
+            _publish_folder(staging, target)
+        else:
+            staging.replace(target)  # atomic; a reader that opened the older file keeps reading it
     finally:
         if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.unlink(missing_ok=True)
+
+
+def _publish_folder(staging: Path, target: Path) -> None:
+    """Rename the complete folder ``staging`` to ``target`` in one step; never delete a complete ``target``.
+
+    An incomplete ``target`` (left by a crash in an older version, which deleted then renamed) is first moved
+    aside under a unique name, so no other process ever sees a half-deleted folder at ``target``.
+    """
+    while True:
+        try:
+            staging.rename(target)  # atomic; fails when target is a non-empty folder
+            return
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if (target / COMPLETE).exists():
+            return  # another process finished first: use its copy, the caller discards ours
+        aside = target.with_name(f"{target.name}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            target.rename(aside)
+        except FileNotFoundError:
+            continue  # another process moved it aside first
+        if (aside / COMPLETE).exists():  # it was completed between the check and the move: put it back
+            with contextlib.suppress(OSError):  # fails only if a third filler published meanwhile
+                aside.rename(target)
+                return
+        shutil.rmtree(aside, ignore_errors=True)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from mgt.checkpoints import cache_dir, fetch_hub, fetch_prefix, state_dict_mismatch
+from mgt.checkpoints import COMPLETE, cache_dir, fetch_hub, fetch_prefix, staged, state_dict_mismatch
 from mgt.devices import resolve_device, resolve_dtype  # noqa: F401  (loading.resolve_* as before)
 from mgt.registry import Registry
 
@@ -100,14 +99,11 @@ def _registered_folder(name: str, folder: Path) -> Path:
     if not callable(model):
         raise ModelLoadError(f"registered model {name!r} is a {type(model).__name__}; a registered model is a "
                              "folder (pathlib.Path) or a function build(folder) that writes the model into folder")
-    marker = folder / ".maskray-complete"
-    if not marker.exists():
-        staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        model(staging)
-        (staging / ".maskray-complete").touch()
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.replace(folder)
+    if not (folder / COMPLETE).exists():  # built into a private folder, renamed into place once complete
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with staged(folder) as staging:
+            model(staging)
+            (staging / COMPLETE).touch()
     return folder
 
 

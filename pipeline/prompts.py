@@ -6,10 +6,17 @@ Columns (others are ignored):
 | column | type | when missing or null |
 |---|---|---|
 | ``prompt`` | string, required | a null prompt is an input error ('' is an unconditional sample) |
-| ``prompt_id`` | string or integer | a stable id: SHA-256 of (prompt, negative_prompt, seed) |
-| ``seed`` | integer | derived from (prompt_id, run seed, sample index) |
+| ``prompt_id`` | string or integer, read as Unicode NFC | a stable id: SHA-256 of (prompt, negative_prompt, seed) |
+| ``seed`` | integer in [0, 2^63-1] | derived from (prompt_id, run seed, sample index) |
 | ``negative_prompt`` | string | the run's --negative-prompt, else the model family's |
-| ``num_images`` | integer >= 1 | the run's --num-images |
+| ``num_images`` | integer in [1, 10,000] | the run's --num-images |
+
+Every file holds the same input columns with the same Arrow types (a shard whose ``seed`` is int32 while
+another's is int64 is refused, naming both files: cast them to one type). A ``prompt_id`` is normalised to
+Unicode NFC before it names anything, so the NFC and NFD spellings of "café" are one id (and two rows that
+differ only so are duplicates). Seeds outside [0, 2^63-1] (what ``torch.Generator.manual_seed`` and the
+int64 output column hold) are refused rather than wrapped; so is a row whose last sample's seed (seed +
+num_images - 1) would pass 2^63-1.
 
 A row becomes ``num_images`` sample rows keyed by (``prompt_id``, ``sample_idx``), the key that names the
 output files; ``pipeline.shards`` groups rows into the shards a rerun skips or redoes as a whole. Every
@@ -20,6 +27,7 @@ empty input) is raised by ``scan_prompts`` on the driver, before Ray starts a si
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 
 from pipeline.storage import Storage
 
@@ -44,6 +53,8 @@ COLUMNS = {
 MAX_LISTED = 5
 READ_THREADS = 16  # prompt files whose id columns are read at once
 SEED_MASK = (1 << 63) - 1  # derived seeds fit int64 and torch.Generator.manual_seed
+MAX_SEED = SEED_MASK  # given seeds above it (or below 0) are refused, not wrapped
+MAX_NUM_IMAGES = 10_000  # images of one prompt; more is almost surely a typo (use more rows)
 
 
 class PromptInputError(ValueError):
@@ -79,7 +90,9 @@ def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (
         if any(ch in path for ch in "*?["):
             files = [f for f in fs.glob(path) if fs.isfile(f)]
         elif fs.isdir(path):
-            files = [f for f in fs.find(path) if f.lower().endswith(suffixes) and "/." not in f and "/_" not in f]
+            below = path.rstrip("/") + "/"  # hidden and _ names count only below the given folder
+            files = [f for f in fs.find(path) if f.lower().endswith(suffixes)
+                     and not _hidden(f[len(below):] if f.startswith(below) else f)]
         elif fs.isfile(path):
             files = [path]
         else:
@@ -98,19 +111,18 @@ def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (
 def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
     """Check every shard named by ``spec`` before any work starts.
 
-    Reads the schemas, then only the id-bearing columns, to check types, nulls, ``num_images`` values and
-    the uniqueness of ``prompt_id`` (given or derived).
+    Reads every file's schema (its footer), then only the input columns, to check that the files agree on
+    columns and types, nulls, the ``num_images`` and ``seed`` ranges and the uniqueness of ``prompt_id``
+    (given or derived).
 
     Raises:
         PromptInputError: with the file, column, offending values and the fix.
     """
+    if not 1 <= num_images <= MAX_NUM_IMAGES:
+        raise PromptInputError(f"--num-images {num_images} is outside [1, {MAX_NUM_IMAGES}]; for more images of "
+                               f"one prompt repeat the row with another prompt_id")
     files = find_prompt_files(spec, storage)
-    try:
-        dataset = pds.dataset(files, filesystem=storage.arrow_fs, format="parquet")
-    except (OSError, pa.ArrowInvalid) as error:
-        raise PromptInputError(f"--prompts {spec!r}: cannot read the Parquet shards ({type(error).__name__}: "
-                               f"{error}); are they Parquet files with one schema?") from error
-    schema = dataset.schema
+    schema = _common_schema(spec, files, _read_schemas(files, storage))
     if "prompt" not in schema.names:
         raise PromptInputError(f"--prompts {spec!r} has no 'prompt' column (columns: {schema.names}); rename the "
                                f"text column to 'prompt'")
@@ -118,9 +130,10 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
         if name in schema.names and not check(schema.field(name).type):
             raise PromptInputError(f"--prompts {spec!r}: column {name!r} is {schema.field(name).type}, expected "
                                    f"{wanted}; cast it (e.g. df[{name!r}].astype(...)) or drop the column")
+    dataset = pds.dataset(files, schema=schema, filesystem=storage.arrow_fs, format="parquet")
     present = [name for name in COLUMNS if name in schema.names]
     with ThreadPoolExecutor(READ_THREADS) as pool:  # one table per file, in file order
-        tables = list(pool.map(lambda fragment: fragment.to_table(columns=present, schema=schema),
+        tables = list(pool.map(lambda fragment: _read_columns(spec, fragment, present, schema),
                                dataset.get_fragments()))
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
@@ -130,11 +143,12 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
             rows = _null_rows(table[name])
             raise PromptInputError(f"--prompts {spec!r}: {table[name].null_count} null {name!r} value(s) (rows "
                                    f"{rows} in file order); fill them ('' is an unconditional prompt) or drop them")
-    if "num_images" in present:
-        bad = pc.less(table["num_images"], 1)
-        if pc.any(bad).as_py():
-            raise PromptInputError(f"--prompts {spec!r}: num_images must be >= 1 or null, got "
-                                   f"{pc.min(table['num_images']).as_py()}")
+    for file, part in zip(files, tables):
+        _check_range(part, "num_images", 1, MAX_NUM_IMAGES, file,
+                     "give 1 to 10,000 images per row (null for --num-images); for more, repeat the row "
+                     "under another prompt_id")
+        _check_range(part, "seed", 0, MAX_SEED, file,
+                     "give seeds in [0, 2^63-1] (null derives one from prompt_id and --seed)")
     ids = prompt_ids(table)
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) != len(ids):
@@ -144,19 +158,93 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
                                f"{duplicated}; make prompt_id unique, or for repeats of one prompt use num_images")
     row_samples = [pc.fill_null(t["num_images"], num_images).to_numpy().astype(np.int64) if "num_images" in present
                    else np.full(t.num_rows, num_images, dtype=np.int64) for t in tables]
+    if "seed" in present:  # sample i of a row uses seed + i, which must not wrap onto another row's seeds
+        for file, part, counts in zip(files, tables, row_samples):
+            seeds = pc.fill_null(part["seed"], 0).to_numpy().astype(np.int64)
+            rows = np.flatnonzero(seeds > MAX_SEED - (counts - 1))
+            if len(rows):
+                raise PromptInputError(f"{file}: seed + num_images - 1 passes 2^63-1 at rows "
+                                       f"{rows[:MAX_LISTED].tolist()} of the file (sample i uses seed + i); lower "
+                                       f"those seeds")
     samples = int(sum(int(r.sum()) for r in row_samples))
     return PromptScan(files=files, columns=present, rows=table.num_rows, samples=samples, row_samples=row_samples)
 
 
+def _read_schemas(files: list[str], storage: Storage) -> list[pa.Schema]:
+    """Every file's schema from its footer, read concurrently (a footer is a few KB even for big files)."""
+    def read(file: str) -> pa.Schema:
+        try:
+            return pq.read_schema(file, filesystem=storage.arrow_fs)
+        except (OSError, pa.ArrowException) as error:
+            raise PromptInputError(f"--prompts: cannot read the Parquet shards: {file} is not a readable Parquet "
+                                   f"file ({type(error).__name__}: {error}); rewrite it or remove it") from None
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return list(pool.map(read, files))
+
+
+def _common_schema(spec: str, files: list[str], schemas: list[pa.Schema]) -> pa.Schema:
+    """The input columns that every file holds with one type (the stages concatenate rows of many files).
+
+    Raises:
+        PromptInputError: a file lacks an input column another file has, or holds it with another type.
+    """
+    first = schemas[0]
+    fields = [first.field(name) for name in COLUMNS if name in first.names]
+    for file, schema in zip(files[1:], schemas[1:]):
+        for name in COLUMNS:
+            if (name in first.names) != (name in schema.names):
+                has, lacks = (files[0], file) if name in first.names else (file, files[0])
+                raise PromptInputError(f"--prompts {spec!r}: column {name!r} is in {has} but not in {lacks}; give "
+                                       f"every shard the same columns")
+            if name in first.names and schema.field(name).type != first.field(name).type:
+                raise PromptInputError(f"--prompts {spec!r}: column {name!r} is {first.field(name).type} in "
+                                       f"{files[0]} but {schema.field(name).type} in {file}; write every shard "
+                                       f"with one type (cast the column)")
+    return pa.schema(fields)
+
+
+def _read_columns(spec: str, fragment: pds.Fragment, columns: list[str], schema: pa.Schema) -> pa.Table:
+    try:
+        return fragment.to_table(columns=columns, schema=schema)
+    except (OSError, pa.ArrowException) as error:  # a readable footer over damaged pages
+        raise PromptInputError(f"--prompts {spec!r}: cannot read the Parquet shards: {fragment.path} is damaged "
+                               f"({type(error).__name__}: {error}); rewrite it or remove it") from None
+
+
+def _check_range(table: pa.Table, name: str, low: int, high: int, file: str, fix: str) -> None:
+    """Refuse values of integer column ``name`` outside [low, high] (``low`` >= 0), naming the file, the rows
+    and the fix."""
+    if name not in table.column_names:
+        return
+    column = table[name]
+    outside = pc.or_(pc.less(column, pa.scalar(low, column.type)), pc.greater(column, _capped(high, column.type)))
+    rows = np.flatnonzero(pc.fill_null(outside, False).to_numpy(zero_copy_only=False))
+    if len(rows):
+        values = column.take(pa.array(rows[:MAX_LISTED])).to_pylist()
+        raise PromptInputError(f"{file}: {len(rows)} {name} value(s) outside [{low}, {high}]: {values} at rows "
+                               f"{rows[:MAX_LISTED].tolist()} of the file; {fix}")
+
+
+def _capped(value: int, type_: pa.DataType) -> pa.Scalar:
+    """``value`` as a scalar of integer ``type_``, or that type's maximum when ``value`` is above it."""
+    return pa.scalar(min(value, np.iinfo(type_.to_pandas_dtype()).max), type_)
+
+
+def _hidden(relative: str) -> bool:
+    """A path with a hidden or ``_`` component (``.crc``, ``_SUCCESS``, ``_temporary/``)."""
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
 def prompt_ids(table: pa.Table | dict[str, Any]) -> np.ndarray:
-    """One id per row: the ``prompt_id`` column as strings, else a stable hash of the row's content.
+    """One id per row: the ``prompt_id`` column as NFC strings, else a stable hash of the row's content.
 
     The derived id is the first 16 hex digits of SHA-256 over (prompt, negative_prompt, seed), so it survives
     re-sharding, re-ordering and moving the files, which is what resume needs.
     """
     column = _column(table, "prompt_id")
     if column is not None:
-        return np.array([str(v) for v in column], dtype=object)
+        return np.array([unicodedata.normalize("NFC", str(v)) for v in column], dtype=object)
     prompts = _column(table, "prompt")
     negatives = _column(table, "negative_prompt")
     seeds = _column(table, "seed")

@@ -2,12 +2,16 @@
 
 ``Storage`` is small and picklable (it holds the URI and the fsspec options, and rebuilds the filesystem
 in each Ray worker), so sinks and readers agree on one way to reach ``--out`` and ``--prompts``.
-Writes that mark progress are atomic: a local file is written beside its target and renamed; an object
-store PUT of one object is atomic by itself.
+Writes that mark progress are atomic and durable: a local file is written beside its target, flushed to disk
+(``fsync``) and renamed, and the folder is flushed so the rename survives a power loss; an object store PUT
+of one object is atomic by itself. A crash can leave a ``<name>.tmp-<hex>`` file beside its target; ``list``
+and ``sizes`` select by suffix (the sink and the manifest ask for ``.parquet`` and ``.tar``), so such
+leftovers are never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -69,13 +73,25 @@ class Storage:
         return "/".join([self.uri, *parts])
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` so that readers see the old object or the whole new one."""
+        """Write ``data`` to ``path`` so that readers see the old object or the whole new one, even after a
+        power loss (a rename that reaches the disk before the data would leave an empty file)."""
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            folder = os.path.dirname(path)
+            if not os.path.isdir(folder):
+                os.makedirs(folder, exist_ok=True)
+                _fsync_folder(os.path.dirname(folder))  # the new folder's own entry
             staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(staging, "wb") as f:
-                f.write(data)
-            os.replace(staging, path)
+            try:
+                with open(staging, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(staging, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(staging)
+                raise
+            _fsync_folder(folder)
         else:
             self.fs.pipe_file(path, data)
 
@@ -125,3 +141,14 @@ class Storage:
             return {}
         return {e["name"]: int(e.get("size") or 0) for e in entries if e["name"].endswith(suffix)
                 and e.get("type") == "file"}
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flush a folder's entries (a rename into it) to disk; POSIX only, as Windows cannot open folders."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,10 +1,18 @@
 """``mgt.checkpoints``: one cache and fetch for models and scorer checkpoints, one state-dict check."""
 
+import os
+import re
+import socket
+import threading
+
 import fsspec
 import pytest
 import torch
 
+import mgt.checkpoints as checkpoints
+import mgt.loading as loading
 from mgt.checkpoints import COMPLETE, fetch_object, fetch_prefix, state_dict_mismatch
+from mgt.registry import Registry
 
 
 @pytest.fixture
@@ -51,3 +59,107 @@ def test_state_dict_mismatch_lists_every_problem_on_one_line():
     state["extra"] = torch.zeros(1)
     assert state_dict_mismatch(module, state) == ("missing 1.bias; unexpected extra; shape mismatch 0.weight: "
                                                   "weights (3, 4) vs model (2, 4)")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on loopback with bucket ``ckpt-bucket`` (moto's state is per process: removed after)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("ckpt-bucket")
+    yield fs, options
+    fs.rm("ckpt-bucket", recursive=True)
+    server.stop()
+
+
+@pytest.mark.parametrize("key", ["evil/../escape.bin", "evil/a/../../escape.bin", "evil//escape.bin"])
+def test_keys_that_leave_the_cache_folder_are_refused(tmp_path, s3, key):
+    fs, options = s3
+    prefix = key.split("/")[0]
+    fs.pipe(f"ckpt-bucket/{prefix}/ok.json", b"{}")
+    fs.pipe(f"ckpt-bucket/{key}", b"payload")  # S3 keeps such keys verbatim and lists them so
+    root = tmp_path / "cache" / "objects"
+    message = f"object 'ckpt-bucket/{key}' under 's3://ckpt-bucket/{prefix}' has a key that would leave the local"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fetch_prefix(f"s3://ckpt-bucket/{prefix}", root, options)
+    assert not list(tmp_path.rglob("escape.bin")) and not os.path.exists("/escape.bin")
+    assert not root.exists() or not any(root.iterdir())  # no entry, no staging folder left
+    fs.rm(f"ckpt-bucket/{prefix}", recursive=True)
+
+
+def test_concurrent_fills_publish_one_copy_and_never_replace_it(tmp_path, s3, monkeypatch):
+    """Two fillers download the same entry at once; the first rename wins, the second copy is discarded
+    without touching the folder the first one's caller is already reading."""
+    fs, options = s3
+    for i in range(20):
+        fs.pipe(f"ckpt-bucket/race/part/{i}.bin", os.urandom(1000))
+    root = tmp_path / "objects"
+    staged = threading.Barrier(2)  # both copies are complete before either is published
+    first_published = threading.Event()
+    seen = {}
+    publish = checkpoints._publish_folder
+
+    def racing_publish(staging, target):
+        staged.wait(timeout=30)
+        if threading.current_thread().name == "second":
+            first_published.wait(timeout=30)
+            seen["inode"] = target.stat().st_ino
+            seen["open"] = open(target / "part" / "0.bin", "rb")  # a reader of the first copy
+        publish(staging, target)
+        if threading.current_thread().name == "first":
+            first_published.set()
+
+    monkeypatch.setattr(checkpoints, "_publish_folder", racing_publish)
+    results = {}
+    threads = [threading.Thread(name=name, target=lambda n=name: results.__setitem__(
+        n, fetch_prefix("s3://ckpt-bucket/race", root, options))) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results["first"] == results["second"] and (results["first"] / COMPLETE).exists()
+    assert results["first"].stat().st_ino == seen["inode"]  # the published folder was not replaced
+    with seen.pop("open") as reader:
+        assert reader.read() == fs.cat("ckpt-bucket/race/part/0.bin")
+    assert [p.name for p in root.iterdir()] == [results["first"].name]  # the second copy is gone
+    assert len(list((results["first"] / "part").iterdir())) == 20
+    fs.rm("ckpt-bucket/race", recursive=True)
+
+
+def test_an_unfinished_entry_is_replaced_and_a_complete_one_kept(tmp_path, bucket):
+    target = checkpoints._slot("memory://maskray-ckpt/model", tmp_path)
+    (target / "a").mkdir(parents=True)
+    (target / "a" / "config.json").write_bytes(b"half")  # left by a crash of an older version: no marker
+    assert (fetch_prefix("memory://maskray-ckpt/model", tmp_path) / "a" / "config.json").read_bytes() == b"{}"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # the unfinished copy was moved aside and removed
+
+
+def test_registered_builds_race_to_one_folder(tmp_path, monkeypatch):
+    builds = threading.Barrier(2)
+
+    def build(folder):
+        folder.mkdir()
+        (folder / "model.json").write_text(threading.current_thread().name)
+        builds.wait(timeout=30)  # both builds are done before either is published
+
+    registry = Registry("model", "maskray.test-models", {})
+    registry.register("racing-model", build)
+    monkeypatch.setattr(loading, "MODELS", registry)
+    results = []
+    threads = [threading.Thread(name=name, target=lambda: results.append(
+        loading._registered_folder("racing-model", tmp_path / "models" / "racing-model"))) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [tmp_path / "models" / "racing-model"] * 2
+    assert (results[0] / "model.json").read_text() in ("a", "b") and (results[0] / COMPLETE).exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["racing-model"]

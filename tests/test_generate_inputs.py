@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobs.evaluation.prompt_sets import read_prompts
 from pipeline.config import HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
 from pipeline.generate import plan_stages
 from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, scan_prompts
@@ -53,7 +54,7 @@ def test_scan_counts_shards_folder_and_glob(tmp_path):
     ({"prompt": ["a", "b", "c"], "prompt_id": ["p", "q", "p"]}, "duplicate prompt_id"),
     ({"prompt": ["a", "a"]}, "duplicate derived id"),
     ({"prompt": ["a"], "seed": ["7"]}, "column 'seed' is string, expected integer"),
-    ({"prompt": ["a"], "num_images": [0]}, "num_images must be >= 1"),
+    ({"prompt": ["a"], "num_images": [0]}, r"1 num_images value\(s\) outside \[1, 10000\]: \[0\] at rows \[0\]"),
 ])
 def test_bad_input_is_refused_before_work(tmp_path, columns, message):
     path = write(tmp_path / "p.parquet", **columns)
@@ -70,6 +71,99 @@ def test_unreadable_or_missing_inputs(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(PromptInputError, match="cannot read the Parquet shards"):
         scan(tmp_path / "bad.parquet")
+
+
+def damaged(path: Path) -> Path:
+    """A Parquet file whose footer reads but whose compressed pages do not."""
+    write(path, prompt=[f"prompt number {i} " * 20 for i in range(200)])
+    data = bytearray(path.read_bytes())
+    data[100:400] = bytes(b ^ 0x55 for b in data[100:400])
+    path.write_bytes(bytes(data))
+    return path
+
+
+# (files under in/: name -> columns or a writer; fragments the one-line error must hold)
+HOSTILE_INPUTS = {
+    "prompt types disagree": ({"a": {"prompt": ["x"]}, "b": {"prompt": [1]}},
+                              ["column 'prompt' is string in", "a.parquet but int64 in", "b.parquet"]),
+    "seed widths disagree": ({"a": {"prompt": ["x"], "seed": pa.array([1], pa.int64())},
+                              "b": {"prompt": ["y"], "seed": pa.array([2], pa.int32())}},
+                             ["column 'seed' is int64 in", "but int32 in", "b.parquet"]),
+    "prompt_id types disagree": ({"a": {"prompt": ["x"], "prompt_id": ["p"]}, "b": {"prompt": ["y"], "prompt_id": [2]}},
+                                 ["column 'prompt_id' is string in", "but int64 in"]),
+    "num_images in one file only": ({"a": {"prompt": ["x"]}, "b": {"prompt": ["y"], "num_images": [2]}},
+                                    ["column 'num_images' is in", "b.parquet but not in", "a.parquet"]),
+    "not Parquet": ({"a": {"prompt": ["x"]}, "b": b"PAR1 but not really"},
+                    ["b.parquet is not a readable Parquet file"]),
+    "damaged pages": ({"a": {"prompt": ["x"]}, "b": damaged}, ["b.parquet is damaged", "rewrite it or remove it"]),
+    "10^12 images": ({"a": {"prompt": ["x", "y"], "num_images": [1, 10**12]}},
+                     ["a.parquet: 1 num_images value(s) outside [1, 10000]", "[1000000000000] at rows [1]"]),
+    "seed -1": ({"a": {"prompt": ["x", "y"], "seed": [0, -1]}},
+                ["a.parquet: 1 seed value(s) outside [0, 9223372036854775807]: [-1] at rows [1]"]),
+    "uint64 seed above int64": ({"a": {"prompt": ["x", "y"], "seed": pa.array([5, 2**63 + 5], pa.uint64())}},
+                                ["1 seed value(s) outside", "[9223372036854775813] at rows [1]"]),
+    "NFC and NFD spellings of one id": ({"a": {"prompt": ["x", "y"], "prompt_id": ["caf\u00e9", "cafe\u0301"]}},
+                                        ["1 duplicate prompt_id", "caf\u00e9"]),
+}
+
+
+@pytest.mark.parametrize("files, fragments", HOSTILE_INPUTS.values(), ids=HOSTILE_INPUTS.keys())
+def test_hostile_inputs_exit_2_in_one_line_before_ray(tmp_path, capsys, files, fragments):
+    import ray
+
+    from jobs.cli import main
+
+    for name, content in files.items():
+        path = tmp_path / "in" / f"{name}.parquet"
+        if isinstance(content, dict):
+            write(path, **content)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            content(path)
+    assert main(["generate", "--prompts", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert all(fragment in err for fragment in fragments), err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_run_num_images_has_the_same_bound(tmp_path, capsys):
+    from jobs.cli import main
+
+    write(tmp_path / "p.parquet", prompt=["x"])
+    assert main(["generate", "--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out"),
+                 "--num-images", "10001"]) == 2
+    assert "--num-images 10001 is outside [1, 10000]" in capsys.readouterr().err
+
+
+def test_edge_values_are_accepted(tmp_path):
+    write(tmp_path / "p.parquet", prompt=["x", "y", "z"], seed=pa.array([0, 2**63 - 2, None], pa.uint64()),
+          num_images=[10_000, 2, None])
+    assert scan(tmp_path / "p.parquet", num_images=10_000).samples == 20_002
+    write(tmp_path / "q.parquet", prompt=["x", "y"], seed=[0, 2**63 - 2], num_images=[1, 3])
+    with pytest.raises(PromptInputError, match=r"q.parquet: seed \+ num_images - 1 passes 2\^63-1 at rows \[1\]"):
+        scan(tmp_path / "q.parquet")  # its third sample would reuse seed 0's
+
+
+def test_hidden_and_underscore_names_count_only_below_the_given_folder(tmp_path):
+    root = tmp_path / ".cache" / "_prompts"  # as ~/.cache/prompts/: hidden parents are the user's choice
+    write(root / "a.parquet", prompt=["x"])
+    write(root / "part" / "b.parquet", prompt=["y"])
+    write(root / "_temporary" / "c.parquet", prompt=["z"])  # skipped below the root: a writer's leftovers
+    write(root / ".hidden.parquet", prompt=["z"])
+    (root / "_SUCCESS").write_bytes(b"")
+    assert scan(root).files == [str(root / "a.parquet"), str(root / "part" / "b.parquet")]
+    assert read_prompts(str(root)) == ["x", "y"]  # the prompt-set reader of sample/quantize/evaluate too
+
+
+def test_prompt_ids_are_nfc():
+    nfd = "cafe\u0301"
+    table = pa.table({"prompt": ["x"], "prompt_id": [nfd]})
+    assert list(prompt_ids(table)) == ["caf\u00e9"]
+    rows = expand_samples({"prompt": np.array(["x"], dtype=object), "prompt_id": np.array([nfd], dtype=object)},
+                          run_seed=0, num_images=1)
+    assert list(rows["prompt_id"]) == ["caf\u00e9"]  # the id that names the output files
 
 
 def test_derived_ids_are_stable_and_content_keyed():

@@ -112,3 +112,13 @@ def test_every_command_names_a_bad_prompt_folder_in_one_line(tmp_path, capsys, c
     assert main([*command, str(tmp_path / "empty"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "matches no prompt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, data", [("a.parquet", b"PAR1 not parquet"), ("a.json", b"[\"unclosed"),
+                                        ("a.csv", b"prompt\na,b,c\n")])
+def test_a_damaged_file_is_named_in_one_line(tmp_path, capsys, name, data):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / name).write_bytes(data)
+    assert main(["sample", "--prompts-file", str(tmp_path / "set"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'set' / name}: cannot be read as" in err and err.count("\n") == 1, err

@@ -74,6 +74,15 @@ def _files(spec: str, storage: Storage) -> list[str]:
 
 
 def _read(path: str, data: bytes) -> tuple[list[str], list[str | None]]:
+    """The prompts and categories of one file; a damaged Parquet, CSV or JSON file is named, not a traceback."""
+    try:
+        return _parse(path, data)
+    except (pa.ArrowException, json.JSONDecodeError) as error:
+        raise PromptSetError(f"{path}: cannot be read as {PurePosixPath(path).suffix.lstrip('.') or 'text'} "
+                             f"({type(error).__name__}: {error}); rewrite it or remove it from the set") from None
+
+
+def _parse(path: str, data: bytes) -> tuple[list[str], list[str | None]]:
     suffix = PurePosixPath(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         return _columns(pq.read_table(io.BytesIO(data)).to_pylist(), path)
