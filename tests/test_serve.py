@@ -28,6 +28,7 @@ KEY_ENV = "MASKRAY_TEST_SERVE_API_KEY"  # not MASKRAY_API_KEY: other tests' serv
 APP = "maskray-test"
 SMALL = {"size": "32x32", "steps": 4}  # tiny model: 4x4 tokens after the down block, a few ms per step
 MAX_BODY = 65536  # the app's max_request_bytes: small, so over-limit bodies are quick to send
+MAX_EDIT_BODY = 262144  # its max_edit_request_bytes: room for small images, little to send over it
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def server():
         serve.run(build_app({"model": "tiny-meissonic", "scorer": scorer, "max_batch_size": 4,
                              "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 6,
                              "request_timeout_s": 10, "retry_after_s": 3, "api_key_env": KEY_ENV,
-                             "max_request_bytes": MAX_BODY}),
+                             "max_request_bytes": MAX_BODY, "max_edit_request_bytes": MAX_EDIT_BODY}),
                   name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -60,11 +60,15 @@ class ServeConfig(BaseModel):
     allow_unauthenticated: bool = Field(False, description="Serve without a bearer token when api_key_env is unset "
                                         "or empty (logged as a warning at start). Off, the endpoint refuses to "
                                         "start without a key; `maskray serve` on a loopback --host needs no key.")
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body, in bytes; a longer one "
-                                   "gets a 413 before it is read or parsed (a valid request is a few kB).")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body but an edit's, in bytes; a "
+                                   "longer one gets a 413 before it is read or parsed (a valid request is a few kB).")
+    max_edit_request_bytes: int = Field(16 << 20, ge=1024, description="Largest body of POST /v1/images/edits, "
+                                        "in bytes (it carries the image and mask files: a 1024x1024 PNG is about "
+                                        "1-3 MB); a longer one gets a 413 before it is read or parsed.")
     max_pixel_steps: int = Field(4 * 1024 * 1024 * 64, ge=1, description="Compute budget of one request: n x "
-                                 "width x height x steps; a costlier request gets a 422. The default allows 4 "
-                                 "images of 1024x1024 at 64 steps (Meissonic's defaults).")
+                                 "width x height x steps (for an edit, the steps that run); a costlier request gets "
+                                 "a 422. The default allows 4 images of 1024x1024 at 64 steps (Meissonic's "
+                                 "defaults).")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -4,7 +4,10 @@ Batching keeps every image's own seed: ``@serve.batch`` gathers single images fr
 replica holds, the batch is split by generation settings (steps, guidance, size, sampler: what one
 ``MGTPipeline.generate`` call must share) and each group runs as one call with one ``torch.Generator`` per
 image. An image therefore depends only on (prompt, seed, settings), never on its batch-mates, so a batched
-request returns the bytes it would get alone. Negative prompts are per image and do not split a group.
+request returns the bytes it would get alone. Negative prompts are per image and do not split a group, and
+neither are edits (``mgt.editing.Edit``: init image, mask, strength): the engine takes one per sample, encodes
+each image alone and runs samples of different start steps as separate loops, so an edited image too depends
+only on (prompt, seed, settings, edit), and edits share batches with generations of the same settings.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ray import serve
 from actors.scoring.registry import ScorerConfig
 from jobs.serve.config import ServeConfig
 from mgt.config import GenerationSettings, ModelConfig
+from mgt.editing import Edit
 
 
 class GenerationCancelled(RuntimeError):
@@ -33,6 +37,7 @@ class ImageJob:
     seed: int
     negative_prompt: str | None
     settings: GenerationSettings
+    edit: Edit | None = None  # img2img or inpainting of this image; None: a plain generation
     cancelled: bool = False  # set by the request's coroutine, read by the sampling thread between steps
 
     @property
@@ -41,11 +46,15 @@ class ImageJob:
         return self.settings.model_dump_json()
 
 
-def check_settings(pipe, settings: GenerationSettings) -> None:
+def check_settings(pipe, settings: GenerationSettings, edit: Edit | None = None) -> None:
     """Raise the engine's own ValueError for settings ``pipe.generate`` would refuse, before any work starts: a
-    size off the model's grid, or Masked Z-Sampling zigzagging on more steps than T-1."""
+    size off the model's grid, Masked Z-Sampling zigzagging on more steps than T-1, or an edit whose image is
+    not of the settings' size or whose strength runs no step."""
     pipe.check_size(settings.width, settings.height)
     settings.check_sampler_steps()
+    if edit is not None:
+        edit.check(settings.width, settings.height)
+        edit.start_step(settings.steps)
 
 
 def load_model(config: ModelConfig):
@@ -78,7 +87,7 @@ class ImageGenerator:
         return dict(self._stats)
 
     async def generate(self, prompt: str, seeds: list[int], negative_prompt: str | None,
-                       settings: GenerationSettings) -> list[np.ndarray]:
+                       settings: GenerationSettings, edit: Edit | None = None) -> list[np.ndarray]:
         """One ``(H, W, 3)`` uint8 image per seed for ``prompt``, each batched with other requests' images.
 
         Args:
@@ -86,9 +95,10 @@ class ImageGenerator:
             seeds: one seed per image.
             negative_prompt: the unconditional branch's text; None is the family default.
             settings: steps, guidance, width, height and sampler, all resolved (no negative prompt).
+            edit: the image every seed edits (its size is the settings'), or None to generate.
         """
-        check_settings(self.pipe, settings)  # a refusal is the client's: no image of it joins a batch
-        jobs = [ImageJob(prompt, seed, negative_prompt, settings) for seed in seeds]
+        check_settings(self.pipe, settings, edit)  # a refusal is the client's: no image of it joins a batch
+        jobs = [ImageJob(prompt, seed, negative_prompt, settings, edit) for seed in seeds]
         try:
             results = await asyncio.gather(*(self._generate_batch(job) for job in jobs))
         except asyncio.CancelledError:
@@ -131,7 +141,7 @@ class ImageGenerator:
         self._stats["generate_calls"] += 1
         output = settings.generate(self.pipe, [job.prompt for job in group], [job.seed for job in group],
                                    negative_prompts=[job.negative_prompt for job in group],
-                                   on_step=stop_if_abandoned)
+                                   edits=[job.edit for job in group], on_step=stop_if_abandoned)
         return list(output.images)
 
 

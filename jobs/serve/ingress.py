@@ -2,7 +2,8 @@
 
 Every failure is a JSON body in OpenAI's error shape with a status a client can act on: 401 for a missing or
 wrong bearer token and 413 for a body over ``max_request_bytes`` (both before the body is parsed), 422 for a bad
-field (naming it), for settings the engine refuses or for a request over the compute budget, 404 for an unknown
+field or an unusable image or mask file (naming it), for settings the engine refuses or for a request over
+the compute budget, 404 for an unknown
 model, 429 (or 503) with ``Retry-After`` when the generator's queue is full, 504 when a request outlives
 ``request_timeout_s``, and 500 only for a fault of the server. A full queue never surfaces as a 500: Serve
 raises ``BackPressureError`` in this replica's handle call, and it is turned into the 429 here rather than into
@@ -18,9 +19,10 @@ import logging
 import os
 import secrets
 import time
+from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -31,9 +33,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.generator import encode_image
 from jobs.serve.config import ServeConfig
-from jobs.serve.openai_schema import (ErrorResponse, ImageData, ImageGenerationRequest, ImagesResponse, ModelCard,
-                                      ModelList)
+from jobs.serve.edit_images import ImageFieldError, read_edit
+from jobs.serve.openai_schema import (ErrorResponse, ImageData, ImageEditRequest, ImageGenerationRequest,
+                                      ImagesResponse, ModelCard, ModelList)
 from mgt.config import GenerationSettings
+from mgt.editing import Edit
 from mgt.sampler_config import SamplerConfig
 
 logger = logging.getLogger("ray.serve")
@@ -46,6 +50,7 @@ app = FastAPI(
 )
 _ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 429, 500, 503, 504)}
 PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}  # no key needed
+EDITS_PATH = "/v1/images/edits"  # its body carries image files: capped by max_edit_request_bytes
 QUOTE_CHARS = 80  # of a client's value quoted in an error message
 
 
@@ -107,7 +112,8 @@ class RequestGuard:
 
     FastAPI reads and parses a route's JSON body before its dependencies run, so these checks cannot be route
     dependencies: a client without a key could make the replica parse a body of any size. The key and the cap
-    are those of the ``ImagesAPI`` instance this replica runs (Serve's replica context), from its ServeConfig.
+    are those of the ``ImagesAPI`` instance this replica runs (Serve's replica context), from its ServeConfig:
+    ``max_edit_request_bytes`` for the edits route, whose body holds images, ``max_request_bytes`` elsewhere.
     """
 
     def __init__(self, app: ASGIApp):
@@ -118,9 +124,14 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         front_door = serve.get_replica_context().servable_object
-        denied = None if _route_path(scope) in PUBLIC_PATHS else front_door.check_key(Headers(scope=scope))
+        path = _route_path(scope)
+        denied = None if path in PUBLIC_PATHS else front_door.check_key(Headers(scope=scope))
         if denied is None:
-            denied, receive = await _read_capped(scope, receive, front_door.config.max_request_bytes)
+            config = front_door.config
+            limit = ((config.max_edit_request_bytes, "max_edit_request_bytes", "send smaller image files")
+                     if path == EDITS_PATH else
+                     (config.max_request_bytes, "max_request_bytes", "a valid request is a few kB"))
+            denied, receive = await _read_capped(scope, receive, *limit)
         await (denied or self.app)(scope, receive, send)
 
 
@@ -129,9 +140,10 @@ def _route_path(scope: Scope) -> str:
     return (path[len(root):] or "/") if root and path.startswith(root) else path
 
 
-async def _read_capped(scope: Scope, receive: Receive, limit: int) -> tuple[JSONResponse | None, Receive]:
+async def _read_capped(scope: Scope, receive: Receive, limit: int, setting: str,
+                       advice: str) -> tuple[JSONResponse | None, Receive]:
     """A 413 if the body is over ``limit`` bytes (by Content-Length, else counted as chunks arrive), or None and
-    a ``receive`` that replays the body read here to the app."""
+    a ``receive`` that replays the body read here to the app. The 413 names the ``setting`` and gives ``advice``."""
     declared = Headers(scope=scope).get("content-length", "")
     too_large = declared.isdigit() and int(declared) > limit
     messages, size = [], 0
@@ -145,9 +157,8 @@ async def _read_capped(scope: Scope, receive: Receive, limit: int) -> tuple[JSON
         if not message.get("more_body", False):
             break
     if too_large:
-        return error_response(413, f"the request body is over this server's limit of {limit} bytes "
-                              "(max_request_bytes); a valid request is a few kB", "invalid_request_error",
-                              code="request_too_large"), receive
+        return error_response(413, f"the request body is over this server's limit of {limit} bytes ({setting}); "
+                              f"{advice}", "invalid_request_error", code="request_too_large"), receive
 
     async def replay() -> dict:
         return messages.pop(0) if messages else await receive()
@@ -198,34 +209,87 @@ class ImagesAPI:
               summary="Create images from a prompt (OpenAI Images API, plus seed/sampler/steps/guidance/"
               "negative_prompt).")
     async def generate(self, body: ImageGenerationRequest):
-        if body.model is not None and body.model != self.config.model_id:
-            return error_response(404, f"model {quote(body.model)} is not served here; use {self.config.model_id!r} "
-                                  "(GET /v1/models) or leave model unset", "invalid_request_error", "model",
-                                  "model_not_found")
         width, height = body.dimensions() or (self.model["width"], self.model["height"])
+        refused = self._check_model(body) or self._check_size(width, height, "size")
+        if refused:
+            return refused
+        settings = self._settings(body, width, height)
+        return (self._check_budget(body.n, width, height, settings.steps, "steps")
+                or await self._run(body, settings, None))
+
+    @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_ERRORS,
+              summary="Edit an image: inpaint where the mask is transparent, or img2img without a mask (OpenAI "
+              "Images API multipart form, plus seed/sampler/steps/guidance/negative_prompt/strength).")
+    async def edit(self, body: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")]):
+        refused = self._check_model(body)
+        if refused:
+            return refused
+        image, mask = await body.image.read(), None if body.mask is None else await body.mask.read()
+        try:
+            edit = await asyncio.to_thread(read_edit, image, mask, body.strength)
+        except ImageFieldError as error:
+            return error_response(422, str(error), "invalid_request_error", error.param, "invalid_image")
+        width, height = edit.image.size
+        if body.dimensions() not in (None, (width, height)):
+            return error_response(422, f"size: {body.size} is not the image's size {width}x{height}; edits keep "
+                                  "the image's size, so leave size unset ('auto') or resize the image",
+                                  "invalid_request_error", "size", "invalid_value")
+        refused = self._check_size(width, height, "image")
+        if refused:
+            return refused
+        settings = self._settings(body, width, height)
+        try:
+            steps_run = settings.steps - edit.start_step(settings.steps)
+        except ValueError as error:
+            return error_response(422, f"strength: {error}", "invalid_request_error", "strength", "invalid_value")
+        return (self._check_budget(body.n, width, height, steps_run, "steps run (int(steps x strength))")
+                or await self._run(body, settings, edit))
+
+    def _check_model(self, body: ImageGenerationRequest) -> JSONResponse | None:
+        """None if ``body.model`` is unset or the served model, else the 404."""
+        if body.model is None or body.model == self.config.model_id:
+            return None
+        return error_response(404, f"model {quote(body.model)} is not served here; use {self.config.model_id!r} "
+                              "(GET /v1/models) or leave model unset", "invalid_request_error", "model",
+                              "model_not_found")
+
+    def _check_size(self, width: int, height: int, param: str) -> JSONResponse | None:
+        """None if the model takes ``width`` x ``height``, else the 422 naming ``param`` (the field it came from)."""
         step = self.model["size_multiple"]
-        if width % step or height % step:
-            return error_response(422, f"size: {width}x{height} does not fit this model; width and height must be "
-                                  f"multiples of {step}, e.g. {max(step, width // step * step)}x"
-                                  f"{max(step, height // step * step)}", "invalid_request_error", "size",
-                                  "invalid_value")
-        settings = GenerationSettings(
+        if not (width % step or height % step):
+            return None
+        return error_response(422, f"{param}: {width}x{height} does not fit this model; width and height must be "
+                              f"multiples of {step}, e.g. {max(step, width // step * step)}x"
+                              f"{max(step, height // step * step)}", "invalid_request_error", param, "invalid_value")
+
+    def _settings(self, body: ImageGenerationRequest, width: int, height: int) -> GenerationSettings:
+        return GenerationSettings(
             steps=body.steps or self.model["steps"], width=width, height=height,
             guidance=self.model["guidance"] if body.guidance is None else body.guidance,
             sampler=body.sampler or SamplerConfig(),
         )
-        cost = body.n * width * height * settings.steps
-        if cost > self.config.max_pixel_steps:
-            return error_response(422, f"this request costs n x width x height x steps = {body.n} x {width} x "
-                                  f"{height} x {settings.steps} = {cost:,} pixel-steps, over this server's budget of "
-                                  f"{self.config.max_pixel_steps:,} (max_pixel_steps); ask for fewer images, fewer "
-                                  "steps or a smaller size", "invalid_request_error", code="over_budget")
+
+    def _check_budget(self, n: int, width: int, height: int, steps: int, steps_name: str) -> JSONResponse | None:
+        """None if n x width x height x ``steps`` (the steps that actually run) is within max_pixel_steps, else
+        the 422 naming the limit and the request's cost."""
+        cost = n * width * height * steps
+        if cost <= self.config.max_pixel_steps:
+            return None
+        return error_response(422, f"this request costs n x width x height x {steps_name} = {n} x {width} x "
+                              f"{height} x {steps} = {cost:,} pixel-steps, over this server's budget of "
+                              f"{self.config.max_pixel_steps:,} (max_pixel_steps); ask for fewer images, fewer "
+                              "steps or a smaller size", "invalid_request_error", code="over_budget")
+
+    async def _run(self, body: ImageGenerationRequest, settings: GenerationSettings,
+                   edit: Edit | None) -> ImagesResponse | JSONResponse:
+        """The images of a checked request (image i with seed seed+i), scored if a scorer is configured, or the
+        error a client can act on."""
         first_seed = secrets.randbelow(2**31) if body.seed is None else body.seed
         seeds = [first_seed + i for i in range(body.n)]
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
                 images = await _await_or_cancel(
-                    self.generator.generate.remote(body.prompt, seeds, body.negative_prompt, settings))
+                    self.generator.generate.remote(body.prompt, seeds, body.negative_prompt, settings, edit))
                 scores = [None] * len(images)
                 if self.scorer is not None:
                     scores = await _await_or_cancel(self.scorer.score.remote(images, [body.prompt] * len(images)))
@@ -246,7 +310,7 @@ class ImagesAPI:
                                   code="timeout")
         encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
         return ImagesResponse(
-            created=int(time.time()), model=self.config.model_id, size=f"{width}x{height}",
+            created=int(time.time()), model=self.config.model_id, size=f"{settings.width}x{settings.height}",
             scorer=self.config.scorer.name if self.config.scorer else None,
             data=[ImageData(b64_json=b64, seed=seed, score=score) for b64, seed, score in zip(encoded, seeds, scores)],
         )

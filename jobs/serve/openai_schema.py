@@ -1,4 +1,5 @@
-"""HTTP bodies of the endpoint: the OpenAI Images API (``POST /v1/images/generations``) plus maskray's fields.
+"""HTTP bodies of the endpoint: the OpenAI Images API (``POST /v1/images/generations`` and ``/edits``) plus
+maskray's fields.
 
 The request keeps OpenAI's names and meanings (``prompt``, ``n``, ``size`` as ``"WxH"``, ``response_format``,
 ``model``) and adds the engine's (``seed``, ``sampler``, ``steps``, ``guidance``, ``negative_prompt``), whose help
@@ -12,9 +13,11 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mgt.config import GenerationSettings
+from mgt.editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from mgt.sampler_config import SamplerConfig
 
 MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; longer text only costs tokenizer time
@@ -79,6 +82,24 @@ class ImageGenerationRequest(BaseModel):
         return None if self.size is None else tuple(int(side) for side in self.size.split("x"))
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """Form fields of ``POST /v1/images/edits`` (multipart): OpenAI's ``image`` and ``mask`` files, the fields of
+    a generation (``sampler`` as a preset spec such as ``vanilla`` or ``zsampling:zsampling.num_steps=4``, since a
+    form field is a string) and ``strength``. The output has the image's size."""
+
+    image: UploadFile = Field(..., description="The image to edit (PNG, JPEG, WebP...), each side a multiple of "
+                              f"the model's size step and at most {MAX_SIDE} pixels. Its alpha, if any, is ignored: "
+                              "the mask says what is redrawn.")
+    mask: UploadFile | None = Field(None, description="PNG with an alpha channel and the image's size: its fully "
+                                    "transparent pixels (alpha 0) are redrawn, the rest kept (OpenAI's convention). "
+                                    "Unset: img2img of the whole image.")
+    size: str | None = Field(None, description="The image's own size as 'WIDTHxHEIGHT', or 'auto'/unset: edits "
+                             "keep the image's size.")
+    strength: float | None = Field(None, gt=0, le=1, description="Share of the steps that run (the last "
+                                   f"int(steps * strength)). Unset: {IMG2IMG_STRENGTH} without a mask (img2img "
+                                   f"re-masks that share of the tokens), {INPAINT_STRENGTH} with one.")
+
+
 class ImageData(BaseModel):
     """One generated image."""
 
@@ -89,7 +110,7 @@ class ImageData(BaseModel):
 
 
 class ImagesResponse(BaseModel):
-    """Body of a successful ``POST /v1/images/generations``."""
+    """Body of a successful ``POST /v1/images/generations`` or ``/edits``."""
 
     created: int = Field(..., description="Unix time, in seconds, when the images were made.")
     data: list[ImageData] = Field(..., description="The images, in seed order.")
