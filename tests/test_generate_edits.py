@@ -106,6 +106,16 @@ def test_mixed_edit_table_local(ray_local, tmp_path):
     metrics = read_metrics(Storage(str(tmp_path / "out")))
     check_run(metrics, ids, str(inputs), mask_uri, lambda path: open(path, "rb").read())
 
+    # A run recorded before the editing columns existed stays readable: resuming it finalizes its records
+    # with those columns null.
+    for record in (tmp_path / "out" / "_shards").glob("*.parquet"):
+        pq.write_table(pq.read_table(record).drop_columns(["init_image", "mask_image", "strength"]), record)
+    summary = run_generate(config(str(inputs / "prompts.parquet"), str(tmp_path / "out"), steps=STEPS,
+                                  num_images=NUM_IMAGES), log=lambda _: None)
+    assert (summary["rows"], summary["errors"]) == (14, 4)
+    old = read_metrics(Storage(str(tmp_path / "out")))
+    assert old.num_rows == 14 and old["init_image"].null_count == old["strength"].null_count == 14
+
 
 def test_mixed_edit_table_on_s3(ray_local, tmp_path, moto_s3):  # noqa: F811 - the imported fixture
     import s3fs
