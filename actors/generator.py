@@ -149,7 +149,7 @@ class Generator(RowStage):
                 edit.check(*image.size)
                 edit.start_step(self.settings.steps or self.pipe.defaults.steps)  # strength leaves >= 1 step
                 edits[i] = edit
-            except Exception as error:  # noqa: BLE001 - a bad image is its row's error, not a dead job
+            except Exception as error:  # a bad image is its row's error, not a dead job
                 if self.fail_fast:
                     raise
                 failed[i] = error

@@ -8,18 +8,19 @@ that output keeps the kept tokens; a missing or mis-sized image fails its row on
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-
 from generate_helpers import check_exactly_once, config
+from PIL import Image
+from test_generate_pipeline import moto_s3  # noqa: F401 - the moto server fixture
+
 from pipeline.prompts import PromptInputError, scan_prompts
 from pipeline.storage import Storage
-from test_generate_pipeline import moto_s3  # noqa: F401 - the moto server fixture
 
 STEPS, NUM_IMAGES = 4, 2
 
@@ -104,7 +105,7 @@ def test_mixed_edit_table_local(ray_local, tmp_path):
                                   num_images=NUM_IMAGES), log=lambda _: None)
     assert (summary["rows"], summary["errors"]) == (14, 4)
     metrics = read_metrics(Storage(str(tmp_path / "out")))
-    check_run(metrics, ids, str(inputs), mask_uri, lambda path: open(path, "rb").read())
+    check_run(metrics, ids, str(inputs), mask_uri, lambda path: Path(path).read_bytes())
 
     # A run recorded before the editing columns existed stays readable: resuming it finalizes its records
     # with those columns null.
@@ -159,3 +160,8 @@ def test_edit_columns_are_checked_before_ray(tmp_path):
         scan(tmp_path, init_image=images, strength=pa.array([None, 0.5, None]))
     with pytest.raises(PromptInputError, match=r"rows \[0, 2\] \(in file order\) have a strength outside \(0, 1\]"):
         scan(tmp_path, init_image=images, strength=pa.array([0.0, None, 1.5]))
+    # The edit inputs are not part of the derived id: one prompt over several images needs prompt_id.
+    path = tmp_path / "same.parquet"
+    pq.write_table(pa.table({"prompt": ["blue", "blue"], "init_image": ["a.png", "b.png"]}), path)
+    with pytest.raises(PromptInputError, match="duplicate derived id"):
+        scan_prompts(str(path), Storage(str(path)), 1)
