@@ -125,15 +125,15 @@ def test_mixed_edit_table_on_s3(ray_local, tmp_path, moto_s3):  # noqa: F811 - t
     from pipeline.manifest import read_metrics
 
     fs = s3fs.S3FileSystem(**moto_s3)
-    fs.mkdir("bucket")
-    mask_uri = "s3://bucket/inputs/images/m.png"  # a URI: kept as it is
+    fs.mkdir("edits")  # moto keeps its buckets for the whole process: one of our own
+    mask_uri = "s3://edits/inputs/images/m.png"  # a URI: kept as it is
     ids = write_inputs(tmp_path / "inputs", mask_uri)
-    fs.put(str(tmp_path / "inputs") + "/", "bucket/inputs/", recursive=True)
-    summary = run_generate(config("s3://bucket/inputs/prompts.parquet", "s3://bucket/run", steps=STEPS,
+    fs.put(str(tmp_path / "inputs") + "/", "edits/inputs/", recursive=True)
+    summary = run_generate(config("s3://edits/inputs/prompts.parquet", "s3://edits/run", steps=STEPS,
                                   num_images=NUM_IMAGES, storage_options=moto_s3), log=lambda _: None)
     assert (summary["rows"], summary["errors"]) == (14, 4)
-    metrics = read_metrics(Storage("s3://bucket/run", moto_s3))
-    check_run(metrics, ids, "s3://bucket/inputs", mask_uri, fs.cat_file)
+    metrics = read_metrics(Storage("s3://edits/run", moto_s3))
+    check_run(metrics, ids, "s3://edits/inputs", mask_uri, fs.cat_file)
 
 
 def scan(tmp_path, **columns):
