@@ -7,6 +7,10 @@ store accounts for them exactly (docs/ray-notes.md §1; ray-project/ray issue #4
 
 Bad rows are data (docs/ray-notes.md §2): a row that fails gets an ``error`` column "Type: message" and empty image
 bytes in the good rows' schema, and the job goes on; ``fail_fast=True`` re-raises instead.
+
+Rows with an ``init_image`` (and optionally ``mask_image``, ``strength``) are edits (``mgt.editing``): the
+actor reads their images through fsspec and passes one ``Edit`` per row, None for the plain rows, in the same
+batch. Every row has the run's size, so an image of another size fails its row, before the batch runs.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Generator(RowStage):
         fail_fast: re-raise the first row error instead of recording it.
         torch_threads: intra-op threads for this actor; ``None`` keeps what Ray set (``OMP_NUM_THREADS`` =
             the actor's CPUs, at least 1).
+        storage_options: fsspec options for reading the rows' ``init_image`` and ``mask_image`` URIs (the job's
+            ``storage_options``).
     """
 
     REQUIRED_COLUMNS = {
@@ -46,7 +52,7 @@ class Generator(RowStage):
 
     def __init__(self, model: ModelConfig | dict, settings: GenerationSettings | dict, *,
                  image_format: ImageFormat = "png", image_quality: int = 95, fail_fast: bool = False,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, storage_options: dict | None = None):
         import torch
 
         import mgt
@@ -61,13 +67,19 @@ class Generator(RowStage):
         # ModelConfig's fields are load_pipeline's keyword arguments (dtype, device, variant, quantization,
         # token merging ...), so an engine option added to the config reaches every actor unchanged.
         self.pipe = mgt.load_pipeline(self.model.model, **self.model.model_dump(exclude={"model"}))
+        self.storage_options = dict(storage_options or {})
+        # The run's size, made explicit: left unset, the engine would take it from the batch's first edit, and a
+        # plain row's image would then depend on its batch-mates.
+        self.settings = self.settings.model_copy(update={"width": self.settings.width or self.pipe.defaults.width,
+                                                         "height": self.settings.height or self.pipe.defaults.height})
 
     def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Generate one image per row.
 
         Args:
-            batch: columns of B rows; ``prompt`` and ``seed`` required, ``negative_prompt`` optional, every
-                other column (``prompt_id``, ``sample_idx`` ...) is passed through untouched.
+            batch: columns of B rows; ``prompt`` and ``seed`` required, ``negative_prompt``, ``init_image``,
+                ``mask_image`` and ``strength`` optional, every other column (``prompt_id``, ``sample_idx`` ...)
+                is passed through untouched.
 
         Returns:
             The input columns plus ``image`` (B,) encoded bytes (``b""`` for a failed row), ``nfe`` (B,)
@@ -82,9 +94,13 @@ class Generator(RowStage):
         errors: list[str] = [""] * count
         nfe = np.zeros(count, dtype=np.int64)
         started = time.perf_counter()
-        failed = self.run_isolated(list(range(count)),
-                                   lambda rows: self._generate(rows, prompts, seeds, negatives, images, nfe),
-                                   lambda error, row: _describe(error, prompts[row]))
+        edits, unread = self._edits(batch, count)
+        failed = {i: _describe(error, prompts[i]) for i, error in unread.items()}
+        rows = [i for i in range(count) if i not in failed]
+        if rows:
+            failed.update(self.run_isolated(
+                rows, lambda part: self._generate(part, prompts, seeds, negatives, edits, images, nfe),
+                lambda error, row: _describe(error, prompts[row])))
         for index, message in failed.items():
             errors[index] = message
         seconds = (time.perf_counter() - started) / max(count, 1)
@@ -102,11 +118,49 @@ class Generator(RowStage):
             return default
         return [n if isinstance(n, str) and n else default for n in batch["negative_prompt"]]
 
-    def _generate(self, rows, prompts, seeds, negatives, images, nfe) -> None:
+    def _edits(self, batch: dict[str, np.ndarray], count: int) -> tuple[list, dict[int, BaseException]]:
+        """Per row, its ``Edit`` (images read now) or None; and the rows whose images failed, with the error.
+
+        A failure (missing or unreadable file, not an image, not the run's size) costs only its row and never
+        sends the batch into the row-by-row retry.
+        """
+        from mgt.editing import Edit, load_image
+
+        edits: list = [None] * count
+        failed: dict[int, BaseException] = {}
+        if "init_image" not in batch:
+            return edits, failed
+        masks = batch.get("mask_image")
+        strengths = batch.get("strength")
+        for i, uri in enumerate(batch["init_image"]):
+            if not isinstance(uri, str) or not uri:
+                continue
+            mask_uri = masks[i] if masks is not None and isinstance(masks[i], str) and masks[i] else None
+            strength = None if strengths is None or strengths[i] is None or np.isnan(strengths[i]) \
+                else float(strengths[i])
+            try:
+                image = load_image(uri, "init_image", self.storage_options)
+                if image.size != (self.settings.width, self.settings.height):
+                    raise ValueError(f"init_image {uri} is {image.width}x{image.height} but this run generates "
+                                     f"{self.settings.width}x{self.settings.height} images (--width/--height); "
+                                     f"resize the image or edit it in a run of its size")
+                mask = load_image(mask_uri, "mask_image", self.storage_options) if mask_uri else None
+                edit = Edit(image, mask, strength, name=f"init_image {uri}")
+                edit.check(*image.size)
+                edit.start_step(self.settings.steps or self.pipe.defaults.steps)  # strength leaves >= 1 step
+                edits[i] = edit
+            except Exception as error:  # a bad image is its row's error, not a dead job
+                if self.fail_fast:
+                    raise
+                failed[i] = error
+        return edits, failed
+
+    def _generate(self, rows, prompts, seeds, negatives, edits, images, nfe) -> None:
         rows = list(rows)
         result = self.settings.generate(self.pipe, [prompts[i] for i in rows], [seeds[i] for i in rows],
                                         negative_prompts=negatives if not isinstance(negatives, list)
-                                        else [negatives[i] for i in rows])
+                                        else [negatives[i] for i in rows],
+                                        edits=[edits[i] for i in rows])
         for position, index in enumerate(rows):
             images[index] = encode_image(result.images[position], self.image_format, self.image_quality)
             nfe[index] = result.nfe

@@ -217,7 +217,8 @@ def build_dataset(config: GenerateConfig, shards: list[Shard], columns: list[str
         fn_constructor_kwargs={"model": config.generator_model().model_dump(mode="json"),
                                "settings": config.generation.model_dump(mode="json"),
                                "image_format": job.image_format, "image_quality": job.image_quality,
-                               "fail_fast": job.fail_fast, "torch_threads": generator.torch_threads})
+                               "fail_fast": job.fail_fast, "torch_threads": generator.torch_threads,
+                               "storage_options": job.storage_options})
     if scorer is not None:
         ds = ds.map_batches(
             ScoringStage, batch_format="numpy", batch_size=scorer.batch_size, udf_modifying_row_count=False,

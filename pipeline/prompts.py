@@ -10,6 +10,9 @@ Columns (others are ignored):
 | ``seed`` | integer in [0, 2^63-1] | derived from (prompt_id, run seed, sample index) |
 | ``negative_prompt`` | string | the run's --negative-prompt, else the model family's |
 | ``num_images`` | integer in [1, 10,000] | the run's --num-images |
+| ``init_image`` | string: path or URI of the image to edit | a plain generation ('' too) |
+| ``mask_image`` | string: path or URI of its inpainting mask (white = redraw) | img2img of the whole image |
+| ``strength`` | float in (0, 1] | 0.5 for img2img, 1 with a mask (``mgt.editing``) |
 
 Every file holds the same input columns with the same Arrow types (a shard whose ``seed`` is int32 while
 another's is int64 is refused, naming both files: cast them to one type). A ``prompt_id`` is normalised to
@@ -17,6 +20,11 @@ Unicode NFC before it names anything, so the NFC and NFD spellings of "café" ar
 differ only so are duplicates). Seeds outside [0, 2^63-1] (what ``torch.Generator.manual_seed`` and the
 int64 output column hold) are refused rather than wrapped; so is a row whose last sample's seed (seed +
 num_images - 1) would pass 2^63-1.
+
+A relative ``init_image`` or ``mask_image`` is relative to the folder of its prompt file (``pipeline.shards``
+resolves it), and the images are read by the generator actors with the job's storage options; an image
+that is missing, unreadable or not of the run's size fails its row only. A ``mask_image`` or ``strength``
+without an ``init_image`` is refused here.
 
 A row becomes ``num_images`` sample rows keyed by (``prompt_id``, ``sample_idx``), the key that names the
 output files; ``pipeline.shards`` groups rows into the shards a rerun skips or redoes as a whole. Every
@@ -49,6 +57,12 @@ COLUMNS = {
     "negative_prompt": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t),
                         "string"),
     "num_images": (pa.types.is_integer, "integer"),
+}
+# The optional editing columns (``mgt.editing``): not part of a row's id, carried to the generator as they are.
+EDIT_COLUMNS = {
+    "init_image": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t), "string"),
+    "mask_image": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t), "string"),
+    "strength": (lambda t: pa.types.is_floating(t) or pa.types.is_null(t), "float"),
 }
 MAX_LISTED = 5
 READ_THREADS = 16  # prompt files whose id columns are read at once
@@ -167,7 +181,51 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
                                        f"{rows[:MAX_LISTED].tolist()} of the file (sample i uses seed + i); lower "
                                        f"those seeds")
     samples = int(sum(int(r.sum()) for r in row_samples))
-    return PromptScan(files=files, columns=present, rows=table.num_rows, samples=samples, row_samples=row_samples)
+    edit_columns = check_edit_columns(spec, dataset)
+    return PromptScan(files=files, columns=present + edit_columns, rows=table.num_rows, samples=samples,
+                      row_samples=row_samples)
+
+
+def check_edit_columns(spec: str, dataset: pds.Dataset) -> list[str]:
+    """The editing columns of the input (``EDIT_COLUMNS``), checked: types, a ``mask_image`` or ``strength``
+    only beside an ``init_image``, strengths in (0, 1].
+
+    Raises:
+        PromptInputError: naming the column, or the file and row (in file order), and the fix.
+    """
+    schema = dataset.schema
+    present = [name for name in EDIT_COLUMNS if name in schema.names]
+    for name in present:
+        check, wanted = EDIT_COLUMNS[name]
+        if not check(schema.field(name).type):
+            raise PromptInputError(f"--prompts {spec!r}: column {name!r} is {schema.field(name).type}, expected "
+                                   f"{wanted}; cast it (e.g. df[{name!r}].astype(...)) or drop the column")
+    if present and "init_image" not in present:
+        raise PromptInputError(f"--prompts {spec!r} has {present} but no 'init_image' column: a mask or strength "
+                               f"edits an image; add init_image (path or URI per row) or drop {present}")
+    if present[1:]:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            tables = list(pool.map(lambda fragment: (fragment.path, fragment.to_table(columns=present, schema=schema)),
+                                   dataset.get_fragments()))
+        for path, table in tables:
+            plain = pc.or_kleene(pc.is_null(table["init_image"]), pc.equal(table["init_image"], ""))
+            for name in present[1:]:
+                orphan = pc.and_kleene(plain, pc.is_valid(table[name]))
+                if name == "mask_image":
+                    orphan = pc.and_kleene(orphan, pc.not_equal(table[name], ""))
+                if pc.any(orphan).as_py():
+                    rows = np.flatnonzero(orphan.to_numpy(zero_copy_only=False))[:MAX_LISTED].tolist()
+                    raise PromptInputError(f"--prompts {spec!r}: {path} rows {rows} (in file order) have a {name} but "
+                                           f"no init_image; give those rows an init_image or set their {name} null")
+            if "strength" in present:
+                strength = table["strength"]
+                bad = pc.or_kleene(pc.less_equal(strength, 0), pc.greater(strength, 1))
+                if pc.any(bad).as_py():
+                    rows = np.flatnonzero(pc.fill_null(bad, False).to_numpy(zero_copy_only=False))[:MAX_LISTED]
+                    raise PromptInputError(f"--prompts {spec!r}: {path} rows {rows.tolist()} (in file order) have a "
+                                           f"strength outside (0, 1]; give the share of steps to run, e.g. 0.5, or null "
+                                           f"for the default")
+    return present
 
 
 def _read_schemas(files: list[str], storage: Storage) -> list[pa.Schema]:
@@ -266,14 +324,15 @@ def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: i
     """Prompt rows -> sample rows (one per image).
 
     Args:
-        batch: a column batch of prompt rows (the columns of ``COLUMNS`` that the input has, plus any
-            bookkeeping columns such as ``shard``, which are repeated on each of the row's samples).
+        batch: a column batch of prompt rows (the columns of ``COLUMNS`` that the input has, plus the
+            editing columns (``EDIT_COLUMNS``) and bookkeeping columns such as ``shard``, which are repeated
+            on each of the row's samples).
         run_seed: the job's seed, for rows without a seed.
         num_images: images for rows without a num_images value.
 
     Returns:
         Columns ``prompt_id`` (str), ``sample_idx`` (int64), ``prompt`` (str), ``negative_prompt`` (str, ''
-        for the run's default), ``seed`` (int64) and the bookkeeping columns, one row per sample.
+        for the run's default), ``seed`` (int64) and the editing and bookkeeping columns, one row per sample.
     """
     ids = prompt_ids(batch)
     counts = _column(batch, "num_images")

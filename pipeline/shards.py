@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,16 +75,41 @@ def plan_shards(files: list[str], row_samples: list[np.ndarray], shard_size: int
 def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str]) -> pa.Table:
     """Shard descriptors (``name``, ``file``, ``start``, ``stop``, ``samples``) -> their prompt rows.
 
-    Adds ``shard`` and ``shard_samples`` to each row, for the sink. Reads only the row groups that overlap
-    the range, so prompt files written with row groups of about a shard (or smaller) are read once in total.
+    Adds ``shard`` and ``shard_samples`` to each row, for the sink, and makes relative ``init_image`` and
+    ``mask_image`` values absolute (see :func:`resolve_images`). Reads only the row groups that overlap the
+    range, so prompt files written with row groups of about a shard (or smaller) are read once in total.
     """
     tables = []
     for shard in batch.to_pylist():
-        table = read_rows(storage, shard["file"], shard["start"], shard["stop"], columns)
+        table = resolve_images(read_rows(storage, shard["file"], shard["start"], shard["stop"], columns),
+                               storage, shard["file"])
         count = table.num_rows
         tables.append(table.append_column("shard", pa.array([shard["name"]] * count, pa.string()))
                       .append_column("shard_samples", pa.array([shard["samples"]] * count, pa.int64())))
     return pa.concat_tables(tables)
+
+
+def resolve_images(table: pa.Table, storage: Storage, file: str) -> pa.Table:
+    """``table`` with its ``init_image`` and ``mask_image`` paths as absolute paths or URIs.
+
+    A value with a scheme (``s3://...``) or an absolute local path is kept; a relative one is taken relative
+    to the folder of ``file``, in the prompts' filesystem, so a prompt table and its images move together.
+    Null and '' stay as they are (a plain generation, or no mask).
+    """
+    for name in ("init_image", "mask_image"):
+        if name not in table.column_names:
+            continue
+        folder = posixpath.dirname(file)
+        values = [_resolve(v, storage, folder) if v else v for v in table[name].to_pylist()]
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table
+
+
+def _resolve(value: str, storage: Storage, folder: str) -> str:
+    if "://" in value or value.startswith("/"):
+        return value
+    path = posixpath.normpath(posixpath.join(folder, value))
+    return path if storage.local else storage.fs.unstrip_protocol(path)
 
 
 def read_rows(storage: Storage, file: str, start: int, stop: int, columns: list[str]) -> pa.Table:

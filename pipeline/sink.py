@@ -49,10 +49,13 @@ Layout = Literal["files", "webdataset", "both"]
 
 # The metrics table, one row per (prompt_id, sample_idx); null score when no scorer ran, null error when OK.
 # ``image_uri`` is the image file, or the shard's tar in the webdataset layout, where ``image_offset`` and
-# ``image_bytes`` locate the image inside it (a ranged read).
+# ``image_bytes`` locate the image inside it (a ranged read). ``init_image``, ``mask_image`` and ``strength``
+# are the edit inputs of the row (resolved URIs; null for a plain generation and in records of older runs,
+# which read back with these columns null).
 METRICS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_idx", pa.int64()), ("prompt", pa.string()),
-    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("shard", pa.string()), ("image_uri", pa.string()),
+    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("init_image", pa.string()), ("mask_image", pa.string()),
+    ("strength", pa.float64()), ("shard", pa.string()), ("image_uri", pa.string()),
     ("image_offset", pa.int64()), ("image_bytes", pa.int64()), ("model", pa.string()),
     ("quantization", pa.string()), ("sampler", pa.string()), ("sampler_hash", pa.string()),
     ("config_hash", pa.string()), ("scorer", pa.string()), ("score", pa.float64()), ("nfe", pa.int64()),
@@ -154,9 +157,13 @@ class SampleSink(Datasink[int]):
                     name = image_name(ids[i], samples[i], self.image_format)
                     self.storage.write_atomic(self.storage.path(IMAGES, name), images[i])
         scores = columns.get("score") or [None] * count
+        edits = {name: [v if isinstance(v, str) and v else None for v in columns.get(name) or [None] * count]
+                 for name in ("init_image", "mask_image")}
+        strengths = columns.get("strength") or [None] * count
         piece = {
             "prompt_id": ids, "sample_idx": samples, "prompt": columns["prompt"],
             "negative_prompt": [n or None for n in columns["negative_prompt"]], "seed": columns["seed"],
+            **edits, "strength": [None if s is None or np.isnan(s) else float(s) for s in strengths],
             "shard": [shard] * count, "image_bytes": [len(b or b"") if not e else 0 for b, e in zip(images, errors)],
             **{key: [self.run[key]] * count for key in RUN_COLUMNS},
             "score": [None if s is None or np.isnan(s) else float(s) for s in scores],
