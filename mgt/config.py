@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mgt.quant_config import check_compile
 from mgt.sampler_config import SamplerConfig
 
 if TYPE_CHECKING:
@@ -50,14 +51,6 @@ class ModelConfig(BaseModel):
     def _compile_without_quant(self) -> ModelConfig:
         check_compile(self.compile, self.quant)
         return self
-
-
-def check_compile(compile: bool, quant: str | None) -> None:
-    """Refuse ``compile`` with ``quant``: optimum-quanto's quantized tensors break torch.compile's graph."""
-    if compile and quant:
-        raise ValueError(f"compile cannot be combined with quant={quant!r}: optimum-quanto 0.2.7's quantized "
-                         "tensors are tensor subclasses torch.compile cannot trace, so every quantized Linear "
-                         "breaks the compiled graph and nothing is gained; drop --compile or --quant")
 
 
 class GenerationSettings(BaseModel):

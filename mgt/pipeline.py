@@ -21,7 +21,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgt import editing, efficient, loading, sampling, schedules
 from mgt.amused import AmusedTransformer
-from mgt.config import check_compile
+from mgt.quant_config import check_compile
 from mgt.editing import Edit
 from mgt.meissonic import MeissonicTransformer
 from mgt.sampler_config import SamplerConfig

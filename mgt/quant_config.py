@@ -60,3 +60,11 @@ class SCQConfig(BaseModel):
     qat_lr: float = Field(5e-6, gt=0, description="scq only: AdamW learning rate of the QAT fine-tune.")
     qat_weight_decay: float = Field(0.01, ge=0, description="scq only: AdamW weight decay of the QAT fine-tune.")
     seed: int = Field(0, description="Seed of the generations (seed + prompt index) and of the masking.")
+
+
+def check_compile(compile: bool, quant: str | None) -> None:
+    """Refuse ``compile`` with ``quant``: optimum-quanto's quantized tensors break torch.compile's graph."""
+    if compile and quant:
+        raise ValueError(f"compile cannot be combined with quant={quant!r}: optimum-quanto 0.2.7's quantized "
+                         "tensors are tensor subclasses torch.compile cannot trace, so every quantized Linear "
+                         "breaks the compiled graph and nothing is gained; drop --compile or --quant")

@@ -13,7 +13,7 @@ Settings, in this order (``--budget`` skips the ones left when time is up, and l
 
 * variants: bf16 eager; bf16 compiled (``mgt.efficient.apply_compile``); TomeMGT 0.25 eager; w8a8 and w4a8
   (optimum-quanto, activation scales calibrated on one self-generated image; quanto cannot be compiled, see
-  ``mgt.config.check_compile``); TomeMGT 0.25 compiled (its dual-stream blocks stay eager);
+  ``mgt.quant_config.check_compile``); TomeMGT 0.25 compiled (its dual-stream blocks stay eager);
 * per variant: batch 1, 4 and 8, each with ``micro_batch`` 1 (one forward per sample's CFG pair) and
   whole-batch (one forward per step; the same thing at batch 1).
 
