@@ -9,7 +9,7 @@ the same rule for errors: a batch that fails is retried row by row, so one bad r
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -18,7 +18,6 @@ from jobs.generate_cmd import EXIT_FAILED_SAMPLES
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.config import JobOptions
 
-
 # JobOptions fields the evaluation sets itself for every sampler run.
 OWNED_JOB_FIELDS = ("prompts", "out", "seed", "num_images", "storage_options")
 

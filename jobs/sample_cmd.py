@@ -52,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
 
-    import mgt
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
     from tqdm import tqdm
+
+    import mgt
 
     # ModelConfig's fields are load_pipeline's keyword arguments, so every engine option reaches the model.
     pipe = mgt.load_pipeline(model_config.model, **model_config.model_dump(exclude={"model"}))
@@ -68,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(jobs) * steps_run, unit="step", desc="sampling") as bar:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start:start + args.batch_size]
+            size = len(chunk)
             result = settings.generate(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk],
-                                       on_step=lambda _: bar.update(len(chunk)), edits=[edit] * len(chunk))
+                                       on_step=lambda _, size=size: bar.update(size), edits=[edit] * len(chunk))
             for (index, prompt, seed), image in zip(chunk, result.images):
                 info = PngInfo()
                 info.add_text("maskray", json.dumps({"prompt": prompt, "seed": seed, "model": model_config.model,

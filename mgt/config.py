@@ -6,7 +6,8 @@ from them (``jobs/cli_args.py``) and every config file parses into them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,8 +15,8 @@ from mgt.quant_config import check_compile
 from mgt.sampler_config import SamplerConfig
 
 if TYPE_CHECKING:
-    from mgt.pipeline import GenerationOutput, MGTPipeline
     from mgt.editing import Edit
+    from mgt.pipeline import GenerationOutput, MGTPipeline
 
 
 class ModelConfig(BaseModel):

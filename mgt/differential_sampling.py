@@ -17,6 +17,7 @@ loop no longer needs after the softmax.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from mgt.sampler_config import DifferentialSamplingConfig
@@ -51,7 +52,7 @@ class DifferentialSampling:
         self._spare: torch.Tensor | None = None  # (B, L, C) the modified p when the raw one is stored
 
     @classmethod
-    def from_config(cls, config: DifferentialSamplingConfig) -> "DifferentialSampling":
+    def from_config(cls, config: DifferentialSamplingConfig) -> DifferentialSampling:
         return cls(config.ratio, config.ratio_of, config.floor, config.store_modified_prev)
 
     def __call__(self, probs: torch.Tensor, unknown: torch.Tensor, is_last_step: bool,

@@ -10,7 +10,7 @@ reused buffer, added in place.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ class NoiseRegularization:
         self._buffer: torch.Tensor | None = None  # flat noise buffer, reused across samples and steps
 
     @classmethod
-    def from_config(cls, config: NoiseRegularizationConfig) -> "NoiseRegularization":
+    def from_config(cls, config: NoiseRegularizationConfig) -> NoiseRegularization:
         return cls(config.amplitude, config.schedule, config.power)
 
     def sigma(self, step_index: int, num_steps: int) -> float:

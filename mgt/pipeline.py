@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,9 +22,9 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgt import editing, efficient, loading, sampling, schedules
 from mgt.amused import AmusedTransformer
-from mgt.quant_config import check_compile
 from mgt.editing import Edit
 from mgt.meissonic import MeissonicTransformer
+from mgt.quant_config import check_compile
 from mgt.sampler_config import SamplerConfig
 from mgt.text import TextConditioner
 

@@ -17,8 +17,9 @@ package happens to be installed or imported first. This module imports only the 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Mapping
+from typing import Any
 
 
 class PluginError(ImportError):

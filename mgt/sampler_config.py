@@ -98,7 +98,7 @@ class SamplerConfig(BaseModel):
     zsampling: MaskedZSamplingConfig | None = Field(None, description="Masked Z-Sampling; unset is off.")
 
     @classmethod
-    def from_spec(cls, spec: "str | dict | SamplerConfig") -> "SamplerConfig":
+    def from_spec(cls, spec: str | dict | SamplerConfig) -> SamplerConfig:
         """A config from a preset, a CLI spec (see the class docstring), a JSON object string or a mapping."""
         if isinstance(spec, SamplerConfig):
             return spec

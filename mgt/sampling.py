@@ -9,8 +9,8 @@ the vanilla config the tokens equal ``AmusedScheduler.step``'s bit for bit (per 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

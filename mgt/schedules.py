@@ -10,7 +10,7 @@ The CFG-scale schedule gives the guidance of each step.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -17,8 +17,8 @@ cosine-schedule mask ratio equals its own, and activation ranges match sampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,7 @@ The transformer is conditioned on the *penultimate* hidden states (before ``fina
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer

@@ -154,7 +154,7 @@ class TomeMGT:
         self._blocks: list[FluxTransformerBlock] = []
         self._transformer: torch.nn.Module | None = None
 
-    def apply(self, transformer: torch.nn.Module) -> "TomeMGT":
+    def apply(self, transformer: torch.nn.Module) -> TomeMGT:
         blocks = list(getattr(transformer, "transformer_blocks", []))
         if not blocks or not all(isinstance(b, FluxTransformerBlock) for b in blocks):
             raise ValueError(f"TomeMGT needs a Meissonic transformer (dual-stream FluxTransformerBlocks in "

@@ -7,7 +7,7 @@ bad key as the user spelled it, the problem and the value given.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pydantic import ValidationError
 

@@ -17,7 +17,7 @@ The reference counts the re-mask set over the whole batch (batch 1 only); here i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ class MaskedZSampling:
         self.remask_rule, self.remask_count = remask_rule, remask_count
 
     @classmethod
-    def from_config(cls, config: MaskedZSamplingConfig) -> "MaskedZSampling":
+    def from_config(cls, config: MaskedZSamplingConfig) -> MaskedZSampling:
         return cls(config.inversion_cfg, config.num_steps, config.remask_rule, config.remask_count)
 
     def zigzag_steps(self, total_steps: int) -> int:

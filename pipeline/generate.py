@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import ray
 
 from actors.generator import Generator
 from actors.scoring_stage import ScoringStage
 from pipeline import manifest as run_manifest
-from pipeline.capacity import ENV as CAPACITY_ENV, Capacity, NodeWatch, nodes_to_wait_for, per_node
-from pipeline.capacity import pool_usage, read_capacity
-from pipeline.config import GenerateConfig, UNHASHED_MODEL_FIELDS, pool_range
+from pipeline.capacity import ENV as CAPACITY_ENV
+from pipeline.capacity import Capacity, NodeWatch, nodes_to_wait_for, per_node, pool_usage, read_capacity
+from pipeline.config import UNHASHED_MODEL_FIELDS, GenerateConfig, pool_range
 from pipeline.lease import LeaseLost, RunLease
 from pipeline.prompts import expand_samples, scan_prompts
 from pipeline.redact import secret_values

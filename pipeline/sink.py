@@ -30,7 +30,8 @@ import json
 import re
 import tarfile
 import time
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa

@@ -26,16 +26,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from generate_helpers import check_exactly_once
 
 from jobs.cli import main
 from jobs.cli_args import build_model
 from jobs.cluster import ClusterSpec, autoscaling_config, render_all
 from mgt.config import GenerationSettings, ModelConfig
-from pipeline.capacity import (ENV, Capacity, NodeType, load_autoscaling_config, node_types_from_autoscaling_config,
-                               node_types_from_cluster_config, nodes_to_wait_for, read_capacity)
+from pipeline.capacity import (
+    ENV,
+    Capacity,
+    NodeType,
+    load_autoscaling_config,
+    node_types_from_autoscaling_config,
+    node_types_from_cluster_config,
+    nodes_to_wait_for,
+    read_capacity,
+)
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.generate import StagePlan, plan_stages
-from generate_helpers import check_exactly_once
 
 ROOT = Path(__file__).resolve().parents[1]
 # The fake cluster: a head with nothing to run on, GPU workers {CPU: 1, GPU: 1} from 0 to 2 nodes.

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
 from generate_helpers import shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from generate_helpers import check_exactly_once, shards
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from generate_helpers import check_exactly_once, config, shards
 from PIL import Image
 
-from generate_helpers import check_exactly_once, config, shards
 
 def test_end_to_end_local_with_tiny_hps(ray_local, tmp_path, fixtures_dir):
     from pipeline.generate import run_generate

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from generate_helpers import check_exactly_once, config, shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ through the ``maskray.scorers`` entry-point group (name = a function ``build(**o
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 

@@ -34,8 +34,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from actors.generator import encode_image
 from jobs.serve.config import ServeConfig
 from jobs.serve.edit_images import ImageFieldError, read_edit
-from jobs.serve.openai_schema import (ErrorResponse, ImageData, ImageEditRequest, ImageGenerationRequest,
-                                      ImagesResponse, ModelCard, ModelList)
+from jobs.serve.openai_schema import (
+    ErrorResponse,
+    ImageData,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+)
 from mgt.config import GenerationSettings
 from mgt.editing import Edit
 from mgt.sampler_config import SamplerConfig

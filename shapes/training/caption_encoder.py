@@ -14,7 +14,7 @@ the caption and 0.23 without, and generated scenes take the caption's background
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,7 @@ are lightly degraded (blur, noise) so the detector also reads the softer images 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -21,7 +21,8 @@ before step ``i`` the vanilla sampler has ``cos(pi/2 * i/T)`` of the tokens mask
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

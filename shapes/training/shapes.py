@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from diffusers import VQModel
 
-from shapes import scenes
 from mgt.tiny import write_model, write_tokenizer
+from shapes import scenes
 from shapes.training.config import TrainShapesConfig
 from shapes.training.detector import train_detector, train_shape_classifier
 from shapes.training.generator import TEXT_LENGTH, train_generator

@@ -37,7 +37,7 @@ the scenes: four times the steps for the same compute, which is what a small con
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import VQModel

@@ -2,7 +2,7 @@
 
 import json
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -11,18 +11,17 @@ from PIL import Image
 
 import mgt
 from actors.scoring.registry import build_scorer
-from shapes.scorer import ShapesScorer, held_out_accuracy
 from jobs.cli import main
-from shapes import scenes
 from mgt.loading import resolve_model_path
 from mgt.tiny import write_tokenizer
+from shapes import scenes
+from shapes.scorer import ShapesScorer, held_out_accuracy
 from shapes.training.caption_encoder import IGNORE, caption_targets, head_sizes, pretrain_text_encoder
 from shapes.training.config import TrainShapesConfig
 from shapes.training.data import scene_tensors, training_seeds
 from shapes.training.generator import MICRO_CONDS, TEXT_LENGTH, build_text_encoder
 from shapes.training.shapes import train_model, train_scorer
-from shapes.training.vq import (LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct,
-                             reconstruction_psnr)
+from shapes.training.vq import LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct, reconstruction_psnr
 
 PSNR_THRESHOLD_DB = 30.0  # the shipped VQ measures 33.3 dB on 256 held-out scenes
 RECONSTRUCTION_SCORE = 0.8  # shapes score of the shipped VQ's round trips of held-out scenes, at least
