@@ -242,15 +242,16 @@ def _read_schemas(files: list[str], storage: Storage) -> list[pa.Schema]:
 
 
 def _common_schema(spec: str, files: list[str], schemas: list[pa.Schema]) -> pa.Schema:
-    """The input columns that every file holds with one type (the stages concatenate rows of many files).
+    """The input and editing columns every file holds with one type (the stages concatenate rows of many files).
 
     Raises:
         PromptInputError: a file lacks an input column another file has, or holds it with another type.
     """
     first = schemas[0]
-    fields = [first.field(name) for name in COLUMNS if name in first.names]
+    names = [*COLUMNS, *EDIT_COLUMNS]
+    fields = [first.field(name) for name in names if name in first.names]
     for file, schema in zip(files[1:], schemas[1:]):
-        for name in COLUMNS:
+        for name in names:
             if (name in first.names) != (name in schema.names):
                 has, lacks = (files[0], file) if name in first.names else (file, files[0])
                 raise PromptInputError(f"--prompts {spec!r}: column {name!r} is in {has} but not in {lacks}; give "

@@ -108,11 +108,11 @@ def test_mixed_edit_table_local(ray_local, tmp_path):
     check_run(metrics, ids, str(inputs), mask_uri, lambda path: Path(path).read_bytes())
 
     # A run recorded before the editing columns existed stays readable: resuming it finalizes its records
-    # with those columns null.
+    # with those columns null (keep_failed: a plain rerun would redo the shards holding the error rows).
     for record in (tmp_path / "out" / "_shards").glob("*.parquet"):
         pq.write_table(pq.read_table(record).drop_columns(["init_image", "mask_image", "strength"]), record)
     summary = run_generate(config(str(inputs / "prompts.parquet"), str(tmp_path / "out"), steps=STEPS,
-                                  num_images=NUM_IMAGES), log=lambda _: None)
+                                  num_images=NUM_IMAGES, keep_failed=True), log=lambda _: None)
     assert (summary["rows"], summary["errors"]) == (14, 4)
     old = read_metrics(Storage(str(tmp_path / "out")))
     assert old.num_rows == 14 and old["init_image"].null_count == old["strength"].null_count == 14
