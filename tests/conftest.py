@@ -1,6 +1,7 @@
 """Test-wide environment: offline hub, Ray on loopback, a fresh model cache per session."""
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -28,3 +29,36 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def s3():
+    """A moto S3 server on loopback for one test, starting with no buckets; yields its fsspec storage options.
+
+    moto keeps its buckets per process and s3fs reuses one filesystem (with its cached listings) per argument
+    set, so both are reset here: a test never sees another test's buckets or talks to a stopped server."""
+    import requests
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    requests.post(f"{endpoint}/moto-api/reset", timeout=30).raise_for_status()
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield {"key": "AKIAMASKRAYTESTKEY", "secret": "maskray-secret-value-42", "client_kwargs": {"endpoint_url": endpoint}}
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The :func:`s3` server, also named by the AWS_* variables, for code that opens ``s3://`` without options."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["client_kwargs"]["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["secret"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3

@@ -2,7 +2,6 @@
 
 import os
 import re
-import socket
 import threading
 
 import fsspec
@@ -61,28 +60,19 @@ def test_state_dict_mismatch_lists_every_problem_on_one_line():
                                                   "weights (3, 4) vs model (2, 4)")
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on loopback with bucket ``ckpt-bucket`` (moto's state is per process: removed after)."""
+@pytest.fixture
+def ckpt_bucket(s3):
+    """The test's moto S3 server with bucket ``ckpt-bucket``: a filesystem on it and its storage options."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    fs = s3fs.S3FileSystem(**options)
+    fs = s3fs.S3FileSystem(**s3)
     fs.mkdir("ckpt-bucket")
-    yield fs, options
-    fs.rm("ckpt-bucket", recursive=True)
-    server.stop()
+    return fs, s3
 
 
 @pytest.mark.parametrize("key", ["evil/../escape.bin", "evil/a/../../escape.bin", "evil//escape.bin"])
-def test_keys_that_leave_the_cache_folder_are_refused(tmp_path, s3, key):
-    fs, options = s3
+def test_keys_that_leave_the_cache_folder_are_refused(tmp_path, ckpt_bucket, key):
+    fs, options = ckpt_bucket
     prefix = key.split("/")[0]
     fs.pipe(f"ckpt-bucket/{prefix}/ok.json", b"{}")
     fs.pipe(f"ckpt-bucket/{key}", b"payload")  # S3 keeps such keys verbatim and lists them so
@@ -92,13 +82,12 @@ def test_keys_that_leave_the_cache_folder_are_refused(tmp_path, s3, key):
         fetch_prefix(f"s3://ckpt-bucket/{prefix}", root, options)
     assert not list(tmp_path.rglob("escape.bin")) and not os.path.exists("/escape.bin")
     assert not root.exists() or not any(root.iterdir())  # no entry, no staging folder left
-    fs.rm(f"ckpt-bucket/{prefix}", recursive=True)
 
 
-def test_concurrent_fills_publish_one_copy_and_never_replace_it(tmp_path, s3, monkeypatch):
+def test_concurrent_fills_publish_one_copy_and_never_replace_it(tmp_path, ckpt_bucket, monkeypatch):
     """Two fillers download the same entry at once; the first rename wins, the second copy is discarded
     without touching the folder the first one's caller is already reading."""
-    fs, options = s3
+    fs, options = ckpt_bucket
     for i in range(20):
         fs.pipe(f"ckpt-bucket/race/part/{i}.bin", os.urandom(1000))
     root = tmp_path / "objects"

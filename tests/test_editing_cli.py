@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_loading import s3_server  # noqa: F401  (a moto S3 server on loopback)
 
 import mgt
 from jobs.cli import main
@@ -65,10 +64,10 @@ def test_sample_outpaints_a_larger_canvas(tmp_path, pipe):
     assert np.array_equal(pixels, expected.images[0])
 
 
-def test_sample_reads_images_from_s3(files, s3_server, pipe):  # noqa: F811
+def test_sample_reads_images_from_s3(files, s3_env, pipe):
     import s3fs
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs = s3fs.S3FileSystem(**s3_env)
     fs.mkdir("inputs")
     fs.put(str(files / "init.png"), "inputs/init.png")
     fs.put(str(files / "mask.png"), "inputs/mask.png")

@@ -17,7 +17,6 @@ import pytest
 import torch
 from generate_helpers import check_exactly_once, config
 from PIL import Image
-from test_generate_pipeline import moto_s3  # noqa: F401 - the moto server fixture
 
 from pipeline.prompts import PromptInputError, scan_prompts
 from pipeline.storage import Storage
@@ -118,21 +117,21 @@ def test_mixed_edit_table_local(ray_local, tmp_path):
     assert old.num_rows == 14 and old["init_image"].null_count == old["strength"].null_count == 14
 
 
-def test_mixed_edit_table_on_s3(ray_local, tmp_path, moto_s3):  # noqa: F811 - the imported fixture
+def test_mixed_edit_table_on_s3(ray_local, tmp_path, s3):
     import s3fs
 
     from pipeline.generate import run_generate
     from pipeline.manifest import read_metrics
 
-    fs = s3fs.S3FileSystem(**moto_s3)
-    fs.mkdir("edits")  # moto keeps its buckets for the whole process: one of our own
+    fs = s3fs.S3FileSystem(**s3)
+    fs.mkdir("edits")
     mask_uri = "s3://edits/inputs/images/m.png"  # a URI: kept as it is
     ids = write_inputs(tmp_path / "inputs", mask_uri)
     fs.put(str(tmp_path / "inputs") + "/", "edits/inputs/", recursive=True)
     summary = run_generate(config("s3://edits/inputs/prompts.parquet", "s3://edits/run", steps=STEPS,
-                                  num_images=NUM_IMAGES, storage_options=moto_s3), log=lambda _: None)
+                                  num_images=NUM_IMAGES, storage_options=s3), log=lambda _: None)
     assert (summary["rows"], summary["errors"]) == (14, 4)
-    metrics = read_metrics(Storage("s3://edits/run", moto_s3))
+    metrics = read_metrics(Storage("s3://edits/run", s3))
     check_run(metrics, ids, "s3://edits/inputs", mask_uri, fs.cat_file)
 
 

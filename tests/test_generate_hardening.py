@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 from generate_helpers import shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,38 +100,24 @@ def test_failed_samples_are_retried_on_rerun_unless_kept(tmp_path):
     assert pq.read_table(out / "metrics.parquet")["error"].null_count == 2
 
 
-@pytest.fixture
-def moto_s3():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield {"key": "AKIAMASKRAYTESTKEY", "secret": "maskray-secret-value-42",
-           "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    server.stop()
-
-
-def test_s3_secrets_never_leave_and_a_live_lock_refuses_a_second_run(tmp_path, moto_s3):
+def test_s3_secrets_never_leave_and_a_live_lock_refuses_a_second_run(tmp_path, s3):
     import s3fs
     import yaml
 
-    fs = s3fs.S3FileSystem(**moto_s3)
+    fs = s3fs.S3FileSystem(**s3)
     fs.mkdir("bucket")
     shards(tmp_path / "prompts", count=1, per_shard=2)
     fs.put(str(tmp_path / "prompts") + "/", "bucket/prompts/", recursive=True)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"prompts": "s3://bucket/prompts/", "out": "s3://bucket/run",
-                                      "storage_options": moto_s3}))
-    secrets = (moto_s3["key"], moto_s3["secret"])
+                                      "storage_options": s3}))
+    secrets = (s3["key"], s3["secret"])
 
     printed = maskray("generate", "--config", str(config), "--print-config")
     assert printed.returncode == 0 and not any(s in printed.stdout for s in secrets)
     options = yaml.safe_load(printed.stdout)["storage_options"]
     assert options["key"] == options["secret"] == "***"
-    assert options["client_kwargs"] == moto_s3["client_kwargs"]  # the endpoint stays readable
+    assert options["client_kwargs"] == s3["client_kwargs"]  # the endpoint stays readable
 
     other = {"host": "other-host", "pid": 4242, "token": "x", "started_at": "2026-01-01T00:00:00+00:00"}
     fs.pipe("bucket/run/_lock.json", json.dumps({**other, "heartbeat": time.time()}).encode())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -43,36 +42,21 @@ def test_end_to_end_local_with_tiny_hps(ray_local, tmp_path, fixtures_dir):
     assert tars == sorted(set(metrics["shard"].to_pylist())) and len(tars) == 6  # default size 1: a prompt (2 samples)
 
 
-@pytest.fixture
-def moto_s3():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    yield options
-    server.stop()
-
-
-def test_end_to_end_on_s3(ray_local, tmp_path, moto_s3):
+def test_end_to_end_on_s3(ray_local, tmp_path, s3):
     import s3fs
 
     from pipeline.generate import run_generate
     from pipeline.manifest import read_metrics
     from pipeline.storage import Storage
 
-    fs = s3fs.S3FileSystem(**moto_s3)
+    fs = s3fs.S3FileSystem(**s3)
     fs.mkdir("bucket")
     ids = shards(tmp_path / "prompts", count=2, per_shard=3)
     fs.put(str(tmp_path / "prompts") + "/", "bucket/prompts/", recursive=True)
-    summary = run_generate(config("s3://bucket/prompts/", "s3://bucket/run", storage_options=moto_s3,
+    summary = run_generate(config("s3://bucket/prompts/", "s3://bucket/run", storage_options=s3,
                                   image_format="webp"), log=lambda _: None)
     assert (summary["rows"], summary["errors"]) == (6, 0)
-    metrics = read_metrics(Storage("s3://bucket/run", moto_s3))
+    metrics = read_metrics(Storage("s3://bucket/run", s3))
     check_exactly_once(metrics, ids, 1)
     for uri in metrics["image_uri"].to_pylist():
         assert uri.startswith("s3://bucket/run/images/") and uri.endswith(".webp")

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 
 import pytest
 import torch
@@ -112,28 +111,11 @@ def test_bad_dtype():
         mgt.load_transformer("tiny-meissonic", dtype="fp8")
 
 
-@pytest.fixture()
-def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def test_s3_uri_is_downloaded_once(tiny_folder, tmp_path, s3_server, monkeypatch):
+def test_s3_uri_is_downloaded_once(tiny_folder, tmp_path, s3_env, monkeypatch):
     import s3fs
 
     monkeypatch.setenv("MASKRAY_CACHE", str(tmp_path / "cache"))
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs = s3fs.S3FileSystem(**s3_env)
     fs.mkdir("models")
     fs.put(str(tiny_folder) + "/", "models/tiny/", recursive=True)
     first = mgt.load_pipeline("s3://models/tiny", device="cpu").generate(["x"], [0], steps=2, decode=False)
