@@ -110,7 +110,7 @@ def _registered_folder(name: str, folder: Path) -> Path:
 def _download_object_store(uri: str, root: Path, storage_options: dict[str, Any]) -> Path:
     try:
         return fetch_prefix(uri, root, storage_options, what="model URI")
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # missing, or a key that would leave the cache folder
         raise ModelLoadError(str(error)) from None
 
 

@@ -124,3 +124,16 @@ def test_s3_uri_is_downloaded_once(tiny_folder, tmp_path, s3_env, monkeypatch):
     assert torch.equal(first.tokens, second.tokens)
     with pytest.raises(ModelLoadError, match="does not exist"):
         mgt.load_pipeline("s3://models/other", device="cpu")
+
+
+def test_s3_model_with_a_key_that_leaves_the_cache_is_a_load_error(tiny_folder, tmp_path, s3_env, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("MASKRAY_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(**s3_env)
+    fs.mkdir("models")
+    fs.put(str(tiny_folder) + "/", "models/evil/", recursive=True)
+    fs.pipe("models/evil/../escape.bin", b"payload")  # S3 keeps the key verbatim
+    with pytest.raises(ModelLoadError, match="would leave the local cache folder"):
+        mgt.load_pipeline("s3://models/evil", device="cpu")
+    assert not list(tmp_path.rglob("escape.bin"))
