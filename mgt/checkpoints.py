@@ -7,17 +7,20 @@ error. Downloads land under a temporary name unique to the process and thread an
 in one step, so actors that start together on one node never read a half-written copy, the first finished
 copy wins (a later one is discarded, never renamed over a folder another actor may be reading), and a
 finished copy is never fetched again. Remote keys that would land outside their cache folder (``..``
-components, absolute paths) are refused.
+components, absolute paths) are refused. What a killed process leaves (its temporary copy, a folder moved
+aside) is removed by the next fetch of the same entry once nothing in it has changed for ``LEFTOVER_AGE_S``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 COMPLETE = ".maskray-complete"  # written last into a fetched folder
+LEFTOVER_AGE_S = 24 * 3600  # a temporary copy untouched this long belongs to a process that died
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -154,6 +158,7 @@ def staged(target: Path) -> Iterator[Path]:
     block succeeds: a file replaces any older one, a folder is renamed into place unless a complete one
     (holding ``COMPLETE``) is already there, in which case the fresh copy is discarded and that one is used.
     """
+    remove_leftovers(target)
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
     try:
         yield staging
@@ -166,6 +171,30 @@ def staged(target: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.unlink(missing_ok=True)
+
+
+def remove_leftovers(target: Path, max_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """Delete the temporary copies and moved-aside folders of ``target`` (``<name>.tmp-*``, ``<name>.stale-*``)
+    in which nothing changed for ``max_age_s`` seconds: a live download keeps writing into its copy, a killed one
+    leaves it behind for good. Returns what was removed.
+
+    Age, not the owner's pid, decides, since a cache may be shared by the nodes of a cluster.
+    """
+    removed = []
+    now = time.time()
+    for path in target.parent.glob(f"{glob.escape(target.name)}.*"):
+        if not path.name[len(target.name):].startswith((".tmp-", ".stale-")):
+            continue
+        with contextlib.suppress(OSError):  # another process may remove it at the same time
+            entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+            if now - max(entry.lstat().st_mtime for entry in entries) <= max_age_s:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _publish_folder(staging: Path, target: Path) -> None:

@@ -3,6 +3,7 @@
 import os
 import re
 import threading
+import time
 
 import fsspec
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import mgt.checkpoints as checkpoints
 import mgt.loading as loading
-from mgt.checkpoints import COMPLETE, fetch_object, fetch_prefix, state_dict_mismatch
+from mgt.checkpoints import COMPLETE, LEFTOVER_AGE_S, fetch_object, fetch_prefix, remove_leftovers, state_dict_mismatch
 from mgt.registry import Registry
 
 
@@ -152,3 +153,33 @@ def test_registered_builds_race_to_one_folder(tmp_path, monkeypatch):
     assert results == [tmp_path / "models" / "racing-model"] * 2
     assert (results[0] / "model.json").read_text() in ("a", "b") and (results[0] / COMPLETE).exists()
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["racing-model"]
+
+
+def test_leftovers_of_killed_fetches_are_removed_once_stale(tmp_path):
+    """A SIGKILLed fetch leaves its temporary copy (and a crash mid-publish a moved-aside folder); the next
+    fetch of that entry removes those untouched for a day and leaves live ones alone."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(b"w")
+    root = tmp_path / "cache"
+    target = fetch_object(str(source / "weights.bin"), root)
+    old = time.time() - 2 * LEFTOVER_AGE_S
+    dead_file = target.with_name(f"{target.name}.tmp-123-456-deadbeef")
+    dead_file.write_bytes(b"half")
+    dead_folder = target.with_name(f"{target.name}.stale-cafe0001")
+    (dead_folder / "part").mkdir(parents=True)
+    (dead_folder / "part" / "0.bin").write_bytes(b"x")
+    for path in (dead_file, dead_folder / "part" / "0.bin", dead_folder / "part", dead_folder):
+        os.utime(path, (old, old))
+    live = target.with_name(f"{target.name}.tmp-789-1-feedface")
+    (live / "part").mkdir(parents=True)
+    (live / "part" / "new.bin").write_bytes(b"being written")  # fresh inside, however old the folder is
+    os.utime(live, (old, old))
+    unrelated = target.with_name(f"{target.name}.tmpfile")
+    unrelated.write_bytes(b"not ours")
+    os.utime(unrelated, (old, old))
+    target.unlink()  # the next fetch of the entry runs
+    assert fetch_object(str(source / "weights.bin"), root).read_bytes() == b"w"
+    assert not dead_file.exists() and not dead_folder.exists()
+    assert live.exists() and unrelated.exists()
+    assert remove_leftovers(target, max_age_s=-1) == [live]  # age is what decides
