@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sampler_helpers import CODES, MASK, SIDE, stand_in
 
 import mgt
 from mgt import editing, sampling
@@ -16,30 +17,7 @@ from mgt.editing import Edit, EditOptions
 from mgt.sampler_config import PRESETS, SamplerConfig
 from mgt.z_sampling import MaskedZSampling
 
-CODES, SIDE, MASK = 32, 8, 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def stand_in(prompts):
-    """A fake CFG model whose guided logits for a row depend only on its prompt id, its own tokens, t and s."""
-
-    def predict(tokens, step_value, scale):
-        rows = []
-        for prompt, row in zip(prompts, tokens.flatten(1)):
-            g = torch.Generator().manual_seed(1000 * prompt + step_value)
-            uncond, cond = torch.randn(2, row.numel(), CODES, generator=g) * 2
-            cond = cond + (row.remainder(5).float() * 0.4)[:, None]
-            rows.append(cond.sub(uncond).mul_(scale).add_(uncond))
-        return torch.stack(rows)
-
-    return predict
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def start_tokens(seed: int, masked_share: float) -> torch.Tensor:
@@ -53,7 +31,7 @@ def run(spec, prompts, seeds, inits, start_step=0, steps=8):
     config = spec if isinstance(spec, SamplerConfig) else SamplerConfig.from_spec(spec)
     init = torch.stack(inits)
     ratio = (init == MASK).flatten(1).sum(-1) / init[0].numel()
-    return sampling.sample(stand_in(list(prompts)), (len(prompts), SIDE, SIDE), steps,
+    return sampling.sample(stand_in(list(prompts))[0], (len(prompts), SIDE, SIDE), steps,
                            [torch.Generator().manual_seed(s) for s in seeds], MASK, config, guidance=9.0,
                            init=init, start_step=start_step, start_ratio=ratio).tokens
 

@@ -111,12 +111,19 @@ def test_bad_dtype():
         mgt.load_transformer("tiny-meissonic", dtype="fp8")
 
 
-def test_s3_uri_is_downloaded_once(tiny_folder, tmp_path, s3_env, monkeypatch):
+@pytest.fixture
+def models_bucket(tmp_path, s3_env, monkeypatch):
+    """Bucket ``models`` on the test's S3 server (reached through the AWS_* variables) and a fresh model cache."""
     import s3fs
 
     monkeypatch.setenv("MASKRAY_CACHE", str(tmp_path / "cache"))
     fs = s3fs.S3FileSystem(**s3_env)
     fs.mkdir("models")
+    return fs
+
+
+def test_s3_uri_is_downloaded_once(tiny_folder, models_bucket):
+    fs = models_bucket
     fs.put(str(tiny_folder) + "/", "models/tiny/", recursive=True)
     first = mgt.load_pipeline("s3://models/tiny", device="cpu").generate(["x"], [0], steps=2, decode=False)
     fs.rm("models/tiny", recursive=True)  # the second load must come from the local cache
@@ -126,12 +133,8 @@ def test_s3_uri_is_downloaded_once(tiny_folder, tmp_path, s3_env, monkeypatch):
         mgt.load_pipeline("s3://models/other", device="cpu")
 
 
-def test_s3_model_with_a_key_that_leaves_the_cache_is_a_load_error(tiny_folder, tmp_path, s3_env, monkeypatch):
-    import s3fs
-
-    monkeypatch.setenv("MASKRAY_CACHE", str(tmp_path / "cache"))
-    fs = s3fs.S3FileSystem(**s3_env)
-    fs.mkdir("models")
+def test_s3_model_with_a_key_that_leaves_the_cache_is_a_load_error(tiny_folder, tmp_path, models_bucket):
+    fs = models_bucket
     fs.put(str(tiny_folder) + "/", "models/evil/", recursive=True)
     fs.pipe("models/evil/../escape.bin", b"payload")  # S3 keeps the key verbatim
     with pytest.raises(ModelLoadError, match="would leave the local cache folder"):

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from pydantic import BaseModel
+from sampler_helpers import CODES, MASK, SIDE, stand_in
 
 import mgt
 from mgt import sampling, schedules
@@ -21,38 +22,10 @@ from mgt.noise_regularization import NoiseRegularization
 from mgt.sampler_config import PRESETS, SamplerConfig
 from mgt.z_sampling import MaskedZSampling
 
-CODES, SIDE, MASK = 32, 8, 32
 GUIDANCE = 9.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls when the 2 cores are shared (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def stand_in(prompts):
-    """A fake CFG model: each row's guided logits depend only on its prompt id, its own tokens, t and s.
-
-    Returns `predict(tokens (B, h, w), t, s) -> (B, h*w, C)`, bitwise identical for a sample whatever its
-    batch, and a list that records `(t, s, masked count per sample)` of every call.
-    """
-    calls = []
-
-    def predict(tokens, step_value, scale):
-        calls.append((step_value, scale, (tokens == MASK).flatten(1).sum(-1).tolist()))
-        rows = []
-        for prompt, row in zip(prompts, tokens.flatten(1)):
-            g = torch.Generator().manual_seed(1000 * prompt + step_value)
-            uncond, cond = torch.randn(2, row.numel(), CODES, generator=g) * 2
-            cond = cond + (row.remainder(5).float() * 0.4)[:, None]
-            rows.append(cond.sub(uncond).mul_(scale).add_(uncond))
-        return torch.stack(rows)
-
-    return predict, calls
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(spec, prompts=(1,), seeds=(7,), steps=8, guidance=GUIDANCE):
