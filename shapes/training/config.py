@@ -20,6 +20,13 @@ class TrainShapesConfig(BaseModel):
                       "warm-up then cosine decay over --steps).")
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by the empty prompt, "
                                 "so that classifier-free guidance works.")
+    text_lr_scale: float = Field(1.0, ge=0, description="Learning rate of the text encoder in the joint steps, "
+                                 "as a fraction of --lr; 0 freezes it after its caption pre-training.")
+    hole_share: float = Field(0.0, ge=0, le=1, description="Share of the samples with a jittered box around "
+                              "each object fully masked (the rest by the schedule), so objects are drawn from "
+                              "the caption.")
+    high_mask_share: float = Field(0.0, ge=0, le=1, description="Share of the samples with at least 0.9 of "
+                                   "the tokens masked (where layout and shape are decided).")
     minutes: float | None = Field(None, gt=0, description="Wall-clock cap on transformer training; it stops "
                                   "early (not reproducibly) when reached. Unset: run all --steps.")
     scorer_steps: int = Field(1500, ge=1, description="Training steps of the shapes scorer's detector (batch 32).")

@@ -21,7 +21,7 @@ from mgt.tiny import write_model, write_tokenizer
 from shapes import scenes
 from shapes.training.config import TrainShapesConfig
 from shapes.training.detector import train_detector, train_shape_classifier
-from shapes.training.generator import TEXT_LENGTH, train_generator
+from shapes.training.generator import TEXT_LENGTH, Recipe, train_generator
 from shapes.training.vq import reconstruction_psnr, train_vq
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total steps, loss)
@@ -57,15 +57,22 @@ def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None 
     run = train_generator(
         vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
         config.cond_dropout, config.text_steps,
+        recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share),
         should_stop=lambda: deadline is not None and time.monotonic() > deadline,
         on_step=_stage(progress, "generator", config.steps),
         on_text_step=_stage(progress, "text encoder", config.text_steps))
-    write_model(out, run.transformer, vq, "meissonic", defaults=model_defaults(config), seed=config.seed, words=words)
-    run.text_encoder.save_pretrained(out / "text_encoder")  # replaces the random encoder write_model put there
+    write_generator(out, run.transformer, run.text_encoder, vq, config)
     record.update(text_caption_accuracy=run.caption_accuracy, generator_steps_done=run.steps_done,
                   generator_seconds=round(time.monotonic() - started, 1))
     record_path.write_text(json.dumps(record, indent=2))
     return record
+
+
+def write_generator(out: Path, transformer, text_encoder, vq: VQModel, config: TrainShapesConfig) -> None:
+    """Write a trained transformer, text encoder and VQ as a loadable model folder (hub layout) in ``out``."""
+    write_model(out, transformer, vq, "meissonic", defaults=model_defaults(config), seed=config.seed,
+                words=scenes.vocabulary())
+    text_encoder.save_pretrained(out / "text_encoder")  # replaces the random encoder write_model put there
 
 
 def train_scorer(config: TrainShapesConfig, out: Path, progress: Progress | None = None) -> dict:

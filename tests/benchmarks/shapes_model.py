@@ -1,0 +1,109 @@
+"""How well a shapes model draws its captions: mean shapes score by caption kind, and the shape confusion matrix
+of its single objects.
+
+Two uses, run from the repository root:
+
+    # tune the defaults on held-out captions that are NOT the evaluation set (held-out index 40,000 on)
+    python tests/benchmarks/shapes_model.py --model shapes-meissonic --tune --guidance 2 3 5 8 --steps 16 24
+    # the targets, on the 300 evaluation captions (examples/shapes_heldout.jsonl) at the model's defaults
+    python tests/benchmarks/shapes_model.py --model shapes-meissonic
+
+It prints a table and writes every figure (confusion matrices included) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TUNE_START = 40_000  # held-out index of the tuning captions: the evaluation set is 10,000-10,299
+
+
+def caption_kind(caption: str) -> str:
+    """The evaluation set's categories (examples/make_shapes_prompts.py)."""
+    from shapes import scenes
+
+    spec = scenes.parse_caption(caption)
+    if spec.relation:
+        return "relation"
+    if any(p.count > 1 for p in spec.phrases):
+        return "count"
+    return {1: "single", 2: "pair", 3: "triple"}[len(spec.phrases)]
+
+
+def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float | None, steps: int | None,
+            batch: int = 32) -> dict:
+    """Mean score overall and per kind, and the single-object shape confusion (the scorer's top detection)."""
+    import numpy as np
+    from PIL import Image
+
+    from shapes import scenes
+    from shapes.training import probes
+
+    scores, read = [], {}
+    for start in range(0, len(captions), batch):
+        part, part_seeds = captions[start:start + batch], seeds[start:start + batch]
+        images = [Image.fromarray(im) for im in pipe.generate(part, part_seeds, guidance=guidance, steps=steps).images]
+        scores += scorer.score(images, part)
+        singles = [i for i, c in enumerate(part) if caption_kind(c) == "single"]
+        for i, shape in zip(singles, probes.read_single_shapes(scorer, [images[i] for i in singles])):
+            read[start + i] = shape
+    kinds = [caption_kind(c) for c in captions]
+    truth = [scenes.parse_caption(captions[i]).phrases[0].shape for i in read]
+    by_kind = {k: float(np.mean([s for s, kk in zip(scores, kinds) if kk == k])) for k in sorted(set(kinds))}
+    return {"mean_score": float(np.mean(scores)), "above_half": float(np.mean(np.array(scores) > 0.5)),
+            "by_kind": by_kind, "single_shape_accuracy": probes.accuracy(truth, list(read.values())),
+            "single_confusion": probes.confusion(truth, list(read.values())), "samples": len(captions)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shapes-meissonic", help="Registered name or model folder.")
+    parser.add_argument("--tune", action="store_true", help="Tuning captions (held-out index 40,000 on), not the "
+                        "evaluation set.")
+    parser.add_argument("--count", type=int, default=None, help="Captions (default: 96 tuning, all 300 evaluation).")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[None])
+    parser.add_argument("--steps", type=int, nargs="+", default=[None])
+    parser.add_argument("--seeds-per-caption", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="shapes_model.json")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import mgt
+    from shapes import scenes
+    from shapes.scorer import ShapesScorer
+
+    torch.set_num_threads(args.threads)
+    if args.tune:
+        captions = [scenes.make_scene(s).caption for s in scenes.held_out_seeds(args.count or 96, start=TUNE_START)]
+    else:
+        lines = (ROOT / "examples" / "shapes_heldout.jsonl").read_text().splitlines()
+        captions = [json.loads(line)["prompt"] for line in lines][:args.count]
+    captions = [c for c in captions for _ in range(args.seeds_per_caption)]
+    seeds = [i % args.seeds_per_caption for i in range(len(captions))]
+    pipe = mgt.load_pipeline(args.model, device="cpu")
+    scorer = ShapesScorer(device="cpu")
+    rows = []
+    for guidance, steps in itertools.product(args.guidance, args.steps):
+        started = time.monotonic()
+        row = {"guidance": guidance or pipe.defaults.guidance, "steps": steps or pipe.defaults.steps,
+               **measure(pipe, scorer, captions, seeds, guidance, steps), "seconds": 0.0}
+        row["seconds"] = round(time.monotonic() - started, 1)
+        rows.append(row)
+        kinds = " ".join(f"{k} {v:.3f}" for k, v in row["by_kind"].items())
+        print(f"CFG {row['guidance']:>4} steps {row['steps']:>3}: mean {row['mean_score']:.3f} "
+              f"(>0.5: {row['above_half']:.0%}) single-object shape accuracy {row['single_shape_accuracy']:.0%} | "
+              f"{kinds} | {row['seconds']:.0f} s", flush=True)
+    Path(args.out).write_text(json.dumps({"model": args.model, "tune": args.tune, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The generator's training recipe (object holes, high mask ratios, a frozen text encoder) and the probes that
+measure whether a generator reads the shape word."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mgt
+from mgt.tiny import write_tokenizer
+from shapes import scenes
+from shapes.training import probes
+from shapes.training.generator import (
+    HIGH_MASK_RATE,
+    Recipe,
+    build_text_encoder,
+    mask_tokens,
+    object_holes,
+    schedule_time,
+    train_generator,
+)
+from shapes.training.vq import build_vqvae
+
+
+def _object_cells(scene: scenes.Scene, grid: int) -> torch.Tensor:
+    """Token cells that hold any pixel differing from the background."""
+    pixels = np.asarray(scenes.render(scene)).astype(int)
+    background = np.array(scenes.BACKGROUNDS[scene.background])
+    touched = torch.from_numpy(np.abs(pixels - background).sum(-1) > 0)
+    cell = scenes.SIZE // grid
+    return touched.reshape(grid, cell, grid, cell).any(dim=3).any(dim=1)
+
+
+def test_object_holes_cover_every_object_and_only_the_chosen_share():
+    batch = [scenes.make_scene(seed) for seed in range(64)]
+    holes = object_holes(batch, 32, torch.Generator().manual_seed(0), share=1.0)
+    for scene, hole in zip(batch, holes):
+        assert not (_object_cells(scene, 32) & ~hole).any(), scene.caption  # the whole object is hidden
+        # and each box stays local: at most (radius + 5 px margin + 2 px jitter) on each side, in 2-px cells
+        assert int(hole.sum()) <= sum((int(2 * (o.radius + 7) // 2) + 1) ** 2 for o in scene.objects)
+    assert not object_holes(batch, 32, torch.Generator().manual_seed(0), share=0.0).any()
+    chosen = object_holes(batch, 32, torch.Generator().manual_seed(0), share=0.5).flatten(1).any(1)
+    assert 16 <= int(chosen.sum()) <= 48
+
+
+def test_masking_time_is_that_of_the_fraction_actually_masked():
+    tokens = torch.randint(0, 10, (256, 32, 32))
+    generator = torch.Generator().manual_seed(0)
+    holes = torch.zeros(256, 32, 32, dtype=torch.bool)
+    holes[:, 8:20, 8:20] = True
+    masked, mask, t = mask_tokens(tokens, 99, generator, holes=holes)
+    assert torch.equal(masked == 99, mask) and not (holes & ~mask).any()
+    fraction = mask.flatten(1).float().mean(1)
+    assert torch.allclose(torch.cos(t * math.pi / 2), fraction, atol=1e-5)
+    _, mask, t = mask_tokens(tokens, 99, generator, high_mask_share=1.0)
+    assert mask.flatten(1).float().mean(1).min() >= HIGH_MASK_RATE - 1 / 1024
+    assert float(schedule_time(1.0)) == 0.0 and abs(float(schedule_time(0.0)) - 1.0) < 1e-6
+
+
+def test_default_masking_draws_what_meissonic_draws():
+    """Without the options, the random stream is Meissonic's (the shipped model's training reproduces)."""
+    tokens = torch.randint(0, 10, (8, 32, 32))
+    _, mask, t = mask_tokens(tokens, 99, torch.Generator().manual_seed(3))
+    reference = torch.Generator().manual_seed(3)
+    expected_t = torch.rand(8, generator=reference)
+    count = (1024 * torch.cos(expected_t * math.pi / 2)).round().clamp(min=1)
+    assert torch.equal(t, expected_t) and torch.equal(mask.flatten(1).sum(1), count.long())
+
+
+def test_frozen_text_encoder_stays_as_pretrained(tmp_path):
+    tokenizer = write_tokenizer(tmp_path, scenes.vocabulary())
+    torch.manual_seed(0)
+    vq = build_vqvae().eval().requires_grad_(False)
+    seen = {}
+
+    def snapshot(done, transformer, text_encoder):
+        seen.setdefault("first", {k: v.clone() for k, v in text_encoder.state_dict().items()})
+
+    run = train_generator(vq, tokenizer, seed=0, steps=3, sampler_steps=16, batch_size=4, text_steps=2,
+                          recipe=Recipe(text_lr_scale=0.0, hole_share=0.5, high_mask_share=0.5), on_models=snapshot)
+    assert run.steps_done == 3
+    after = run.text_encoder.state_dict()
+    assert all(torch.equal(seen["first"][k], after[k]) for k in after)  # joint steps left it alone
+
+
+def test_probe_helpers_describe_the_scene():
+    scene = probes.single_object_scenes(1, start=5000)[0]
+    other = probes.other_shape(scene)
+    swapped = probes.with_shape(scene, other)
+    assert other != scene.objects[0].shape and swapped.objects[0].shape == other
+    assert scenes.parse_caption(swapped.caption).phrases[0].shape == other
+    assert scenes.parse_caption(scene.caption).phrases[0].shape == scene.objects[0].shape
+    assert not (_object_cells(scene, 32) & ~probes.hole_mask(scene, 32)).any()
+    table = probes.confusion(["circle", "circle", "square"], ["circle", probes.NONE, "square"])
+    assert table["circle"] == {**dict.fromkeys(scenes.SHAPES, 0), probes.NONE: 1, "circle": 1}
+    assert probes.accuracy(["circle", "square"], ["circle", "cross"]) == 0.5
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return mgt.load_pipeline("shapes-meissonic", device="cpu")
+
+
+def test_shape_swap_gap_measures_the_object_tokens(shipped):
+    batch = probes.single_object_scenes(8, start=5000)
+    encode = shipped.text.encode
+    every = probes.shape_swap_gap(shipped.transformer, encode, shipped.vqvae, batch, shipped.defaults.steps)
+    hole = probes.shape_swap_gap(shipped.transformer, encode, shipped.vqvae, batch, shipped.defaults.steps, hole=True)
+    for figures in (every, hole):
+        assert figures["tokens"] > 0 and math.isfinite(figures["gap"])
+        assert abs(figures["gap"] - (figures["swapped"] - figures["true"])) < 1e-9
+    # the same caption on both sides gives no gap: what the probe differs in is the caption alone
+    same = probes.shape_swap_gap(shipped.transformer, lambda c: encode([s.caption for s in batch]), shipped.vqvae,
+                                 batch, shipped.defaults.steps)
+    assert same["gap"] == 0.0
+
+
+def test_encoder_probe_reads_shape_only_where_the_caption_says_it(tmp_path):
+    from shapes.training.caption_encoder import pretrain_text_encoder
+    from shapes.training.generator import TEXT_LENGTH, encode_text
+
+    tokenizer = write_tokenizer(tmp_path, scenes.vocabulary())
+    torch.manual_seed(0)
+    encoder = build_text_encoder(tokenizer, projection_dim=32).eval()
+    pretrain_text_encoder(tokenizer, encoder, seed=0, steps=150, max_length=TEXT_LENGTH)
+    trained = probes.encoder_shape_probe(lambda c: encode_text(tokenizer, encoder, c), train=300, test=200)
+
+    def without_shape(captions):  # every shape word made "circle": nothing left to read
+        for shape in scenes.SHAPES[1:]:
+            captions = [c.replace(scenes.PLURALS[shape], "circles").replace(shape, "circle") for c in captions]
+        return encode_text(tokenizer, encoder, captions)
+
+    blind = probes.encoder_shape_probe(without_shape, train=300, test=200)
+    assert trained >= 0.95 and blind <= 0.4, (trained, blind)  # chance is 0.2
