@@ -14,18 +14,19 @@ class TrainShapesConfig(BaseModel):
     vq_steps: int = Field(3000, ge=1, description="Training steps of the VQ tokenizer (batch 16 random 32x32 crops).")
     text_steps: int = Field(1000, ge=0, description="Caption-only pre-training steps of the text encoder "
                             "(batch 128 captions) before the joint steps; 0 skips it.")
-    steps: int = Field(6000, ge=1, description="Training steps of the transformer and text encoder.")
+    steps: int = Field(10000, ge=1, description="Training steps of the transformer (and of the text encoder "
+                       "unless frozen).")
     batch_size: int = Field(16, ge=1, description="Scenes per transformer training step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of the transformer and text encoder (AdamW, "
                       "warm-up then cosine decay over --steps).")
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by the empty prompt, "
                                 "so that classifier-free guidance works.")
-    text_lr_scale: float = Field(1.0, ge=0, description="Learning rate of the text encoder in the joint steps, "
+    text_lr_scale: float = Field(0.0, ge=0, description="Learning rate of the text encoder in the joint steps, "
                                  "as a fraction of --lr; 0 freezes it after its caption pre-training.")
-    hole_share: float = Field(0.0, ge=0, le=1, description="Share of the samples with a jittered box around "
+    hole_share: float = Field(0.5, ge=0, le=1, description="Share of the samples with a jittered box around "
                               "each object fully masked (the rest by the schedule), so objects are drawn from "
                               "the caption.")
-    high_mask_share: float = Field(0.0, ge=0, le=1, description="Share of the samples with at least 0.9 of "
+    high_mask_share: float = Field(0.25, ge=0, le=1, description="Share of the samples with at least 0.9 of "
                                    "the tokens masked (where layout and shape are decided).")
     minutes: float | None = Field(None, gt=0, description="Wall-clock cap on transformer training; it stops "
                                   "early (not reproducibly) when reached. Unset: run all --steps.")

@@ -1,7 +1,8 @@
 """Training the generator: our Meissonic transformer and a small CLIP text encoder, from scratch.
 
 The text encoder is first pre-trained on captions alone (:mod:`shapes.training.caption_encoder`: why), then
-trained jointly with the transformer.
+frozen (``shapes-meissonic``) or trained with the transformer at a fraction of its rate. docs/shapes-training.md
+records the measurements behind the recipe.
 
 The objective is Meissonic's (``train/train_meissonic.py``, docs/models.md §1): ``t ~ U(0, 1)``, mask
 rate ``cos(pi/2 t)``, ``round(L * rate)`` tokens (at least one) masked at random positions, cross-entropy
