@@ -14,15 +14,6 @@ from pathlib import Path
 from shapes.scenes import held_out_seeds, make_scene
 
 
-def category(scene) -> str:
-    spec = scene.spec
-    if spec.relation:
-        return "relation"
-    if any(p.count > 1 for p in spec.phrases):
-        return "count"
-    return {1: "single", 2: "pair"}.get(len(spec.phrases), "triple")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300, help="Number of captions.")
@@ -32,7 +23,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         for seed in held_out_seeds(args.count, args.start):
             scene = make_scene(seed)
-            f.write(json.dumps({"prompt": scene.caption, "category": category(scene)}) + "\n")
+            f.write(json.dumps({"prompt": scene.caption, "category": scene.spec.kind}) + "\n")
     print(f"wrote {args.count} captions to {args.out}")
 
 

@@ -78,6 +78,15 @@ class CaptionSpec:
     def num_objects(self) -> int:
         return sum(p.count for p in self.phrases)
 
+    @property
+    def kind(self) -> str:
+        """GenEval's kind of the caption: relation, count (a phrase of several objects), single, pair or triple."""
+        if self.relation:
+            return "relation"
+        if any(p.count > 1 for p in self.phrases):
+            return "count"
+        return {1: "single", 2: "pair"}.get(len(self.phrases), "triple")
+
     def instances(self) -> list[ObjectPhrase]:
         """One phrase per object the caption asks for (a phrase with count 2 appears twice)."""
         return [p for p in self.phrases for _ in range(p.count)]

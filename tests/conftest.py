@@ -21,6 +21,22 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_meissonic():
+    """The random-weight tiny Meissonic pipeline on CPU, loaded once per module."""
+    import mgt
+
+    return mgt.load_pipeline("tiny-meissonic", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_amused():
+    """The random-weight tiny aMUSEd pipeline on CPU, loaded once per module."""
+    import mgt
+
+    return mgt.load_pipeline("tiny-amused", device="cpu")
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one thread for a module of tiny tensors: it avoids OpenMP barrier stalls when the 2 cores are
     shared (10x faster here)."""

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from sampler_helpers import CODES, MASK, SIDE, stand_in
 
-import mgt
 from mgt import editing, sampling
 from mgt.editing import Edit, EditOptions
 from mgt.sampler_config import PRESETS, SamplerConfig
@@ -108,16 +107,6 @@ def test_outpaint_canvas_places_the_image_and_masks_the_new_area():
     assert not white[4:52, 8:40].any() and white.sum() == 56 * 52 - 32 * 48
     grid = editing.mask_grid(mask, 13, 14)
     assert not grid[1:13, 2:10].any() and grid.sum() == 13 * 14 - 12 * 8
-
-
-@pytest.fixture(scope="module")
-def tiny_amused():
-    return mgt.load_pipeline("tiny-amused", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_meissonic():
-    return mgt.load_pipeline("tiny-meissonic", device="cpu")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

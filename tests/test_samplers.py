@@ -14,7 +14,6 @@ import torch
 from pydantic import BaseModel
 from sampler_helpers import CODES, MASK, SIDE, stand_in
 
-import mgt
 from mgt import sampling, schedules
 from mgt.config import GenerationSettings
 from mgt.differential_sampling import DifferentialSampling
@@ -259,16 +258,6 @@ def test_every_config_field_has_a_default_and_a_description():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-
-@pytest.fixture(scope="module")
-def tiny_meissonic():
-    return mgt.load_pipeline("tiny-meissonic", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_amused():
-    return mgt.load_pipeline("tiny-amused", device="cpu")
-
 
 def test_whole_batch_forward_runs_the_batch_at_once(tiny_meissonic):
     """micro_batch=None runs one forward per step for the whole CFG batch (bitwise batch invariance is not promised)."""

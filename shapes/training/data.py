@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from shapes import scenes
@@ -11,8 +12,14 @@ from shapes import scenes
 
 def scene_tensors(seeds: Sequence[int]) -> tuple[torch.Tensor, list[scenes.Scene]]:
     """``(B, 3, 64, 64)`` float32 images in [0, 1] (the range the pipeline's VQ decode clips to) and the scenes."""
-    images, batch = scenes.render_batch(seeds)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255), batch
+    batch = [scenes.make_scene(int(s)) for s in seeds]
+    return render_tensors(batch), batch
+
+
+def render_tensors(batch: Sequence[scenes.Scene]) -> torch.Tensor:
+    """``(B, 3, 64, 64)`` float32 images in [0, 1] of the given scenes (which may be edited copies)."""
+    images = np.stack([np.asarray(scenes.render(s)) for s in batch])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
 
 
 def training_seeds(run_seed: int, step: int, batch_size: int, part: int = 0) -> list[int]:

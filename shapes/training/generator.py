@@ -131,7 +131,6 @@ def object_holes(batch: list[scenes.Scene], grid: int, generator: torch.Generato
     nothing about the object's shape; cells the box touches are masked.
     """
     holes = torch.zeros(len(batch), grid, grid, dtype=torch.bool)
-    cell = scenes.SIZE / grid
     chosen = torch.rand(len(batch), generator=generator) < share
     for b, scene in enumerate(batch):
         if not chosen[b]:
@@ -139,11 +138,18 @@ def object_holes(batch: list[scenes.Scene], grid: int, generator: torch.Generato
         for obj in scene.objects:
             margin, dx, dy = (torch.rand(3, generator=generator) * torch.tensor([3.0, 4.0, 4.0])
                               + torch.tensor([2.0, -2.0, -2.0])).tolist()
-            half = obj.radius + margin
-            x0, x1 = int((obj.x + dx - half) // cell), int((obj.x + dx + half) // cell)
-            y0, y1 = int((obj.y + dy - half) // cell), int((obj.y + dy + half) // cell)
-            holes[b, max(y0, 0):min(y1, grid - 1) + 1, max(x0, 0):min(x1, grid - 1) + 1] = True
+            mask_box(holes[b], obj.x + dx, obj.y + dy, obj.radius + margin)
     return holes
+
+
+def mask_box(mask: torch.Tensor, x: float, y: float, half: float) -> None:
+    """Set in the `(grid, grid)` ``mask`` every token cell touched by the square of half-side ``half`` pixels
+    centred at ``(x, y)`` (clipped to the image)."""
+    grid = mask.shape[-1]
+    cell = scenes.SIZE / grid
+    x0, x1 = int((x - half) // cell), int((x + half) // cell)
+    y0, y1 = int((y - half) // cell), int((y + half) // cell)
+    mask[max(y0, 0):min(y1, grid - 1) + 1, max(x0, 0):min(x1, grid - 1) + 1] = True
 
 
 def sampler_timestep(t: torch.Tensor, steps: int) -> torch.Tensor:

@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mgt.editing import Edit
 from shapes import scenes
+from shapes.scene_detector import peak_cells
+from shapes.training.data import render_tensors, training_seeds
+from shapes.training.generator import MICRO_CONDS, mask_box, sampler_timestep, schedule_time
+from shapes.training.vq import encode_tokens
 
 TextEncode = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # captions -> (hidden states, pooled)
 HOLE_MARGIN = 3.0  # pixels: the probes' hole reaches this far beyond the object's radius
@@ -56,12 +61,8 @@ def with_shape(scene: scenes.Scene, shape: str) -> scenes.Scene:
 def hole_mask(scene: scenes.Scene, grid: int, margin: float = HOLE_MARGIN) -> torch.Tensor:
     """`(grid, grid)` bool token cells touched by the box ``radius + margin`` around each object."""
     mask = torch.zeros(grid, grid, dtype=torch.bool)
-    cell = scenes.SIZE / grid
     for obj in scene.objects:
-        half = obj.radius + margin
-        x0, x1 = int((obj.x - half) // cell), int((obj.x + half) // cell)
-        y0, y1 = int((obj.y - half) // cell), int((obj.y + half) // cell)
-        mask[max(y0, 0):min(y1, grid - 1) + 1, max(x0, 0):min(x1, grid - 1) + 1] = True
+        mask_box(mask, obj.x, obj.y, obj.radius + margin)
     return mask
 
 
@@ -74,15 +75,8 @@ def shape_swap_gap(transformer, encode: TextEncode, vq, batch: Sequence[scenes.S
     ``hole=False`` masks every token (the sampler's first step); ``hole=True`` masks only the box around the
     object (:func:`hole_mask`), with the timestep of that masked fraction, leaving the background visible.
     """
-    from shapes.training.data import scene_tensors
-    from shapes.training.generator import MICRO_CONDS, sampler_timestep, schedule_time
-    from shapes.training.vq import encode_tokens
-
     swapped = [with_shape(s, other_shape(s)) for s in batch]
-    images, _ = scene_tensors([s.seed for s in batch])
-    other_images = torch.stack([torch.from_numpy(np.array(scenes.render(s))).permute(2, 0, 1).float() / 255
-                                for s in swapped])
-    tokens, other_tokens = encode_tokens(vq, images), encode_tokens(vq, other_images)
+    tokens, other_tokens = encode_tokens(vq, render_tensors(batch)), encode_tokens(vq, render_tensors(swapped))
     grid = tokens.shape[-1]
     if hole:
         mask = torch.stack([hole_mask(s, grid) for s in batch])
@@ -103,8 +97,6 @@ def shape_swap_gap(transformer, encode: TextEncode, vq, batch: Sequence[scenes.S
 def read_single_shapes(scorer, images: Sequence[Image.Image]) -> list[str]:
     """The shape the ``shapes`` scorer reads at its most confident detection in each image (:data:`NONE`
     when no cell passes the detector's floor)."""
-    from shapes.scene_detector import peak_cells
-
     detections = scorer.detect(images)
     read = []
     for b in range(len(images)):
@@ -122,8 +114,6 @@ def inpaint_shapes(pipe, scorer, batch: Sequence[scenes.Scene], guidance: float 
                    steps: int | None = None) -> list[str]:
     """Mask the box around each scene's object (:func:`hole_mask` at pixel level), let ``pipe`` redraw it
     from the scene's caption (seed = scene seed), and return the shape the scorer reads there."""
-    from mgt.editing import Edit
-
     edits = []
     for scene in batch:
         mask = hole_mask(scene, scenes.SIZE).numpy().astype(np.uint8) * 255
@@ -155,8 +145,6 @@ def accuracy(truth: Sequence[str], read: Sequence[str]) -> float:
 def encoder_shape_probe(encode: TextEncode, train: int = 1000, test: int = 500, steps: int = 300) -> float:
     """Held-out accuracy of a linear probe reading the object's shape from the pooled text embedding of
     one-object captions (probe trained on captions of training scenes, tested on held-out ones)."""
-    from shapes.training.data import training_seeds
-
     def data(batch: list[scenes.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             _, pooled = encode([s.caption for s in batch])

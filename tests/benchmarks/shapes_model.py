@@ -24,18 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TUNE_START = 40_000  # held-out index of the tuning captions: the evaluation set is 10,000-10,299
 
 
-def caption_kind(caption: str) -> str:
-    """The evaluation set's categories (examples/make_shapes_prompts.py)."""
-    from shapes import scenes
-
-    spec = scenes.parse_caption(caption)
-    if spec.relation:
-        return "relation"
-    if any(p.count > 1 for p in spec.phrases):
-        return "count"
-    return {1: "single", 2: "pair", 3: "triple"}[len(spec.phrases)]
-
-
 def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float | None, steps: int | None,
             batch: int = 32) -> dict:
     """Mean score overall and per kind, and the single-object shape confusion (the scorer's top detection)."""
@@ -50,10 +38,10 @@ def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float
         part, part_seeds = captions[start:start + batch], seeds[start:start + batch]
         images = [Image.fromarray(im) for im in pipe.generate(part, part_seeds, guidance=guidance, steps=steps).images]
         scores += scorer.score(images, part)
-        singles = [i for i, c in enumerate(part) if caption_kind(c) == "single"]
+        singles = [i for i, c in enumerate(part) if scenes.parse_caption(c).kind == "single"]
         for i, shape in zip(singles, probes.read_single_shapes(scorer, [images[i] for i in singles])):
             read[start + i] = shape
-    kinds = [caption_kind(c) for c in captions]
+    kinds = [scenes.parse_caption(c).kind for c in captions]
     truth = [scenes.parse_caption(captions[i]).phrases[0].shape for i in read]
     by_kind = {k: float(np.mean([s for s, kk in zip(scores, kinds) if kk == k])) for k in sorted(set(kinds))}
     return {"mean_score": float(np.mean(scores)), "above_half": float(np.mean(np.array(scores) > 0.5)),

@@ -66,12 +66,12 @@ def run_arm(name: str, recipe: tuple[float, float, float], steps: int, eval_ever
     sample_scenes = probes.single_object_scenes(SAMPLE_SCENES, start=SCENES_START + 2000)
     truth = [s.objects[0].shape for s in sample_scenes]
     started = time.monotonic()
-    training_seconds = [0.0]
+    logged: list[dict] = []
 
     def evaluate(done: int, transformer, text_encoder) -> None:
         if done % eval_every and done != steps:
             return
-        training_seconds[0] = time.monotonic() - started - sum(r.get("eval_seconds", 0) for r in logged)
+        training_seconds = time.monotonic() - started - sum(r["eval_seconds"] for r in logged)
         eval_started = time.monotonic()
         modes = transformer.training, text_encoder.training
         transformer.eval()
@@ -91,7 +91,7 @@ def run_arm(name: str, recipe: tuple[float, float, float], steps: int, eval_ever
         row.update(inpaint=probes.accuracy(truth, inpainted), generate=probes.accuracy(truth, generated),
                    inpaint_confusion=probes.confusion(truth, inpainted),
                    generate_confusion=probes.confusion(truth, generated),
-                   training_seconds=round(training_seconds[0], 1),
+                   training_seconds=round(training_seconds, 1),
                    eval_seconds=round(time.monotonic() - eval_started, 1))
         logged.append(row)
         with open(results, "a") as f:
@@ -99,7 +99,6 @@ def run_arm(name: str, recipe: tuple[float, float, float], steps: int, eval_ever
         transformer.train(modes[0])
         text_encoder.train(modes[1])
 
-    logged: list[dict] = []
     train_generator(vq, tokenizer, seed, steps, config.sample_steps, config.batch_size, config.lr,
                     config.cond_dropout, config.text_steps, recipe=Recipe(*recipe), on_models=evaluate)
 

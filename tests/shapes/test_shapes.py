@@ -19,7 +19,7 @@ from shapes.scorer import ShapesScorer, held_out_accuracy
 from shapes.training import probes
 from shapes.training.caption_encoder import IGNORE, caption_targets, head_sizes, pretrain_text_encoder
 from shapes.training.config import TrainShapesConfig
-from shapes.training.data import scene_tensors, training_seeds
+from shapes.training.data import render_tensors, scene_tensors, training_seeds
 from shapes.training.generator import MICRO_CONDS, TEXT_LENGTH, build_text_encoder
 from shapes.training.shapes import train_model, train_scorer
 from shapes.training.vq import LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct, reconstruction_psnr
@@ -132,10 +132,9 @@ def test_shipped_model_matches_prompts_far_better_than_random_weights(scorer):
 def single_object_scenes():
     """The shipped model and 64 held-out single-object scenes with their tokens, loaded and encoded once."""
     pipe = mgt.load_pipeline("shapes-meissonic", device="cpu")
-    seeds = [seed for seed in scenes.held_out_seeds(400, start=5000) if len(scenes.make_scene(seed).objects) == 1][:64]
-    images, batch = scene_tensors(seeds)
+    batch = probes.single_object_scenes(64, start=5000)
     with torch.no_grad():
-        return pipe, batch, encode_tokens(pipe.vqvae, images)
+        return pipe, batch, encode_tokens(pipe.vqvae, render_tensors(batch))
 
 
 def _all_masked_object_loss(single_object_scenes, captions_of: Callable[[scenes.Scene], str]) -> float:
