@@ -28,6 +28,11 @@ class TrainShapesConfig(BaseModel):
                               "the caption.")
     high_mask_share: float = Field(0.25, ge=0, le=1, description="Share of the samples with at least 0.9 of "
                                    "the tokens masked (where layout and shape are decided).")
+    init_from: str | None = Field(None, description="A trained shapes model folder to continue from (a "
+                                  "fine-tune stage): its VQ, text encoder and transformer start this run, the "
+                                  "text pre-training is skipped, the scenes continue after its steps and its "
+                                  "training.json is kept in this run's record. --steps, --lr and the recipe "
+                                  "apply to this stage.")
     minutes: float | None = Field(None, gt=0, description="Wall-clock cap on transformer training; it stops "
                                   "early (not reproducibly) when reached. Unset: run all --steps.")
     scorer_steps: int = Field(1500, ge=1, description="Training steps of the shapes scorer's detector (batch 32).")

@@ -180,7 +180,8 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
                     on_step: Callable[[int, float], None] | None = None,
                     on_text_step: Callable[[int, float], None] | None = None,
                     on_models: Callable[[int, MeissonicTransformer, CLIPTextModelWithProjection], None] | None = None,
-                    ) -> TrainedGenerator:
+                    start: tuple[MeissonicTransformer, CLIPTextModelWithProjection] | None = None,
+                    first_step: int = 0) -> TrainedGenerator:
     """Pre-train the text encoder on captions, then train it with the transformer for up to ``steps`` steps.
 
     Args:
@@ -193,18 +194,28 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         should_stop: checked after each step (a wall-clock budget); the lr schedule follows ``steps``.
         on_models: called after each step with the number of steps done and both models (in train mode;
             a caller that evaluates them switches to eval and back), e.g. for learning curves.
+        start: a trained transformer and text encoder to continue from (a fine-tune stage, with its own
+            warm-up and cosine schedule over ``steps``); the text pre-training is then skipped.
+        first_step: where this run's scene stream starts: a stage continuing a run of N steps passes N,
+            so that it never sees that run's scenes again.
     """
     recipe = recipe or Recipe()
     torch.manual_seed(seed)
-    transformer = build_transformer(vq.config.num_vq_embeddings).train()
-    text_encoder = build_text_encoder(tokenizer, transformer.config.pooled_projection_dim)
+    if start is None:
+        transformer = build_transformer(vq.config.num_vq_embeddings)
+        text_encoder = build_text_encoder(tokenizer, transformer.config.pooled_projection_dim)
+    else:
+        transformer, text_encoder = start
+        transformer.requires_grad_(True)
+        text_steps = 0
+    transformer.train()
     caption_accuracy = None
     if text_steps:
         caption_accuracy = pretrain_text_encoder(tokenizer, text_encoder, seed, text_steps, TEXT_LENGTH,
                                                  on_step=on_text_step)
     groups = [{"params": list(transformer.parameters())}]
     if recipe.text_lr_scale > 0:
-        text_encoder.train()
+        text_encoder.train().requires_grad_(True)
         groups.append({"params": list(text_encoder.parameters()), "lr": lr * recipe.text_lr_scale})
     else:
         text_encoder.eval().requires_grad_(False)
@@ -217,7 +228,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     micro = torch.tensor([MICRO_CONDS] * batch_size)
     done = 0
     for step in range(steps):
-        images, batch = scene_tensors(training_seeds(seed, step, batch_size, part=1))
+        images, batch = scene_tensors(training_seeds(seed, first_step + step, batch_size, part=1))
         tokens = encode_tokens(vq, images)
         drop = torch.rand(batch_size, generator=generator) < cond_dropout
         captions = ["" if d else s.caption for d, s in zip(drop.tolist(), batch)]

@@ -35,8 +35,13 @@ def model_defaults(config: TrainShapesConfig) -> dict:
 
 
 def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None = None) -> dict:
-    """Train VQ, then transformer + text encoder, into ``out`` (hub layout); returns the report."""
+    """Train VQ, then transformer + text encoder, into ``out`` (hub layout); returns the report.
+
+    With ``config.init_from`` the run is a fine-tune stage of that model instead (:func:`continue_model`).
+    """
     out = Path(out)
+    if config.init_from is not None:
+        return continue_model(config, Path(config.init_from), out, progress)
     vq_key = {"seed": config.seed, "vq_steps": config.vq_steps, "threads": config.threads}
     record, record_path = _start_record(out, config, "vq", vq_key)
 
@@ -65,6 +70,42 @@ def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None 
     record.update(text_caption_accuracy=run.caption_accuracy, generator_steps_done=run.steps_done,
                   generator_seconds=round(time.monotonic() - started, 1))
     record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def continue_model(config: TrainShapesConfig, init: Path, out: Path, progress: Progress | None = None) -> dict:
+    """Continue training the transformer (and text encoder, unless frozen) of the model in ``init`` into ``out``.
+
+    The VQ and tokenizer are copied as they are; the scene stream starts after every generator step of
+    ``init``'s history, so a stage never revisits a scene; ``init``'s record is kept under ``"init"``.
+    """
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from mgt.meissonic import MeissonicTransformer
+
+    previous_path = init / "training.json"
+    if not previous_path.is_file():
+        raise FileNotFoundError(f"--init-from {init}: no training.json there; pass a folder written by "
+                                f"`maskray train-shapes --part model`")
+    previous = json.loads(previous_path.read_text())
+    first_step = previous.get("first_step", 0) + previous["generator_steps_done"]
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"config": config.model_dump(), "init": previous, "first_step": first_step}
+    vq = VQModel.from_pretrained(init / "vqvae").eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(init / "tokenizer")
+    transformer = MeissonicTransformer.from_pretrained(init / "transformer")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(init / "text_encoder")
+    started = time.monotonic()
+    deadline = None if config.minutes is None else started + 60 * config.minutes
+    run = train_generator(
+        vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
+        config.cond_dropout, recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share),
+        should_stop=lambda: deadline is not None and time.monotonic() > deadline,
+        on_step=_stage(progress, "generator", config.steps), start=(transformer, text_encoder),
+        first_step=first_step)
+    write_generator(out, run.transformer, run.text_encoder, vq, config)
+    record.update(generator_steps_done=run.steps_done, generator_seconds=round(time.monotonic() - started, 1))
+    (out / "training.json").write_text(json.dumps(record, indent=2))
     return record
 
 

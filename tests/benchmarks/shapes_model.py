@@ -25,7 +25,7 @@ TUNE_START = 40_000  # held-out index of the tuning captions: the evaluation set
 
 
 def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float | None, steps: int | None,
-            batch: int = 32) -> dict:
+            sampler=None, batch: int = 32) -> dict:
     """Mean score overall and per kind, and the single-object shape confusion (the scorer's top detection)."""
     import numpy as np
     from PIL import Image
@@ -36,7 +36,8 @@ def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float
     scores, read = [], {}
     for start in range(0, len(captions), batch):
         part, part_seeds = captions[start:start + batch], seeds[start:start + batch]
-        images = [Image.fromarray(im) for im in pipe.generate(part, part_seeds, guidance=guidance, steps=steps).images]
+        images = [Image.fromarray(im) for im in pipe.generate(part, part_seeds, guidance=guidance, steps=steps,
+                                                                  sampler=sampler).images]
         scores += scorer.score(images, part)
         singles = [i for i, c in enumerate(part) if scenes.parse_caption(c).kind == "single"]
         for i, shape in zip(singles, probes.read_single_shapes(scorer, [images[i] for i in singles])):
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=None, help="Captions (default: 96 tuning, all 300 evaluation).")
     parser.add_argument("--guidance", type=float, nargs="+", default=[None])
     parser.add_argument("--steps", type=int, nargs="+", default=[None])
+    parser.add_argument("--sampler", nargs="+", default=["vanilla"], help="Sampler specs (maskray sample "
+                        "--sampler syntax), e.g. 'vanilla:gumbel_temperature=[1,0]'.")
     parser.add_argument("--seeds-per-caption", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="shapes_model.json")
@@ -66,6 +69,7 @@ def main() -> None:
     import torch
 
     import mgt
+    from mgt.sampler_config import SamplerConfig
     from shapes import scenes
     from shapes.scorer import ShapesScorer
 
@@ -80,14 +84,15 @@ def main() -> None:
     pipe = mgt.load_pipeline(args.model, device="cpu")
     scorer = ShapesScorer(device="cpu")
     rows = []
-    for guidance, steps in itertools.product(args.guidance, args.steps):
+    for guidance, steps, spec in itertools.product(args.guidance, args.steps, args.sampler):
         started = time.monotonic()
-        row = {"guidance": guidance or pipe.defaults.guidance, "steps": steps or pipe.defaults.steps,
-               **measure(pipe, scorer, captions, seeds, guidance, steps), "seconds": 0.0}
+        row = {"guidance": guidance or pipe.defaults.guidance, "steps": steps or pipe.defaults.steps, "sampler": spec,
+               **measure(pipe, scorer, captions, seeds, guidance, steps, SamplerConfig.from_spec(spec)),
+               "seconds": 0.0}
         row["seconds"] = round(time.monotonic() - started, 1)
         rows.append(row)
         kinds = " ".join(f"{k} {v:.3f}" for k, v in row["by_kind"].items())
-        print(f"CFG {row['guidance']:>4} steps {row['steps']:>3}: mean {row['mean_score']:.3f} "
+        print(f"CFG {row['guidance']:>4} steps {row['steps']:>3} {spec}: mean {row['mean_score']:.3f} "
               f"(>0.5: {row['above_half']:.0%}) single-object shape accuracy {row['single_shape_accuracy']:.0%} | "
               f"{kinds} | {row['seconds']:.0f} s", flush=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "tune": args.tune, "rows": rows}, indent=2))

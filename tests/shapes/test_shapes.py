@@ -21,7 +21,7 @@ from shapes.training.caption_encoder import IGNORE, caption_targets, head_sizes,
 from shapes.training.config import TrainShapesConfig
 from shapes.training.data import render_tensors, scene_tensors, training_seeds
 from shapes.training.generator import MICRO_CONDS, TEXT_LENGTH, build_text_encoder
-from shapes.training.shapes import train_model, train_scorer
+from shapes.training.shapes import model_defaults, train_model, train_scorer
 from shapes.training.vq import LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct, reconstruction_psnr
 
 PSNR_THRESHOLD_DB = 30.0  # the shipped VQ measures 33.3 dB on 256 held-out scenes
@@ -200,6 +200,7 @@ def test_shipped_model_resolves_inside_the_package():
     assert folder.parent.name == "assets" and folder.parent.parent.name == "shapes"
     defaults = json.loads((folder / "model_index.json").read_text())["_maskray_defaults"]
     assert defaults["width"] == defaults["height"] == 64 and defaults["negative_prompt"] == ""
+    assert defaults == model_defaults(TrainShapesConfig())  # train-shapes' defaults write the shipped ones
 
 
 def test_short_training_run_end_to_end(tmp_path):
@@ -224,6 +225,35 @@ def test_train_shapes_command_resumes_after_the_vq_stage(tmp_path, capsys):
     assert (tmp_path / "vqvae" / "diffusion_pytorch_model.safetensors").read_bytes() == vq_weights
     assert json.loads((tmp_path / "training.json").read_text())["generator_steps_done"] == 2
     assert '"vq_psnr_db"' in capsys.readouterr().out
+
+def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
+    """--init-from: a fine-tune stage starts from the model's weights, keeps its VQ and reads the scenes after
+    every step of its history, so two chained stages never see a scene twice."""
+    first = tmp_path / "first"
+    assert main(["train-shapes", "--out", str(first), "--vq-steps", "1", "--text-steps", "1", "--steps", "2",
+                 "--batch-size", "2"]) == 0
+    seen_steps = []
+    real_seeds = training_seeds
+
+    def recording_seeds(run_seed, step, batch_size, part=0):
+        seen_steps.append(step)
+        return real_seeds(run_seed, step, batch_size, part)
+
+    monkeypatch.setattr("shapes.training.generator.training_seeds", recording_seeds)
+    stages = [tmp_path / "second", tmp_path / "third"]
+    for init, out in zip([first, stages[0]], stages):
+        assert main(["train-shapes", "--out", str(out), "--init-from", str(init), "--steps", "3",
+                     "--batch-size", "2", "--lr", "1e-2"]) == 0
+    assert seen_steps == [2, 3, 4, 5, 6, 7]
+    record = json.loads((stages[1] / "training.json").read_text())
+    assert (record["first_step"], record["init"]["first_step"], record["init"]["init"]["generator_steps_done"]) == (5, 2, 2)
+    vq = "vqvae/diffusion_pytorch_model.safetensors"
+    assert (stages[1] / vq).read_bytes() == (first / vq).read_bytes()
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (stages[0] / weights).read_bytes() != (first / weights).read_bytes()
+    assert main(["train-shapes", "--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "missing")]) == 2
+    assert "--init-from" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
 
 
 def test_train_shapes_help_loads_no_torch():
