@@ -55,20 +55,8 @@ def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None 
         record_path.write_text(json.dumps(record, indent=2))
     record["vq_psnr_db"] = round(reconstruction_psnr(vq, scenes.held_out_seeds(PSNR_SCENES)), 2)
 
-    words = scenes.vocabulary()
-    tokenizer = write_tokenizer(out / "tokenizer", words)
-    started = time.monotonic()
-    deadline = None if config.minutes is None else started + 60 * config.minutes
-    run = train_generator(
-        vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
-        config.cond_dropout, config.text_steps,
-        recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share),
-        should_stop=lambda: deadline is not None and time.monotonic() > deadline,
-        on_step=_stage(progress, "generator", config.steps),
-        on_text_step=_stage(progress, "text encoder", config.text_steps))
-    write_generator(out, run.transformer, run.text_encoder, vq, config)
-    record.update(text_caption_accuracy=run.caption_accuracy, generator_steps_done=run.steps_done,
-                  generator_seconds=round(time.monotonic() - started, 1))
+    tokenizer = write_tokenizer(out / "tokenizer", scenes.vocabulary())
+    record.update(_generator_stage(config, out, vq, tokenizer, progress))
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
@@ -92,21 +80,30 @@ def continue_model(config: TrainShapesConfig, init: Path, out: Path, progress: P
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": config.model_dump(), "init": previous, "first_step": first_step}
     vq = VQModel.from_pretrained(init / "vqvae").eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(init / "tokenizer")
-    transformer = MeissonicTransformer.from_pretrained(init / "transformer")
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(init / "text_encoder")
+    start = (MeissonicTransformer.from_pretrained(init / "transformer"),
+             CLIPTextModelWithProjection.from_pretrained(init / "text_encoder"))
+    record.update(_generator_stage(config, out, vq, CLIPTokenizer.from_pretrained(init / "tokenizer"), progress,
+                                   start, first_step))
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _generator_stage(config: TrainShapesConfig, out: Path, vq: VQModel, tokenizer, progress: Progress | None,
+                     start: tuple | None = None, first_step: int = 0) -> dict:
+    """Train the generator by ``config`` (from scratch, or from ``start`` reading scenes from ``first_step``),
+    write the model into ``out`` and return the stage's figures for ``training.json``."""
     started = time.monotonic()
     deadline = None if config.minutes is None else started + 60 * config.minutes
     run = train_generator(
         vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
-        config.cond_dropout, recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share),
+        config.cond_dropout, config.text_steps,
+        recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share),
         should_stop=lambda: deadline is not None and time.monotonic() > deadline,
-        on_step=_stage(progress, "generator", config.steps), start=(transformer, text_encoder),
-        first_step=first_step)
+        on_step=_stage(progress, "generator", config.steps),
+        on_text_step=_stage(progress, "text encoder", config.text_steps), start=start, first_step=first_step)
     write_generator(out, run.transformer, run.text_encoder, vq, config)
-    record.update(generator_steps_done=run.steps_done, generator_seconds=round(time.monotonic() - started, 1))
-    (out / "training.json").write_text(json.dumps(record, indent=2))
-    return record
+    return {"text_caption_accuracy": run.caption_accuracy, "generator_steps_done": run.steps_done,
+            "generator_seconds": round(time.monotonic() - started, 1)}
 
 
 def write_generator(out: Path, transformer, text_encoder, vq: VQModel, config: TrainShapesConfig) -> None:

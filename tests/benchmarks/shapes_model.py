@@ -69,7 +69,6 @@ def main() -> None:
     import torch
 
     import mgt
-    from mgt.sampler_config import SamplerConfig
     from shapes import scenes
     from shapes.scorer import ShapesScorer
 
@@ -87,7 +86,7 @@ def main() -> None:
     for guidance, steps, spec in itertools.product(args.guidance, args.steps, args.sampler):
         started = time.monotonic()
         row = {"guidance": guidance or pipe.defaults.guidance, "steps": steps or pipe.defaults.steps, "sampler": spec,
-               **measure(pipe, scorer, captions, seeds, guidance, steps, SamplerConfig.from_spec(spec)),
+               **measure(pipe, scorer, captions, seeds, guidance, steps, mgt.SamplerConfig.from_spec(spec)),
                "seconds": 0.0}
         row["seconds"] = round(time.monotonic() - started, 1)
         rows.append(row)

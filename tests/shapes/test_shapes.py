@@ -149,12 +149,6 @@ def _all_masked_object_loss(single_object_scenes, captions_of: Callable[[scenes.
         return torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[objects], tokens[objects]).item()
 
 
-def _with_another_shape(scene: scenes.Scene) -> str:
-    shape = scene.objects[0].shape
-    other = random.Random(scene.seed).choice([s for s in scenes.SHAPES if s != shape])
-    return scene.caption.replace(scenes.PLURALS[shape], scenes.PLURALS[other]).replace(shape, other)
-
-
 def test_shipped_model_reads_the_caption(single_object_scenes):
     caption = _all_masked_object_loss(single_object_scenes, lambda s: s.caption)
     empty = _all_masked_object_loss(single_object_scenes, lambda s: "")
@@ -226,6 +220,7 @@ def test_train_shapes_command_resumes_after_the_vq_stage(tmp_path, capsys):
     assert json.loads((tmp_path / "training.json").read_text())["generator_steps_done"] == 2
     assert '"vq_psnr_db"' in capsys.readouterr().out
 
+
 def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
     """--init-from: a fine-tune stage starts from the model's weights, keeps its VQ and reads the scenes after
     every step of its history, so two chained stages never see a scene twice."""
@@ -253,7 +248,6 @@ def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
     assert (stages[0] / weights).read_bytes() != (first / weights).read_bytes()
     assert main(["train-shapes", "--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "missing")]) == 2
     assert "--init-from" in capsys.readouterr().err and not (tmp_path / "x").exists()
-
 
 
 def test_train_shapes_help_loads_no_torch():
