@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainShapesConfig(BaseModel):
@@ -28,6 +28,10 @@ class TrainShapesConfig(BaseModel):
                               "the caption.")
     high_mask_share: float = Field(0.25, ge=0, le=1, description="Share of the samples with at least 0.9 of "
                                    "the tokens masked (where layout and shape are decided).")
+    width: int = Field(128, ge=8, description="Channels of the transformer (a multiple of 8 per head).")
+    heads: int = Field(4, ge=1, description="Attention heads of the transformer.")
+    layers: int = Field(1, ge=0, description="Joint (text + image) transformer blocks.")
+    single_layers: int = Field(2, ge=0, description="Single-stream transformer blocks after the joint ones.")
     init_from: str | None = Field(None, description="A trained shapes model folder to continue from (a "
                                   "fine-tune stage): its VQ, text encoder and transformer start this run, the "
                                   "text pre-training is skipped, the scenes continue after its steps and its "
@@ -43,3 +47,11 @@ class TrainShapesConfig(BaseModel):
     guidance: float = Field(3.0, ge=0, description="Default CFG scale written into the model.")
     threads: int = Field(2, ge=1, description="Torch CPU threads; results depend on it through float summation "
                          "order (the shipped model used 2, the shipped scorer 1: see its training.json).")
+
+    @model_validator(mode="after")
+    def _heads_split_the_width(self) -> TrainShapesConfig:
+        """Each head's channels split over the three rotary axes as 1/4, 3/8, 3/8 (build_transformer)."""
+        if self.width % self.heads or (self.width // self.heads) % 8:
+            raise ValueError(f"--width {self.width} must split into --heads {self.heads} heads of a multiple of 8 "
+                             f"channels each; e.g. --width {8 * self.heads * max(1, round(self.width / 8 / self.heads))}")
+        return self

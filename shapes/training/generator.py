@@ -61,9 +61,19 @@ def build_text_encoder(tokenizer: CLIPTokenizer, projection_dim: int) -> CLIPTex
     return CLIPTextModelWithProjection(config)
 
 
-def build_transformer(codebook: int, width: int = 128, heads: int = 4, layers: int = 1,
-                      single_layers: int = 2) -> MeissonicTransformer:
+class Architecture(NamedTuple):
+    """Size of the transformer: ``width`` channels in ``heads`` heads, ``layers`` joint (text + image)
+    blocks followed by ``single_layers`` single-stream blocks, as Meissonic's are stacked."""
+
+    width: int = 128
+    heads: int = 4
+    layers: int = 1
+    single_layers: int = 2
+
+
+def build_transformer(codebook: int, architecture: Architecture | None = None) -> MeissonicTransformer:
     """A small Meissonic transformer that down-samples the token grid 2x, as Meissonic-1024 does."""
+    width, heads, layers, single_layers = architecture or Architecture()
     head_dim = width // heads
     rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
     return MeissonicTransformer(num_layers=layers, num_single_layers=single_layers, attention_head_dim=head_dim,
@@ -175,7 +185,7 @@ class TrainedGenerator(NamedTuple):
 
 def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int, sampler_steps: int,
                     batch_size: int = 16, lr: float = 1e-3, cond_dropout: float = 0.1, text_steps: int = 1000,
-                    recipe: Recipe | None = None,
+                    recipe: Recipe | None = None, architecture: Architecture | None = None,
                     should_stop: Callable[[], bool] = lambda: False,
                     on_step: Callable[[int, float], None] | None = None,
                     on_text_step: Callable[[int, float], None] | None = None,
@@ -191,6 +201,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         text_steps: steps of caption-only pre-training of the text encoder
             (:func:`shapes.training.caption_encoder.pretrain_text_encoder`) before the joint steps; 0 skips it.
         recipe: text encoder rate, object holes and high mask ratios (:class:`Recipe`); None: Meissonic's own.
+        architecture: size of a new transformer (:class:`Architecture`); ignored with ``start``.
         should_stop: checked after each step (a wall-clock budget); the lr schedule follows ``steps``.
         on_models: called after each step with the number of steps done and both models (in train mode;
             a caller that evaluates them switches to eval and back), e.g. for learning curves.
@@ -202,7 +213,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     recipe = recipe or Recipe()
     torch.manual_seed(seed)
     if start is None:
-        transformer = build_transformer(vq.config.num_vq_embeddings)
+        transformer = build_transformer(vq.config.num_vq_embeddings, architecture)
         text_encoder = build_text_encoder(tokenizer, transformer.config.pooled_projection_dim)
     else:
         transformer, text_encoder = start

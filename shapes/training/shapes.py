@@ -21,7 +21,7 @@ from mgt.tiny import write_model, write_tokenizer
 from shapes import scenes
 from shapes.training.config import TrainShapesConfig
 from shapes.training.detector import train_detector, train_shape_classifier
-from shapes.training.generator import TEXT_LENGTH, Recipe, train_generator
+from shapes.training.generator import TEXT_LENGTH, Architecture, Recipe, train_generator
 from shapes.training.vq import reconstruction_psnr, train_vq
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total steps, loss)
@@ -98,6 +98,7 @@ def _generator_stage(config: TrainShapesConfig, out: Path, vq: VQModel, tokenize
         vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
         config.cond_dropout, config.text_steps,
         recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share),
+        architecture=Architecture(config.width, config.heads, config.layers, config.single_layers),
         should_stop=lambda: deadline is not None and time.monotonic() > deadline,
         on_step=_stage(progress, "generator", config.steps),
         on_text_step=_stage(progress, "text encoder", config.text_steps), start=start, first_step=first_step)

@@ -221,6 +221,17 @@ def test_train_shapes_command_resumes_after_the_vq_stage(tmp_path, capsys):
     assert '"vq_psnr_db"' in capsys.readouterr().out
 
 
+def test_train_shapes_builds_the_transformer_size_it_is_given(tmp_path, capsys):
+    assert main(["train-shapes", "--out", str(tmp_path), "--vq-steps", "1", "--text-steps", "1", "--steps", "1",
+                 "--batch-size", "2", "--width", "48", "--heads", "3", "--layers", "2", "--single-layers", "1"]) == 0
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["pooled_projection_dim"]) == (3, 16, 48)
+    assert (config["num_layers"], config["num_single_layers"]) == (2, 1)
+    assert mgt.load_pipeline(str(tmp_path), device="cpu").generate(["a red circle"], [0], steps=2).images.shape == (1, 64, 64, 3)
+    assert main(["train-shapes", "--out", str(tmp_path / "x"), "--width", "100", "--heads", "3"]) == 2
+    assert "--width 100" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
     """--init-from: a fine-tune stage starts from the model's weights, keeps its VQ and reads the scenes after
     every step of its history, so two chained stages never see a scene twice."""
