@@ -6,20 +6,14 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.uvit_2d import UVit2DModel
 
+from mgt.token_grid import TokenGridMixin
 
-class AmusedTransformer(UVit2DModel):
+
+class AmusedTransformer(TokenGridMixin, UVit2DModel):
     """``UVit2DModel`` with the engine's forward signature; same config and parameter names.
 
     aMUSEd has no timestep input: ``timestep`` is accepted and ignored so every MGT is called alike.
     """
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.config.vocab_size - 1
-
-    @property
-    def token_grid_multiple(self) -> int:
-        return 2 if self.config.downsample else 1
 
     def forward(
         self,

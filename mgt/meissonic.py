@@ -31,6 +31,8 @@ from diffusers.models.transformers.transformer_flux import (
 from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from torch import nn
 
+from mgt.token_grid import TokenGridMixin
+
 MICRO_COND_ENCODE_DIM = 256  # hard-coded in the reference forward()
 NUM_MICRO_CONDS = 5  # [width, height, crop_top, crop_left, score]
 
@@ -74,7 +76,7 @@ def image_rope_ids(rows: int, cols: int, device=None) -> torch.Tensor:
     return ids.reshape(rows * cols, 3)
 
 
-class MeissonicTransformer(ModelMixin, ConfigMixin):
+class MeissonicTransformer(TokenGridMixin, ModelMixin, ConfigMixin):
     """Meissonic's text-to-token transformer (hub ``_class_name: "Transformer2DModel"``).
 
     Config keys are those of the hub ``transformer/config.json``; ``in_channels``, ``patch_size`` and
@@ -142,15 +144,6 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         self.project_from_hidden = nn.Linear(inner_dim, inner_dim, bias=False)
         self.down_block = _DownBlock(inner_dim, downsample)
         self.up_block = _UpBlock(inner_dim, upsample)
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.config.vocab_size - 1
-
-    @property
-    def token_grid_multiple(self) -> int:
-        """Token-grid sides must be a multiple of this (2 when the transformer down-samples)."""
-        return 2 if self.config.downsample else 1
 
     def forward(
         self,
