@@ -28,6 +28,10 @@ class TrainShapesConfig(BaseModel):
                               "the caption.")
     high_mask_share: float = Field(0.25, ge=0, le=1, description="Share of the samples with at least 0.9 of "
                                    "the tokens masked (where layout and shape are decided).")
+    lattice: int = Field(0, ge=0, description="Generator training scenes only: object centres snapped to "
+                         "multiples of this many pixels and radii to their size's nominal value (0: as drawn), so "
+                         "that the sampler's parallel steps agree on where an object's edges are. The scorer and "
+                         "the held-out scenes are unchanged.")
     width: int = Field(128, ge=8, description="Channels of the transformer (a multiple of 8 per head).")
     heads: int = Field(4, ge=1, description="Attention heads of the transformer.")
     layers: int = Field(1, ge=0, description="Joint (text + image) transformer blocks.")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -10,10 +12,33 @@ import torch
 from shapes import scenes
 
 
-def scene_tensors(seeds: Sequence[int]) -> tuple[torch.Tensor, list[scenes.Scene]]:
-    """``(B, 3, 64, 64)`` float32 images in [0, 1] (the range the pipeline's VQ decode clips to) and the scenes."""
+def scene_tensors(seeds: Sequence[int], lattice: int = 0) -> tuple[torch.Tensor, list[scenes.Scene]]:
+    """``(B, 3, 64, 64)`` float32 images in [0, 1] (the range the pipeline's VQ decode clips to) and the scenes,
+    snapped to a ``lattice`` of that many pixels when it is > 0 (:func:`snap_to_lattice`)."""
     batch = [scenes.make_scene(int(s)) for s in seeds]
+    if lattice:
+        batch = [snap_to_lattice(scene, lattice) for scene in batch]
     return render_tensors(batch), batch
+
+
+def snap_to_lattice(scene: scenes.Scene, lattice: int) -> scenes.Scene:
+    """``scene`` with its object centres moved to the nearest multiple of ``lattice`` pixels and their radii
+    set to their size's nominal value, if it then still matches its caption with the objects inside the image
+    and apart as :func:`shapes.scenes.make_scene` places them; otherwise ``scene`` unchanged.
+
+    Why (docs/shapes-training.md): with centres and radii continuous, the generator's prediction for a
+    token on an object's edge stays near 50/50 until the edge is placed, and a sampler that commits many
+    tokens per step commits such tokens independently, which draws ragged blobs.
+    """
+    objects = tuple(replace(obj, x=float(round(obj.x / lattice) * lattice), y=float(round(obj.y / lattice) * lattice),
+                            radius=float(scenes.SIZES[obj.size])) for obj in scene.objects)
+    inside = all(o.radius <= o.x <= scenes.SIZE - o.radius and o.radius <= o.y <= scenes.SIZE - o.radius
+                 for o in objects)
+    apart = all(math.dist((a.x, a.y), (b.x, b.y)) > a.radius + b.radius + 3
+                for i, a in enumerate(objects) for b in objects[i + 1:])
+    if inside and apart and scenes.satisfies(scene.spec, objects, scene.background):
+        return replace(scene, objects=objects)
+    return scene
 
 
 def render_tensors(batch: Sequence[scenes.Scene]) -> torch.Tensor:

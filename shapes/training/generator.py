@@ -95,11 +95,14 @@ class Recipe(NamedTuple):
             radius, centre moved up to 2 px) is fully masked; the rest of their tokens are masked by the schedule.
         high_mask_share: share of the samples whose mask rate is drawn from ``[HIGH_MASK_RATE, 1]``
             (``t ~ U(0, t_0.9)``) instead of the whole schedule.
+        lattice: > 0 snaps the training scenes' object centres to multiples of this many pixels and their
+            radii to nominal (:func:`shapes.training.data.snap_to_lattice`); 0 keeps them as drawn.
     """
 
     text_lr_scale: float = 1.0
     hole_share: float = 0.0
     high_mask_share: float = 0.0
+    lattice: int = 0
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, generator: torch.Generator, high_mask_share: float = 0.0,
@@ -239,7 +242,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     micro = torch.tensor([MICRO_CONDS] * batch_size)
     done = 0
     for step in range(steps):
-        images, batch = scene_tensors(training_seeds(seed, first_step + step, batch_size, part=1))
+        images, batch = scene_tensors(training_seeds(seed, first_step + step, batch_size, part=1), recipe.lattice)
         tokens = encode_tokens(vq, images)
         drop = torch.rand(batch_size, generator=generator) < cond_dropout
         captions = ["" if d else s.caption for d, s in zip(drop.tolist(), batch)]

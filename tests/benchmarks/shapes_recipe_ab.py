@@ -29,18 +29,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ARMS = {  # name -> (text_lr_scale, hole_share, high_mask_share)
+ARMS = {  # name -> Recipe fields: (text_lr_scale, hole_share, high_mask_share[, lattice])
     "today": (1.0, 0.0, 0.0),
     "frozen": (0.0, 0.0, 0.0),
     "frozen+holes": (0.0, 0.5, 0.0),
     "new": (0.0, 0.5, 0.25),
+    "new+lattice": (0.0, 0.5, 0.25, 4),
 }
 PROBE_SCENES = 48  # single-object scenes for the cross-entropy gaps
 SAMPLE_SCENES = 30  # single-object scenes for inpainting and generation
 SCENES_START = 30_000  # held-out index: far from the evaluation set (10,000-10,299) and the tests' scenes
 
 
-def run_arm(name: str, recipe: tuple[float, float, float], steps: int, eval_every: int, threads: int,
+def run_arm(name: str, recipe: tuple, steps: int, eval_every: int, threads: int,
             seed: int, results: str) -> None:
     """Train one arm and append one JSON line per evaluation point to ``results``."""
     sys.path.insert(0, str(ROOT))

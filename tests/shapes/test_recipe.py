@@ -2,6 +2,7 @@
 measure whether a generator reads the shape word."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import mgt
 from mgt.tiny import write_tokenizer
 from shapes import scenes
 from shapes.training import probes
+from shapes.training.data import scene_tensors, snap_to_lattice
 from shapes.training.generator import (
     HIGH_MASK_RATE,
     Recipe,
@@ -42,6 +44,24 @@ def test_object_holes_cover_every_object_and_only_the_chosen_share():
     assert not object_holes(batch, 32, torch.Generator().manual_seed(0), share=0.0).any()
     chosen = object_holes(batch, 32, torch.Generator().manual_seed(0), share=0.5).flatten(1).any(1)
     assert 16 <= int(chosen.sum()) <= 48
+
+
+def test_lattice_scenes_keep_their_captions_with_centres_and_radii_snapped():
+    batch = [scenes.make_scene(seed) for seed in range(500)]
+    snapped = [snap_to_lattice(scene, 4) for scene in batch]
+    moved = [s for s, original in zip(snapped, batch) if s is not original]
+    assert len(moved) >= 450  # the rest would break their caption or overlap, and are kept as drawn
+    for scene in moved:
+        assert scenes.satisfies(scene.spec, scene.objects, scene.background), scene.caption
+        assert all(o.x % 4 == o.y % 4 == 0 and o.radius == scenes.SIZES[o.size] for o in scene.objects)
+    original = scenes.make_scene(5)
+    left = replace(original.objects[0], x=23.5, y=32.0)  # 8.5 px left of the centre; "left" needs more than 8
+    edge = replace(original, objects=(left,), spec=scenes.CaptionSpec(
+        (scenes.ObjectPhrase(left.shape, left.colour, position="left"),)))
+    assert scenes.satisfies(edge.spec, edge.objects, edge.background)
+    assert snap_to_lattice(edge, 4) is edge  # column 24 would be only 8 px left: kept as drawn
+    _, kept = scene_tensors([0, 1], lattice=0)
+    assert [s.objects for s in kept] == [scenes.make_scene(0).objects, scenes.make_scene(1).objects]
 
 
 def test_masking_time_is_that_of_the_fraction_actually_masked():
