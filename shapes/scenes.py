@@ -151,15 +151,16 @@ def _place(rng: random.Random, spec: CaptionSpec) -> tuple[SceneObject, ...]:
             else:
                 x, y = rng.uniform(radius + 2, SIZE - radius - 2), rng.uniform(radius + 2, SIZE - radius - 2)
             objects.append(SceneObject(phrase.shape, phrase.colour, size, x, y, radius))
-        apart = all(_distance(a, b) > a.radius + b.radius + 3 for a, b in itertools.combinations(objects, 2))
         # the relation is drawn with twice the margin the check asks for, so a placed scene satisfies it clearly
         related = spec.relation is None or _relation_margin(spec.relation, objects[0], objects[1]) > MARGIN
-        if apart and related:
+        if apart(objects) and related:
             return tuple(objects)
 
 
-def _distance(a: SceneObject, b: SceneObject) -> float:
-    return ((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5
+def apart(objects: Sequence[SceneObject]) -> bool:
+    """Whether no two objects come closer than their radii plus 3 px (how :func:`make_scene` places them)."""
+    return all(((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5 > a.radius + b.radius + 3
+               for a, b in itertools.combinations(objects, 2))
 
 
 def write_caption(spec: CaptionSpec, rng: random.Random) -> str:

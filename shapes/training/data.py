@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -34,9 +33,7 @@ def snap_to_lattice(scene: scenes.Scene, lattice: int) -> scenes.Scene:
                             radius=float(scenes.SIZES[obj.size])) for obj in scene.objects)
     inside = all(o.radius <= o.x <= scenes.SIZE - o.radius and o.radius <= o.y <= scenes.SIZE - o.radius
                  for o in objects)
-    apart = all(math.dist((a.x, a.y), (b.x, b.y)) > a.radius + b.radius + 3
-                for i, a in enumerate(objects) for b in objects[i + 1:])
-    if inside and apart and scenes.satisfies(scene.spec, objects, scene.background):
+    if inside and scenes.apart(objects) and scenes.satisfies(scene.spec, objects, scene.background):
         return replace(scene, objects=objects)
     return scene
 
