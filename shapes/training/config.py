@@ -32,6 +32,11 @@ class TrainShapesConfig(BaseModel):
                          "multiples of this many pixels and radii to their size's nominal value (0: as drawn), so "
                          "that the sampler's parallel steps agree on where an object's edges are. The scorer and "
                          "the held-out scenes are unchanged.")
+    anchors: bool = Field(False, description="Generator training scenes only: every object centred on a 3x3 grid "
+                          "of anchors (the five named positions and the corners) at its size's nominal radius, so "
+                          "that once a few of an object's tokens are drawn the rest are decided (measured in "
+                          "docs/shapes-training.md: it did not beat the shipped model). The scorer and the held-out "
+                          "scenes are unchanged.")
     width: int = Field(128, ge=8, description="Channels of the transformer (a multiple of 8 per head).")
     heads: int = Field(4, ge=1, description="Attention heads of the transformer.")
     layers: int = Field(1, ge=0, description="Joint (text + image) transformer blocks.")

@@ -97,12 +97,15 @@ class Recipe(NamedTuple):
             (``t ~ U(0, t_0.9)``) instead of the whole schedule.
         lattice: > 0 snaps the training scenes' object centres to multiples of this many pixels and their
             radii to nominal (:func:`shapes.training.data.snap_to_lattice`); 0 keeps them as drawn.
+        anchors: lays the training scenes' objects out on a 3x3 grid of anchors at nominal radii
+            (:func:`shapes.training.data.place_on_anchors`).
     """
 
     text_lr_scale: float = 1.0
     hole_share: float = 0.0
     high_mask_share: float = 0.0
     lattice: int = 0
+    anchors: bool = False
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, generator: torch.Generator, high_mask_share: float = 0.0,
@@ -242,7 +245,8 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     micro = torch.tensor([MICRO_CONDS] * batch_size)
     done = 0
     for step in range(steps):
-        images, batch = scene_tensors(training_seeds(seed, first_step + step, batch_size, part=1), recipe.lattice)
+        images, batch = scene_tensors(training_seeds(seed, first_step + step, batch_size, part=1), recipe.lattice,
+                                      recipe.anchors)
         tokens = encode_tokens(vq, images)
         drop = torch.rand(batch_size, generator=generator) < cond_dropout
         captions = ["" if d else s.caption for d, s in zip(drop.tolist(), batch)]

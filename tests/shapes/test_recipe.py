@@ -12,7 +12,7 @@ import mgt
 from mgt.tiny import write_tokenizer
 from shapes import scenes
 from shapes.training import probes
-from shapes.training.data import scene_tensors, snap_to_lattice
+from shapes.training.data import ANCHORS, place_on_anchors, scene_tensors, snap_to_lattice
 from shapes.training.generator import (
     HIGH_MASK_RATE,
     Recipe,
@@ -62,6 +62,24 @@ def test_lattice_scenes_keep_their_captions_with_centres_and_radii_snapped():
     assert snap_to_lattice(edge, 4) is edge  # column 24 would be only 8 px left: kept as drawn
     _, kept = scene_tensors([0, 1], lattice=0)
     assert [s.objects for s in kept] == [scenes.make_scene(0).objects, scenes.make_scene(1).objects]
+
+
+def test_anchored_scenes_keep_their_captions_with_every_object_on_an_anchor():
+    batch = [scenes.make_scene(seed) for seed in range(2000)]
+    placed = [place_on_anchors(scene) for scene in batch]
+    assert all(p is not s for p, s in zip(placed, batch))  # every kind of caption has a layout on the anchors
+    cells = set()
+    for scene in placed:
+        assert scenes.satisfies(scene.spec, scene.objects, scene.background), scene.caption
+        assert scenes.apart(scene.objects)
+        assert all((o.x, o.y) in ANCHORS and o.radius == scenes.SIZES[o.size] for o in scene.objects)
+        for phrase, obj in zip(scene.spec.instances(), scene.objects):
+            assert phrase.position is None or (obj.x, obj.y) == scenes.POSITIONS[phrase.position]
+        cells.update((o.x, o.y) for o in scene.objects)
+    assert cells == set(ANCHORS)  # unplaced objects use the corners too
+    assert [place_on_anchors(s) for s in batch[:50]] == placed[:50]  # seeded by the scene: reproducible
+    _, from_tensors = scene_tensors([7, 8], anchors=True)
+    assert from_tensors == placed[7:9]
 
 
 def test_masking_time_is_that_of_the_fraction_actually_masked():
