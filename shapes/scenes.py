@@ -201,26 +201,29 @@ def _article(word: str) -> str:
 
 def render(scene: Scene) -> Image.Image:
     """The 64x64 RGB image of ``scene`` (drawn at 4x and box-filtered down)."""
-    big = SIZE * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    image = Image.new("RGB", (SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        x, y, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, obj.radius * SUPERSAMPLE
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-        elif obj.shape == "square":
-            s = r * 0.9  # a square of the same radius looks larger than the circle; keep areas comparable
-            draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
-        elif obj.shape == "diamond":
-            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
-        else:  # cross: a plus sign with arms 0.4 r wide on each side of the centre line
-            w = r * 0.4
-            draw.rectangle([x - r, y - w, x + r, y + w], fill=fill)
-            draw.rectangle([x - w, y - r, x + w, y + r], fill=fill)
+        draw_object(draw, obj, COLOURS[obj.colour])
     return image.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, scale: int = SUPERSAMPLE) -> None:
+    """Draw ``obj``'s silhouette in ``fill`` on a canvas ``scale`` times the image size."""
+    x, y, r = obj.x * scale, obj.y * scale, obj.radius * scale
+    if obj.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif obj.shape == "square":
+        s = r * 0.9  # a square of the same radius looks larger than the circle; keep areas comparable
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    else:  # cross: a plus sign with arms 0.4 r wide on each side of the centre line
+        w = r * 0.4
+        draw.rectangle([x - r, y - w, x + r, y + w], fill=fill)
+        draw.rectangle([x - w, y - r, x + w, y + r], fill=fill)
 
 
 def render_batch(seeds: Sequence[int]) -> tuple[np.ndarray, list[Scene]]:

@@ -37,6 +37,10 @@ class TrainShapesConfig(BaseModel):
                           "that once a few of an object's tokens are drawn the rest are decided (measured in "
                           "docs/shapes-training.md: it did not beat the shipped model). The scorer and the held-out "
                           "scenes are unchanged.")
+    silhouette: float = Field(0.0, ge=0, description="Weight of an auxiliary loss (0: off) in which the "
+                              "generator also predicts, for each pixel of a masked token, background or which shape "
+                              "covers it: the silhouette without the colours that split every edge code by colour "
+                              "pair. The head is dropped after training; the shipped model has none.")
     width: int = Field(128, ge=8, description="Channels of the transformer (a multiple of 8 per head).")
     heads: int = Field(4, ge=1, description="Attention heads of the transformer.")
     layers: int = Field(1, ge=0, description="Joint (text + image) transformer blocks.")

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from shapes import scenes
 
@@ -74,6 +75,21 @@ def render_tensors(batch: Sequence[scenes.Scene]) -> torch.Tensor:
     """``(B, 3, 64, 64)`` float32 images in [0, 1] of the given scenes (which may be edited copies)."""
     images = np.stack([np.asarray(scenes.render(s)) for s in batch])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+
+
+def silhouette_maps(batch: Sequence[scenes.Scene]) -> torch.Tensor:
+    """``(B, 64, 64)`` int64 colour-free labels of the scenes: 0 for background, ``1 + SHAPES.index(shape)``
+    where an object covers the pixel (drawn at 4x as :func:`shapes.scenes.render` draws, then the label at
+    each pixel's centre). The target of the generator's auxiliary silhouette head (``Recipe.silhouette``)."""
+    big = scenes.SIZE * scenes.SUPERSAMPLE
+    maps = []
+    for scene in batch:
+        canvas = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(canvas)
+        for obj in scene.objects:
+            scenes.draw_object(draw, obj, 1 + scenes.SHAPES.index(obj.shape))
+        maps.append(np.asarray(canvas)[scenes.SUPERSAMPLE // 2::scenes.SUPERSAMPLE, scenes.SUPERSAMPLE // 2::scenes.SUPERSAMPLE])
+    return torch.from_numpy(np.stack(maps)).long()
 
 
 def training_seeds(run_seed: int, step: int, batch_size: int, part: int = 0) -> list[int]:

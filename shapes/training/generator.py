@@ -43,7 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from mgt.meissonic import MeissonicTransformer
 from shapes import scenes
 from shapes.training.caption_encoder import caption_ids, pretrain_text_encoder
-from shapes.training.data import scene_tensors, training_seeds
+from shapes.training.data import scene_tensors, silhouette_maps, training_seeds
 from shapes.training.schedule import optimizer_step, warmup_cosine
 from shapes.training.vq import encode_tokens
 
@@ -99,6 +99,11 @@ class Recipe(NamedTuple):
             radii to nominal (:func:`shapes.training.data.snap_to_lattice`); 0 keeps them as drawn.
         anchors: lays the training scenes' objects out on a 3x3 grid of anchors at nominal radii
             (:func:`shapes.training.data.place_on_anchors`).
+        silhouette: > 0 adds, with this weight, an auxiliary loss on the masked tokens: a 1x1 convolution on the
+            features the transformer's output layer reads predicts, for each pixel of the token, background or
+            which shape covers it (:func:`shapes.training.data.silhouette_maps`). Code ids mix geometry with the
+            object's and the background's colour, so each edge code is seen with one colour pair only; the
+            silhouette names the geometry once for all colours. The head is dropped after training.
     """
 
     text_lr_scale: float = 1.0
@@ -106,6 +111,7 @@ class Recipe(NamedTuple):
     high_mask_share: float = 0.0
     lattice: int = 0
     anchors: bool = False
+    silhouette: float = 0.0
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, generator: torch.Generator, high_mask_share: float = 0.0,
@@ -197,7 +203,9 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
                     on_text_step: Callable[[int, float], None] | None = None,
                     on_models: Callable[[int, MeissonicTransformer, CLIPTextModelWithProjection], None] | None = None,
                     start: tuple[MeissonicTransformer, CLIPTextModelWithProjection] | None = None,
-                    first_step: int = 0) -> TrainedGenerator:
+                    first_step: int = 0,
+                    scene_batch: Callable[[list[int]], tuple[torch.Tensor, list[scenes.Scene]]] | None = None,
+                    ) -> TrainedGenerator:
     """Pre-train the text encoder on captions, then train it with the transformer for up to ``steps`` steps.
 
     Args:
@@ -215,6 +223,8 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
             warm-up and cosine schedule over ``steps``); the text pre-training is then skipped.
         first_step: where this run's scene stream starts: a stage continuing a run of N steps passes N,
             so that it never sees that run's scenes again.
+        scene_batch: seeds -> (images, scenes) of one step, in place of the benchmark's scenes (with the recipe's
+            lattice or anchors); e.g. a simplified scene family to measure what the architecture can learn.
     """
     recipe = recipe or Recipe()
     torch.manual_seed(seed)
@@ -236,6 +246,10 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         groups.append({"params": list(text_encoder.parameters()), "lr": lr * recipe.text_lr_scale})
     else:
         text_encoder.eval().requires_grad_(False)
+    silhouette = None
+    if recipe.silhouette > 0:
+        silhouette = SilhouetteHead(transformer, pixels_per_token=2 ** (len(vq.config.block_out_channels) - 1))
+        groups.append({"params": list(silhouette.parameters())})
     parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = max(1, min(100, steps // 10))
@@ -245,8 +259,11 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     micro = torch.tensor([MICRO_CONDS] * batch_size)
     done = 0
     for step in range(steps):
-        images, batch = scene_tensors(training_seeds(seed, first_step + step, batch_size, part=1), recipe.lattice,
-                                      recipe.anchors)
+        seeds = training_seeds(seed, first_step + step, batch_size, part=1)
+        if scene_batch is None:
+            images, batch = scene_tensors(seeds, recipe.lattice, recipe.anchors)
+        else:
+            images, batch = scene_batch(seeds)
         tokens = encode_tokens(vq, images)
         drop = torch.rand(batch_size, generator=generator) < cond_dropout
         captions = ["" if d else s.caption for d, s in zip(drop.tolist(), batch)]
@@ -256,6 +273,8 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         masked, mask, t = mask_tokens(tokens, mask_id, generator, recipe.high_mask_share, holes)
         logits = transformer(masked, hidden, pooled, micro, sampler_timestep(t, sampler_steps))
         loss = F.cross_entropy(logits.permute(0, 2, 3, 1)[mask], tokens[mask])
+        if silhouette is not None:
+            loss = loss + recipe.silhouette * silhouette.loss(silhouette_maps(batch), mask)
         value = optimizer_step(optimizer, schedule, loss, clip=parameters)
         done = step + 1
         if on_step is not None:
@@ -264,5 +283,37 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
             on_models(done, transformer, text_encoder)
         if should_stop():
             break
+    if silhouette is not None:
+        silhouette.detach()
     return TrainedGenerator(transformer.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False),
                             done, caption_accuracy)
+
+
+class SilhouetteHead(torch.nn.Module):
+    """The auxiliary silhouette target of :class:`Recipe` (``silhouette``): a 1x1 convolution on the input of the
+    transformer's output layer (read by a forward pre-hook, so the transformer itself is unchanged) predicting,
+    for each of a token's pixels, background or the shape that covers it."""
+
+    def __init__(self, transformer: MeissonicTransformer, pixels_per_token: int) -> None:
+        super().__init__()
+        self.classes = 1 + len(scenes.SHAPES)
+        self.features: torch.Tensor | None = None
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.conv = torch.nn.Conv2d(width, pixels_per_token ** 2 * self.classes, 1)
+        self.hook = transformer.mlm_layer.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, args: tuple) -> None:
+        self.features = args[0]
+
+    def loss(self, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the masked tokens' pixel labels ``maps`` `(B, H, W)` under the last forward's features."""
+        batch, rows, cols = mask.shape
+        s = maps.shape[-1] // cols
+        labels = maps.reshape(batch, rows, s, cols, s).permute(0, 1, 3, 2, 4).reshape(batch, rows, cols, s * s)
+        logits = self.conv(self.features).permute(0, 2, 3, 1).reshape(batch, rows, cols, s * s, self.classes)
+        return F.cross_entropy(logits[mask].flatten(0, 1), labels[mask].flatten())
+
+    def detach(self) -> None:
+        """Remove the hook: the trained transformer goes on without the head."""
+        self.hook.remove()
+        self.features = None

@@ -12,7 +12,7 @@ import mgt
 from mgt.tiny import write_tokenizer
 from shapes import scenes
 from shapes.training import probes
-from shapes.training.data import ANCHORS, place_on_anchors, scene_tensors, snap_to_lattice
+from shapes.training.data import ANCHORS, place_on_anchors, scene_tensors, silhouette_maps, snap_to_lattice
 from shapes.training.generator import (
     HIGH_MASK_RATE,
     Recipe,
@@ -120,6 +120,36 @@ def test_frozen_text_encoder_stays_as_pretrained(tmp_path):
     assert run.steps_done == 3
     after = run.text_encoder.state_dict()
     assert all(torch.equal(seen["first"][k], after[k]) for k in after)  # joint steps left it alone
+
+
+def test_silhouette_maps_label_each_pixel_with_the_shape_that_covers_it():
+    batch = [scenes.make_scene(seed) for seed in range(100)]
+    maps = silhouette_maps(batch)
+    assert maps.shape == (100, scenes.SIZE, scenes.SIZE) and int(maps.max()) <= len(scenes.SHAPES)
+    for scene, labels in zip(batch, maps):
+        pixels = np.asarray(scenes.render(scene)).astype(int)
+        drawn = np.abs(pixels - np.array(scenes.BACKGROUNDS[scene.background])).sum(-1) > 100
+        assert ((labels > 0).numpy() == drawn).mean() > 0.98, scene.caption  # only anti-aliased edges differ
+        for obj in scene.objects:
+            assert int(labels[int(obj.y), int(obj.x)]) == 1 + scenes.SHAPES.index(obj.shape), scene.caption
+
+
+def test_silhouette_target_trains_the_transformer_and_leaves_no_hook(tmp_path):
+    tokenizer = write_tokenizer(tmp_path, scenes.vocabulary())
+    torch.manual_seed(0)
+    vq = build_vqvae().eval().requires_grad_(False)
+    runs = {}
+    for weight in (0.0, 1.0):
+        losses = []
+        runs[weight] = train_generator(vq, tokenizer, seed=0, steps=2, sampler_steps=16, batch_size=4, text_steps=0,
+                                       recipe=Recipe(hole_share=0.5, silhouette=weight),
+                                       on_step=lambda step, loss, seen=losses: seen.append(loss))
+        runs[weight] = (runs[weight].transformer, losses)
+    (plain, plain_losses), (with_head, head_losses) = runs[0.0], runs[1.0]
+    assert head_losses[0] > plain_losses[0] + 0.5  # the first step adds ~ln 6 nats per pixel of silhouette loss
+    changed = [name for name, p in with_head.state_dict().items() if not torch.equal(p, plain.state_dict()[name])]
+    assert "transformer_blocks.0.attn.to_q.weight" in changed  # its gradient reaches the blocks
+    assert not with_head.mlm_layer._forward_pre_hooks  # the head is gone: the model is the plain transformer
 
 
 def test_probe_helpers_describe_the_scene():
