@@ -208,9 +208,9 @@ def render(scene: Scene) -> Image.Image:
     return image.resize((SIZE, SIZE), Image.Resampling.BOX)
 
 
-def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, scale: int = SUPERSAMPLE) -> None:
-    """Draw ``obj``'s silhouette in ``fill`` on a canvas ``scale`` times the image size."""
-    x, y, r = obj.x * scale, obj.y * scale, obj.radius * scale
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
+    """Draw ``obj``'s silhouette in ``fill`` on a canvas ``SUPERSAMPLE`` times the image size."""
+    x, y, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, obj.radius * SUPERSAMPLE
     if obj.shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif obj.shape == "square":

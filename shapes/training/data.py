@@ -81,14 +81,14 @@ def silhouette_maps(batch: Sequence[scenes.Scene]) -> torch.Tensor:
     """``(B, 64, 64)`` int64 colour-free labels of the scenes: 0 for background, ``1 + SHAPES.index(shape)``
     where an object covers the pixel (drawn at 4x as :func:`shapes.scenes.render` draws, then the label at
     each pixel's centre). The target of the generator's auxiliary silhouette head (``Recipe.silhouette``)."""
-    big = scenes.SIZE * scenes.SUPERSAMPLE
+    big, step = scenes.SIZE * scenes.SUPERSAMPLE, scenes.SUPERSAMPLE
     maps = []
     for scene in batch:
         canvas = Image.new("L", (big, big), 0)
         draw = ImageDraw.Draw(canvas)
         for obj in scene.objects:
             scenes.draw_object(draw, obj, 1 + scenes.SHAPES.index(obj.shape))
-        maps.append(np.asarray(canvas)[scenes.SUPERSAMPLE // 2::scenes.SUPERSAMPLE, scenes.SUPERSAMPLE // 2::scenes.SUPERSAMPLE])
+        maps.append(np.asarray(canvas)[step // 2::step, step // 2::step])
     return torch.from_numpy(np.stack(maps)).long()
 
 

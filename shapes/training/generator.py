@@ -297,6 +297,7 @@ class SilhouetteHead(torch.nn.Module):
     def __init__(self, transformer: MeissonicTransformer, pixels_per_token: int) -> None:
         super().__init__()
         self.classes = 1 + len(scenes.SHAPES)
+        self.pixels_per_token = pixels_per_token
         self.features: torch.Tensor | None = None
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.conv = torch.nn.Conv2d(width, pixels_per_token ** 2 * self.classes, 1)
@@ -308,7 +309,7 @@ class SilhouetteHead(torch.nn.Module):
     def loss(self, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the masked tokens' pixel labels ``maps`` `(B, H, W)` under the last forward's features."""
         batch, rows, cols = mask.shape
-        s = maps.shape[-1] // cols
+        s = self.pixels_per_token
         labels = maps.reshape(batch, rows, s, cols, s).permute(0, 1, 3, 2, 4).reshape(batch, rows, cols, s * s)
         logits = self.conv(self.features).permute(0, 2, 3, 1).reshape(batch, rows, cols, s * s, self.classes)
         return F.cross_entropy(logits[mask].flatten(0, 1), labels[mask].flatten())

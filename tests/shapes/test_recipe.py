@@ -141,10 +141,10 @@ def test_silhouette_target_trains_the_transformer_and_leaves_no_hook(tmp_path):
     runs = {}
     for weight in (0.0, 1.0):
         losses = []
-        runs[weight] = train_generator(vq, tokenizer, seed=0, steps=2, sampler_steps=16, batch_size=4, text_steps=0,
-                                       recipe=Recipe(hole_share=0.5, silhouette=weight),
-                                       on_step=lambda step, loss, seen=losses: seen.append(loss))
-        runs[weight] = (runs[weight].transformer, losses)
+        run = train_generator(vq, tokenizer, seed=0, steps=2, sampler_steps=16, batch_size=4, text_steps=0,
+                              recipe=Recipe(hole_share=0.5, silhouette=weight),
+                              on_step=lambda step, loss, seen=losses: seen.append(loss))
+        runs[weight] = (run.transformer, losses)
     (plain, plain_losses), (with_head, head_losses) = runs[0.0], runs[1.0]
     assert head_losses[0] > plain_losses[0] + 0.5  # the first step adds ~ln 6 nats per pixel of silhouette loss
     changed = [name for name, p in with_head.state_dict().items() if not torch.equal(p, plain.state_dict()[name])]
