@@ -6,7 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainShapesConfig(BaseModel):
-    """Settings of ``maskray train-shapes``; the defaults reproduce the shipped model (the scorer: ``threads=1``)."""
+    """Settings of ``maskray train-shapes``; the defaults reproduce the base run of the shipped model, which two
+    ``--init-from`` lesson stages continue (README, "The shapes benchmark"; the scorer: ``threads=1``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,6 +42,11 @@ class TrainShapesConfig(BaseModel):
                               "generator also predicts, for each pixel of a masked token, background or which shape "
                               "covers it: the silhouette without the colours that split every edge code by colour "
                               "pair. The head is dropped after training; the shipped model has none.")
+    lessons: float = Field(0.0, ge=0, le=1, description="Share of each generator batch made of lesson scenes: "
+                           "one object exactly on a named position at its size's nominal radius, where the shape "
+                           "words decide the edges and layout does not blur them (docs/shapes-training.md, "
+                           "\"Lessons\"). The rest are the benchmark's scenes; the scorer and held-out scenes are "
+                           "unchanged.")
     width: int = Field(128, ge=8, description="Channels of the transformer (a multiple of 8 per head).")
     heads: int = Field(4, ge=1, description="Attention heads of the transformer.")
     layers: int = Field(1, ge=0, description="Joint (text + image) transformer blocks.")
@@ -57,7 +63,8 @@ class TrainShapesConfig(BaseModel):
                              "classifier (32 scenes per step).")
     sample_steps: int = Field(16, ge=1, description="Default sampling steps T written into the model; the "
                               "timestep conditioning is trained for this T.")
-    guidance: float = Field(3.0, ge=0, description="Default CFG scale written into the model.")
+    guidance: float = Field(1.0, ge=0, description="Default CFG scale written into the model (tuned on the shipped "
+                            "model: docs/shapes-training.md, \"Lessons\").")
     threads: int = Field(2, ge=1, description="Torch CPU threads; results depend on it through float summation "
                          "order (the shipped model used 2, the shipped scorer 1: see its training.json).")
 

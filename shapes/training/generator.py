@@ -104,6 +104,8 @@ class Recipe(NamedTuple):
             which shape covers it (:func:`shapes.training.data.silhouette_maps`). Code ids mix geometry with the
             object's and the background's colour, so each edge code is seen with one colour pair only; the
             silhouette names the geometry once for all colours. The head is dropped after training.
+        lessons: share of each batch made of lesson scenes (:func:`shapes.training.data.lesson_scene`: one
+            object exactly on a named position, at nominal radius) instead of the benchmark's scenes.
     """
 
     text_lr_scale: float = 1.0
@@ -112,6 +114,7 @@ class Recipe(NamedTuple):
     lattice: int = 0
     anchors: bool = False
     silhouette: float = 0.0
+    lessons: float = 0.0
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, generator: torch.Generator, high_mask_share: float = 0.0,
@@ -261,7 +264,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     for step in range(steps):
         seeds = training_seeds(seed, first_step + step, batch_size, part=1)
         if scene_batch is None:
-            images, batch = scene_tensors(seeds, recipe.lattice, recipe.anchors)
+            images, batch = scene_tensors(seeds, recipe.lattice, recipe.anchors, recipe.lessons)
         else:
             images, batch = scene_batch(seeds)
         tokens = encode_tokens(vq, images)

@@ -2,11 +2,13 @@
 
 Every training scene is "a large {colour} {shape} in the center" on a random background, the object centred at
 (32, 32) with radius 11, or, with ``--jitter J``, moved up to J px and its radius up to J/3 px, as the benchmark's
-own scenes are (``shapes/scenes.py``: +-3 px, +-1 px). Everything else is the shipped recipe (the shipped VQ, a
-freshly pre-trained frozen text encoder, object holes, high mask ratios) and the shipped transformer size, so
-the run separates the architecture and objective from the layout entropy of the full scene family. Every
-``--eval-every`` steps it generates 60 held-out captions of the same family (CFG 1 and 3, seeds 0-59) and reports
-the single-object shape accuracy and mean ``shapes`` score. docs/shapes-training.md records what it measured.
+own scenes are (``shapes/scenes.py``: +-3 px, +-1 px); ``--exact-share S`` draws the first ``round(16 S)`` scenes
+of each batch without jitter, to measure whether exact scenes mixed in still teach shape. Everything else is the
+shipped recipe (the shipped VQ, a freshly pre-trained frozen text encoder, object holes, high mask ratios) and the
+shipped transformer size, so the run separates the architecture and objective from the layout entropy of the
+full scene family. Every ``--eval-every`` steps it generates 60 held-out captions of the same family (CFG 1 and 3,
+seeds 0-59) and reports the single-object shape accuracy and mean ``shapes`` score. docs/shapes-training.md
+records what it measured.
 
 Run from the repository root (about 7 minutes per 1000 steps at two threads, evaluation included)::
 
@@ -45,6 +47,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--jitter", type=float, default=0.0, help="Centre jitter in px (radius: a third of it).")
+    parser.add_argument("--exact-share", type=float, default=0.0,
+                        help="Share of each batch drawn without jitter (the first scenes of the batch).")
     parser.add_argument("--silhouette", type=float, default=0.0, help="Weight of the auxiliary silhouette target.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="shapes_learnability.json")
@@ -79,7 +83,8 @@ def main() -> None:
     started = time.monotonic()
 
     def scene_batch(seeds: list[int]):
-        batch = [centred_scene(s, args.jitter) for s in seeds]
+        exact = round(args.exact_share * len(seeds))
+        batch = [centred_scene(s, 0.0 if i < exact else args.jitter) for i, s in enumerate(seeds)]
         return render_tensors(batch), batch
 
     def evaluate(done: int, transformer, text_encoder) -> None:

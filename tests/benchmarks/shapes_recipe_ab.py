@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ARMS = {  # name -> Recipe fields: (text_lr_scale, hole_share, high_mask_share[, lattice[, anchors[, silhouette]]])
+ARMS = {  # name -> Recipe fields: (text_lr_scale, hole_share, high_mask_share[, lattice[, anchors[, silhouette[, lessons]]]])
     "today": (1.0, 0.0, 0.0),
     "frozen": (0.0, 0.0, 0.0),
     "frozen+holes": (0.0, 0.5, 0.0),
@@ -37,6 +37,7 @@ ARMS = {  # name -> Recipe fields: (text_lr_scale, hole_share, high_mask_share[,
     "new+lattice": (0.0, 0.5, 0.25, 4),
     "new+anchors": (0.0, 0.5, 0.25, 0, True),
     "new+silhouette": (0.0, 0.5, 0.25, 0, False, 1.0),
+    "new+lessons": (0.0, 0.5, 0.25, 0, False, 0.0, 0.5),
 }
 PROBE_SCENES = 48  # single-object scenes for the cross-entropy gaps
 SAMPLE_SCENES = 30  # single-object scenes for inpainting and generation

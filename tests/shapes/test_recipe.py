@@ -12,7 +12,14 @@ import mgt
 from mgt.tiny import write_tokenizer
 from shapes import scenes
 from shapes.training import probes
-from shapes.training.data import ANCHORS, place_on_anchors, scene_tensors, silhouette_maps, snap_to_lattice
+from shapes.training.data import (
+    ANCHORS,
+    lesson_scene,
+    place_on_anchors,
+    scene_tensors,
+    silhouette_maps,
+    snap_to_lattice,
+)
 from shapes.training.generator import (
     HIGH_MASK_RATE,
     Recipe,
@@ -80,6 +87,20 @@ def test_anchored_scenes_keep_their_captions_with_every_object_on_an_anchor():
     assert [place_on_anchors(s) for s in batch[:50]] == placed[:50]  # seeded by the scene: reproducible
     _, from_tensors = scene_tensors([7, 8], anchors=True)
     assert from_tensors == placed[7:9]
+
+
+def test_lesson_scenes_hold_their_captions_on_exact_named_positions_and_fill_their_share():
+    lessons = [lesson_scene(seed) for seed in range(1000)]
+    for scene in lessons:
+        (obj,), (phrase,) = scene.objects, scene.spec.phrases
+        assert scenes.satisfies(scene.spec, scene.objects, scene.background), scene.caption
+        assert scenes.parse_caption(scene.caption) == scene.spec
+        assert (obj.x, obj.y) == scenes.POSITIONS[phrase.position] and obj.radius == scenes.SIZES[obj.size]
+    assert {(o.shape, o.size, (o.x, o.y)) for s in lessons for o in s.objects} == {
+        (shape, size, xy) for shape in scenes.SHAPES for size in scenes.SIZES for xy in scenes.POSITIONS.values()}
+    _, batch = scene_tensors(list(range(16)), lessons=0.25)
+    assert batch[:4] == lessons[:4]  # the first round(0.25 * 16) scenes of a batch are lessons, the rest as drawn
+    assert batch[4:] == [scenes.make_scene(seed) for seed in range(4, 16)]
 
 
 def test_masking_time_is_that_of_the_fraction_actually_masked():
