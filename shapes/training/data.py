@@ -19,13 +19,14 @@ def scene_tensors(seeds: Sequence[int], lattice: int = 0, anchors: bool = False,
     """``(B, 3, 64, 64)`` float32 images in [0, 1] (the range the pipeline's VQ decode clips to) and the scenes,
     snapped to a ``lattice`` of that many pixels when it is > 0 (:func:`snap_to_lattice`) or laid out on
     :data:`ANCHORS` when ``anchors`` (:func:`place_on_anchors`). The first ``round(lessons * B)`` seeds give
-    :func:`lesson_scene` s instead of the benchmark's scenes."""
+    :func:`lesson_scene` s instead, which are already exact and are left as they are."""
     first = round(lessons * len(seeds))
-    batch = [lesson_scene(int(s)) for s in seeds[:first]] + [scenes.make_scene(int(s)) for s in seeds[first:]]
+    batch = [scenes.make_scene(int(s)) for s in seeds[first:]]
     if lattice:
         batch = [snap_to_lattice(scene, lattice) for scene in batch]
     if anchors:
         batch = [place_on_anchors(scene) for scene in batch]
+    batch = [lesson_scene(int(s)) for s in seeds[:first]] + batch
     return render_tensors(batch), batch
 
 

@@ -101,6 +101,8 @@ def test_lesson_scenes_hold_their_captions_on_exact_named_positions_and_fill_the
     _, batch = scene_tensors(list(range(16)), lessons=0.25)
     assert batch[:4] == lessons[:4]  # the first round(0.25 * 16) scenes of a batch are lessons, the rest as drawn
     assert batch[4:] == [scenes.make_scene(seed) for seed in range(4, 16)]
+    _, snapped = scene_tensors(list(range(16)), lattice=4, anchors=True, lessons=0.25)
+    assert snapped[:4] == lessons[:4]  # lessons stay exactly on their named positions (14 is off a 4 px lattice)
 
 
 def test_masking_time_is_that_of_the_fraction_actually_masked():
