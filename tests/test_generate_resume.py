@@ -70,8 +70,7 @@ def test_driver_crash_then_rerun_then_lost_and_corrupt_records(ray_local, tmp_pa
         while driver.poll() is None and time.monotonic() < deadline and len(list(records.glob("*.parquet"))) < 2:
             time.sleep(0.05)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
-        driver.wait()
+        _kill_tree(driver)  # the driver and the Ray it started die at once
     before = {p.name: p.read_bytes() for p in records.glob("*.parquet")}
     done = [(k, i) for blob in before.values() for k, i in zip(*_keys(blob))]
     assert 2 <= len(before) < 9 and len(done) == 2 * len(before), "the driver was not killed mid-run"
@@ -96,6 +95,28 @@ def test_driver_crash_then_rerun_then_lost_and_corrupt_records(ray_local, tmp_pa
     assert all((records / name).read_bytes() == after[name] for name in kept)
     assert _keys((records / lost).read_bytes()) == _keys(after[lost])
     check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
+
+
+def _kill_tree(driver: subprocess.Popen) -> None:
+    """SIGKILL a driver with every process below it, and wait until all are gone. Its process group is not
+    enough: Ray's raylet puts worker processes in groups of their own, so a worker could otherwise finish a
+    write after the kill and a shard record would appear after the test has listed them."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(driver.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    os.killpg(driver.pid, signal.SIGKILL)
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    driver.wait()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"processes outlived SIGKILL: {alive}"
 
 
 def _keys(blob: bytes) -> tuple[list, list]:
