@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainShapesConfig(BaseModel):
-    """Settings of ``maskray train-shapes``; the defaults reproduce the base run of the shipped model, which two
+    """Settings of ``maskray train-shapes``; the defaults reproduce the base run of the shipped model, which
     ``--init-from`` lesson stages continue (README, "The shapes benchmark"; the scorer: ``threads=1``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

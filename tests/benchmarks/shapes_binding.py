@@ -30,10 +30,11 @@ def two_colour_captions() -> list[tuple[str, set[str]]]:
 
     found = []
     for line in (ROOT / "examples" / "shapes_heldout.jsonl").read_text().splitlines():
-        spec = scenes.parse_caption(json.loads(line)["prompt"])
+        caption = json.loads(line)["prompt"]
+        spec = scenes.parse_caption(caption)
         colours = {phrase.colour for phrase in spec.phrases}
         if spec.kind in ("pair", "relation") and len(colours) == 2:
-            found.append((json.loads(line)["prompt"], colours))
+            found.append((caption, colours))
     return found
 
 
