@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mgt.validation import describe_validation_error
 
 TECHNIQUES = ("noise", "differential", "zsampling")
+HASHED_WHEN_SET = ("token_temperature",)  # see SamplerConfig.config_hash
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
            "noise+differential", "all")
 
@@ -89,6 +90,10 @@ class SamplerConfig(BaseModel):
         description="Start and end of the Gumbel-noise temperature on the re-masking confidence, annealed "
         "linearly over the steps (Meissonic/aMUSEd: 2 -> 0).",
     )
+    token_temperature: float = Field(
+        1.0, ge=0, description="Temperature tau of the token draw: tokens are drawn from p**(1/tau) renormalised, "
+        "so 1 is the reference's multinomial and 0 the argmax; the re-masking confidence keeps log p of the "
+        "untempered distribution (docs/samplers.md §2).")
     guidance_schedule: Literal["constant", "linear"] = Field(
         "constant", description="CFG scale per step: constant s (Meissonic), or MaskGIT's linear ramp "
         "1 + (s - 1) * i/(T-1) from the plain conditional to s.")
@@ -116,8 +121,16 @@ class SamplerConfig(BaseModel):
         return _validate(values, spec)
 
     def config_hash(self) -> str:
-        """A short stable hash of every field: all of them change the pixels."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short stable hash of every field: all of them change the pixels.
+
+        A field added after runs were recorded (:data:`HASHED_WHEN_SET`) enters the hash only away from its
+        default, so a run recorded before it existed keeps its hash and still resumes.
+        """
+        values = self.model_dump(mode="json")
+        for name in HASHED_WHEN_SET:
+            if values[name] == type(self).model_fields[name].default:
+                del values[name]
+        payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

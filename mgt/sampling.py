@@ -67,6 +67,21 @@ def draw_tokens(probs: torch.Tensor, tokens: torch.Tensor, generators: Sequence[
     return drawn
 
 
+def tempered(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distributions the token draw uses: ``probs ** (1/temperature)`` renormalised per position.
+
+    1 returns ``probs`` itself (the reference's draw, bit for bit); 0 puts all mass on each position's argmax
+    (the multinomial still runs, so every generator advances as at any other temperature). Why a knob: the
+    multinomial commits an edge token the model gives 30 % as often as it gives it 30 %, and a small model's
+    uncertain edges come out ragged (docs/samplers.md §2 has the measurement).
+    """
+    if temperature == 1.0:
+        return probs
+    if temperature == 0.0:
+        return torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+    return torch.softmax(probs.clamp_min(1e-30).log_().div_(temperature), dim=-1)
+
+
 def remask_lowest_confidence(
     drawn: torch.Tensor,
     token_probs: torch.Tensor,
@@ -121,7 +136,7 @@ def vanilla_step(
     """
     unknown = tokens == mask_token_id
     probs = torch.softmax(logits, dim=-1)
-    drawn = torch.where(unknown, draw_tokens(probs, tokens, generators), tokens)
+    drawn = torch.where(unknown, draw_tokens(tempered(probs, sampler.token_temperature), tokens, generators), tokens)
     if step_index == num_steps - 1:
         return drawn
     num_to_mask = mask_counts(sampler, unknown, step_index, num_steps)
@@ -173,7 +188,8 @@ def sample(
     """Run the sampler from a fully masked `(B, h, w)` grid, or from ``init``, to final tokens.
 
     Per step: forward + CFG -> noise regularization on the guided logits -> softmax -> differential sampling
-    on the probabilities -> multinomial draw -> re-mask the lowest confidences. Masked Z-Sampling wraps a
+    on the probabilities -> multinomial draw (at ``sampler.token_temperature``) -> re-mask the lowest
+    confidences (``log p`` of the untempered draw distribution). Masked Z-Sampling wraps a
     step with an inversion pass, a re-mask and a re-denoise at the same step. ``predict(tokens, t, s)``
     gets the step value ``t = T-1-i`` that the reference pipeline passes and the step's CFG scale ``s``
     (``guidance`` through ``sampler.guidance_schedule``; ``s_inv`` for the inversion pass).
@@ -213,7 +229,8 @@ def sample(
             dist = probs
         else:  # the logits are spent: their buffer takes the KL terms
             dist = differential(probs, unknown, is_last_step=i == num_steps - 1, scratch=logits)
-        drawn = torch.where(unknown, draw_tokens(dist, current, generators), current)
+        drawn = torch.where(unknown, draw_tokens(tempered(dist, sampler.token_temperature), current, generators),
+                            current)
         if i == num_steps - 1:
             return drawn
         token_probs = dist.gather(-1, drawn[..., None])[..., 0]

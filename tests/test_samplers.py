@@ -200,6 +200,42 @@ def test_every_preset_is_batch_invariant(preset):
         assert not torch.equal(batch, run("vanilla", prompts=(1, 2, 3), seeds=(10, 20, 30))[0].tokens)
 
 
+def test_tempered_draw_distributions():
+    probs = torch.softmax(torch.randn(2, 6, CODES), -1)
+    assert sampling.tempered(probs, 1.0) is probs
+    assert torch.equal(sampling.tempered(probs, 0.0).argmax(-1), probs.argmax(-1))
+    assert torch.equal(sampling.tempered(probs, 0.0).sum(-1), torch.ones(2, 6))
+    squared = probs ** 2
+    assert torch.allclose(sampling.tempered(probs, 0.5), squared / squared.sum(-1, keepdim=True), atol=1e-6)
+
+
+def test_argmax_draw_reveals_the_most_probable_tokens_ranked_by_untempered_confidence():
+    predict, _ = stand_in([1])
+    seen = []
+
+    def recording(tokens, step_value, scale):
+        seen.append(tokens.clone())
+        return predict(tokens, step_value, scale)
+
+    config = SamplerConfig.from_spec("vanilla:token_temperature=0,gumbel_temperature=[0,0]")
+    # guidance 1: at the module's scale 9 many probabilities saturate to 1.0 and their confidences tie
+    sampling.sample(recording, (1, SIDE, SIDE), 4, [torch.Generator().manual_seed(0)], MASK, config, guidance=1.0)
+    first = torch.softmax(predict(seen[0], 3, 1.0), -1)[0]  # the first step's distributions
+    revealed = seen[1].flatten() != MASK
+    assert int(revealed.sum()) == SIDE * SIDE - math.floor(SIDE * SIDE * math.cos(math.pi / 2 / 4))
+    assert torch.equal(seen[1].flatten()[revealed], first.argmax(-1)[revealed])
+    # tempered to one-hot every confidence would tie; the untempered ones pick the most probable positions
+    top = first.amax(-1).topk(int(revealed.sum())).indices
+    assert set(top.tolist()) == set(revealed.nonzero()[:, 0].tolist())
+
+
+def test_token_temperature_is_batch_invariant_and_changes_the_tokens():
+    spec = "vanilla:token_temperature=0.5"
+    batch = run(spec, prompts=(1, 2), seeds=(10, 20))[0].tokens
+    assert torch.equal(run(spec, prompts=(2,), seeds=(20,))[0].tokens[0], batch[1])
+    assert not torch.equal(batch, run("vanilla", prompts=(1, 2), seeds=(10, 20))[0].tokens)
+
+
 def test_linear_guidance_schedule_ramps_to_the_scale():
     _, calls = run("vanilla:guidance_schedule=linear", steps=5)
     assert [c[1] for c in calls] == pytest.approx([1.0, 3.0, 5.0, 7.0, 9.0])
@@ -220,6 +256,13 @@ def test_presets_and_the_compact_cli_form():
     assert config.zsampling.remask_rule == "random" and config.noise.schedule == "const" and not config.differential
     assert SamplerConfig.from_spec("vanilla:differential.ratio_of=masked").differential.ratio_of == "masked"
     assert SamplerConfig.from_spec("all:noise=null").noise is None
+
+
+def test_a_field_added_later_leaves_the_recorded_hashes_alone():
+    # the hashes of runs recorded before token_temperature existed (a rerun resumes them)
+    assert SamplerConfig().config_hash() == "258948728ac1"
+    assert SamplerConfig.from_spec("zsampling+noise").config_hash() == "b40ab65a02fe"
+    assert SamplerConfig.from_spec("vanilla:token_temperature=0.5").config_hash() != "258948728ac1"
 
 
 def test_mapping_json_and_yaml_forms_agree():
