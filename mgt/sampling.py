@@ -72,8 +72,8 @@ def tempered(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
     1 returns ``probs`` itself (the reference's draw, bit for bit); 0 puts all mass on each position's argmax
     (the multinomial still runs, so every generator advances as at any other temperature). Why a knob: the
-    multinomial commits an edge token the model gives 30 % as often as it gives it 30 %, and a small model's
-    uncertain edges come out ragged (docs/samplers.md §2 has the measurement).
+    multinomial commits each token as often as the model gives it, so a model unsure of its edges commits
+    stray codes there, and a colder draw commits its likeliest ones (docs/samplers.md §2 measures it).
     """
     if temperature == 1.0:
         return probs
