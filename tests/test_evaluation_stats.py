@@ -83,3 +83,18 @@ def test_summary_and_report_files(tmp_path):
     for name in ("win_rates.png", "scores.png", "grid.png"):
         assert Image.open(tmp_path / name).size[0] > 0
     assert (tmp_path / "report.md").read_text().startswith("# Sampler evaluation")
+
+
+def test_report_names_a_spec_candidate_by_its_spec():
+    """A spec with overrides runs under a folder-safe name; the report shows what the user wrote."""
+    from jobs.evaluation.run import sampler_name
+
+    spec = "vanilla:token_temperature=0.25"
+    name = sampler_name(spec)
+    assert name != spec
+    scores = _scores().replace({"sampler": {"noise": name}})
+    summary = summarize(scores, "vanilla", [name], specs={name: spec, "vanilla": "vanilla"})
+    assert summary["specs"] == {"vanilla": "vanilla", name: spec}
+    text = markdown(summary)
+    assert f"| `{spec}` | 40 | 30 / 0 / 10 |" in text and f"## `{spec}` by category" in text
+    assert name not in text

@@ -30,8 +30,13 @@ def paired_table(scores: pd.DataFrame, baseline: str, candidate: str) -> pd.Data
     return joined.dropna(subset=["score_candidate", "score_baseline"])
 
 
-def summarize(scores: pd.DataFrame, baseline: str, candidates: list[str], seed: int = 0) -> dict:
-    """Everything the report shows, as plain data (the JSON report)."""
+def summarize(scores: pd.DataFrame, baseline: str, candidates: list[str], seed: int = 0,
+              specs: dict[str, str] | None = None) -> dict:
+    """Everything the report shows, as plain data (the JSON report).
+
+    ``specs`` maps a sampler's folder-safe name (the ``sampler`` column) to the spec the user wrote, e.g.
+    ``vanilla_token_temperature_0.25-77cc9e`` -> ``vanilla:token_temperature=0.25``; the report shows the spec.
+    """
     per_sampler = {}
     for sampler, rows in scores.groupby("sampler"):
         ok = rows[rows.error.isna()] if "error" in rows.columns else rows
@@ -57,23 +62,25 @@ def summarize(scores: pd.DataFrame, baseline: str, candidates: list[str], seed: 
                 for category, group in pairs.groupby("category")
             }
         comparisons[candidate] = entry
-    return {"baseline": baseline, "candidates": candidates, "samplers": per_sampler, "comparisons": comparisons}
+    specs = {name: (specs or {}).get(name, name) for name in [baseline, *candidates]}
+    return {"baseline": baseline, "candidates": candidates, "specs": specs, "samplers": per_sampler,
+            "comparisons": comparisons}
 
 
 def markdown(summary: dict) -> str:
     """The results table, one row per candidate, plus per-category tables."""
-    baseline = summary["baseline"]
-    lines = [f"# Sampler evaluation against `{baseline}`", "",
+    baseline, specs = summary["baseline"], summary["specs"]
+    lines = [f"# Sampler evaluation against `{specs[baseline]}`", "",
              f"Baseline mean score {summary['samplers'][baseline]['mean_score']:.4f}, "
              f"NFE {summary['samplers'][baseline]['nfe']:.0f}.", "",
              "| candidate | n | wins / ties / losses | win rate (95% CI) | mean score (95% CI) | "
              "mean diff (95% CI) | sign-test p | NFE | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for candidate, entry in summary["comparisons"].items():
-        lines.append(_row(candidate, entry["overall"], summary["samplers"][candidate]))
+        lines.append(_row(specs[candidate], entry["overall"], summary["samplers"][candidate]))
     for candidate, entry in summary["comparisons"].items():
         if "by_category" in entry:
-            lines += ["", f"## `{candidate}` by category", "",
+            lines += ["", f"## `{specs[candidate]}` by category", "",
                       "| category | n | wins / ties / losses | win rate (95% CI) | mean diff (95% CI) | sign-test p |",
                       "|---|---|---|---|---|---|"]
             for category, c in entry["by_category"].items():
@@ -162,10 +169,10 @@ def image_grid(scores: pd.DataFrame, samplers: list[str], read_bytes: Callable[[
 
 
 def write_report(scores: pd.DataFrame, baseline: str, candidates: list[str], out: Path,
-                 read_bytes: Callable[[str], bytes], seed: int = 0) -> dict:
+                 read_bytes: Callable[[str], bytes], seed: int = 0, specs: dict[str, str] | None = None) -> dict:
     """Write report.json, report.md, win_rates.png, scores.png and grid.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(scores, baseline, candidates, seed)
+    summary = summarize(scores, baseline, candidates, seed, specs)
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     (out / "report.md").write_text(markdown(summary))
     plot_win_rates(summary, out / "win_rates.png")

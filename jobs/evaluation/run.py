@@ -151,10 +151,11 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
         metrics = read_metrics(Storage(run_job.out, job.storage_options)).to_pandas()
         frames.append(metrics.assign(sampler=name))
     scores = pd.concat(frames, ignore_index=True).merge(categories, on="prompt_id", how="left")
-    summary = write_report_to(out, scores, baseline, candidates, job.storage_options, options.bootstrap_seed)
+    specs = {sampler_name(s): s for s in [options.baseline, *options.candidates]}
+    summary = write_report_to(out, scores, baseline, candidates, job.storage_options, options.bootstrap_seed, specs)
     for name in candidates:
         c = summary["comparisons"][name]["overall"]
-        log(f"maskray evaluate: {name} vs {baseline}: win rate {100 * c['win_rate']:.1f}% "
+        log(f"maskray evaluate: {specs[name]} vs {options.baseline}: win rate {100 * c['win_rate']:.1f}% "
             f"({c['wins']}/{c['ties']}/{c['losses']} W/T/L, p={c['sign_test_p']:.3g}), "
             f"mean diff {c['mean_difference']:+.4f}")
     log(f"maskray evaluate: report in {out.url('report')}/ (report.md, report.json, win_rates.png, scores.png, "
@@ -163,16 +164,16 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
 
 
 def write_report_to(out: Storage, scores: pd.DataFrame, baseline: str, candidates: list[str],
-                    storage_options: dict, seed: int) -> dict:
+                    storage_options: dict, seed: int, specs: dict[str, str]) -> dict:
     """Write the report under ``--out/report``: directly on local disk, via a temp folder for object stores."""
     def read_image(uri: str) -> bytes:
         storage = Storage(uri, storage_options)
         return storage.read(storage.root)
 
     if out.local:
-        return write_report(scores, baseline, candidates, Path(out.path("report")), read_image, seed)
+        return write_report(scores, baseline, candidates, Path(out.path("report")), read_image, seed, specs)
     with tempfile.TemporaryDirectory(prefix="maskray-report-") as folder:
-        summary = write_report(scores, baseline, candidates, Path(folder), read_image, seed)
+        summary = write_report(scores, baseline, candidates, Path(folder), read_image, seed, specs)
         for file in Path(folder).iterdir():
             out.write_atomic(out.path("report", file.name), file.read_bytes())
     return summary
