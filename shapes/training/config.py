@@ -47,10 +47,14 @@ class TrainShapesConfig(BaseModel):
                            "words decide the edges and layout does not blur them (docs/shapes-training.md, "
                            "\"Lessons\"). The rest are the benchmark's scenes; the scorer and held-out scenes are "
                            "unchanged.")
-    width: int = Field(128, ge=8, description="Channels of the transformer (a multiple of 8 per head).")
-    heads: int = Field(4, ge=1, description="Attention heads of the transformer.")
-    layers: int = Field(1, ge=0, description="Joint (text + image) transformer blocks.")
-    single_layers: int = Field(2, ge=0, description="Single-stream transformer blocks after the joint ones.")
+    width: int = Field(128, ge=8, description="Channels of the transformer (a multiple of 16 per head); with "
+                       "--init-from, the model's.")
+    heads: int = Field(4, ge=1, description="Attention heads of the transformer; with --init-from, the model's.")
+    layers: int = Field(1, ge=0, description="Joint (text + image) transformer blocks. With --init-from: at least "
+                        "the model's; more appends joint blocks that start as the identity (adaLN-Zero), so a "
+                        "trained model grows.")
+    single_layers: int = Field(2, ge=0, description="Single-stream transformer blocks after the joint ones. With "
+                               "--init-from: at least the model's; more appends blocks as --layers does.")
     init_from: str | None = Field(None, description="A trained shapes model folder to continue from (a "
                                   "fine-tune stage): its VQ, text encoder and transformer start this run, the "
                                   "text pre-training is skipped, the scenes continue after its steps and its "
@@ -70,8 +74,9 @@ class TrainShapesConfig(BaseModel):
 
     @model_validator(mode="after")
     def _heads_split_the_width(self) -> TrainShapesConfig:
-        """Each head's channels split over the three rotary axes as 1/4, 3/8, 3/8 (build_transformer)."""
-        if self.width % self.heads or (self.width // self.heads) % 8:
-            raise ValueError(f"--width {self.width} must split into --heads {self.heads} heads of a multiple of 8 "
-                             f"channels each; e.g. --width {8 * self.heads * max(1, round(self.width / 8 / self.heads))}")
+        """Each head's channels split over the three rotary axes as 1/4, 3/8, 3/8 (build_transformer), and each
+        rotary axis needs an even number of channels: a multiple of 16 per head."""
+        if self.width % self.heads or (self.width // self.heads) % 16:
+            raise ValueError(f"--width {self.width} must split into --heads {self.heads} heads of a multiple of 16 "
+                             f"channels each; e.g. --width {16 * self.heads * max(1, round(self.width / 16 / self.heads))}")
         return self

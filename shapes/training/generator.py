@@ -82,6 +82,40 @@ def build_transformer(codebook: int, architecture: Architecture | None = None) -
                                 downsample=True, upsample=True)
 
 
+def grow_transformer(transformer: MeissonicTransformer, layers: int, single_layers: int,
+                     seed: int = 0) -> MeissonicTransformer:
+    """``transformer`` with joint and single-stream blocks appended up to ``layers`` and ``single_layers``.
+
+    Each new block starts as the identity: its adaLN-Zero modulation (shift, scale and the gates of its residual
+    branches) is zeroed, as DiT initialises every block (Peebles & Xie 2023, "Scalable Diffusion Models with
+    Transformers", section 3.2), so the grown model predicts exactly what the trained one did and a fine-tune
+    stage starts from there. New joint blocks follow the trained joint blocks, new single blocks the trained
+    single blocks; their other weights are a new model's (seeded by ``seed``). Returns ``transformer`` itself
+    when nothing is added.
+    """
+    have = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+    if layers < have[0] or single_layers < have[1]:
+        raise ValueError(f"--layers {layers} --single-layers {single_layers}: the model to continue has {have[0]} "
+                         f"joint and {have[1]} single-stream blocks; a stage keeps them (pass --layers {have[0]} "
+                         f"--single-layers {have[1]}) and may only add more")
+    if (layers, single_layers) == have:
+        return transformer
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        grown = MeissonicTransformer.from_config({**transformer.config, "num_layers": layers,
+                                                  "num_single_layers": single_layers})
+    missing, unexpected = grown.load_state_dict(transformer.state_dict(), strict=False)
+    if unexpected or not all(key.startswith(("transformer_blocks.", "single_transformer_blocks.")) for key in missing):
+        raise RuntimeError(f"growing the transformer lost weights: missing {missing}, unexpected {unexpected}")
+    new_norms = [norm for block in grown.transformer_blocks[have[0]:] for norm in (block.norm1, block.norm1_context)]
+    new_norms += [block.norm for block in grown.single_transformer_blocks[have[1]:]]
+    with torch.no_grad():
+        for norm in new_norms:
+            norm.linear.weight.zero_()
+            norm.linear.bias.zero_()
+    return grown.to(transformer.device, transformer.dtype)
+
+
 HIGH_MASK_RATE = 0.9  # the "high mask ratio" samples of Recipe.high_mask_share have at least this rate masked
 
 

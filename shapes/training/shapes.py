@@ -21,7 +21,7 @@ from mgt.tiny import write_model, write_tokenizer
 from shapes import scenes
 from shapes.training.config import TrainShapesConfig
 from shapes.training.detector import train_detector, train_shape_classifier
-from shapes.training.generator import TEXT_LENGTH, Architecture, Recipe, train_generator
+from shapes.training.generator import TEXT_LENGTH, Architecture, Recipe, grow_transformer, train_generator
 from shapes.training.vq import reconstruction_psnr, train_vq
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total steps, loss)
@@ -66,6 +66,8 @@ def continue_model(config: TrainShapesConfig, init: Path, out: Path, progress: P
 
     The VQ and tokenizer are copied as they are; the scene stream starts after every generator step of
     ``init``'s history, so a stage never revisits a scene; ``init``'s record is kept under ``"init"``.
+    ``config.width`` and ``heads`` must be the model's; ``layers`` and ``single_layers`` may exceed its block
+    counts, which appends blocks that start as the identity (:func:`grow_transformer`).
     """
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -77,11 +79,16 @@ def continue_model(config: TrainShapesConfig, init: Path, out: Path, progress: P
                                 f"`maskray train-shapes --part model`")
     previous = json.loads(previous_path.read_text())
     first_step = previous.get("first_step", 0) + previous["generator_steps_done"]
+    trained = MeissonicTransformer.from_pretrained(init / "transformer")
+    heads, width = trained.config.num_attention_heads, trained.config.num_attention_heads * trained.config.attention_head_dim
+    if (config.width, config.heads) != (width, heads):
+        raise ValueError(f"--width {config.width} --heads {config.heads}: the transformer in {init} has width {width} "
+                         f"in {heads} heads; a stage keeps them (pass --width {width} --heads {heads})")
+    start = (grow_transformer(trained, config.layers, config.single_layers, config.seed),
+             CLIPTextModelWithProjection.from_pretrained(init / "text_encoder"))
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": config.model_dump(), "init": previous, "first_step": first_step}
     vq = VQModel.from_pretrained(init / "vqvae").eval().requires_grad_(False)
-    start = (MeissonicTransformer.from_pretrained(init / "transformer"),
-             CLIPTextModelWithProjection.from_pretrained(init / "text_encoder"))
     record.update(_generator_stage(config, out, vq, CLIPTokenizer.from_pretrained(init / "tokenizer"), progress,
                                    start, first_step))
     (out / "training.json").write_text(json.dumps(record, indent=2))

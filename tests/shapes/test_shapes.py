@@ -20,7 +20,15 @@ from shapes.training import probes
 from shapes.training.caption_encoder import IGNORE, caption_targets, head_sizes, pretrain_text_encoder
 from shapes.training.config import TrainShapesConfig
 from shapes.training.data import render_tensors, scene_tensors, training_seeds
-from shapes.training.generator import MICRO_CONDS, TEXT_LENGTH, build_text_encoder
+from shapes.training.generator import (
+    MICRO_CONDS,
+    TEXT_LENGTH,
+    TEXT_WIDTH,
+    Architecture,
+    build_text_encoder,
+    build_transformer,
+    grow_transformer,
+)
 from shapes.training.shapes import model_defaults, train_model, train_scorer
 from shapes.training.vq import LATENT_CHANNELS, LEVELS, build_vqvae, encode_tokens, reconstruct, reconstruction_psnr
 
@@ -230,6 +238,8 @@ def test_train_shapes_builds_the_transformer_size_it_is_given(tmp_path, capsys):
     assert mgt.load_pipeline(str(tmp_path), device="cpu").generate(["a red circle"], [0], steps=2).images.shape == (1, 64, 64, 3)
     assert main(["train-shapes", "--out", str(tmp_path / "x"), "--width", "100", "--heads", "3"]) == 2
     assert "--width 100" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["train-shapes", "--out", str(tmp_path / "x"), "--width", "16", "--heads", "2"]) == 2  # 8 per head:
+    assert "multiple of 16 channels each; e.g. --width 32" in capsys.readouterr().err  # odd rotary axes
 
 
 def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
@@ -259,6 +269,39 @@ def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
     assert (stages[0] / weights).read_bytes() != (first / weights).read_bytes()
     assert main(["train-shapes", "--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "missing")]) == 2
     assert "--init-from" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_grown_transformer_starts_as_the_trained_one():
+    """Blocks appended by --init-from with more --layers start as the identity (adaLN-Zero): the grown model
+    predicts exactly what the trained one did, and the new blocks still receive gradients."""
+    torch.manual_seed(0)
+    small = build_transformer(15, Architecture(32, 2, 1, 1)).eval()
+    grown = grow_transformer(small, 2, 3, seed=1).eval()
+    assert (grown.config.num_layers, grown.config.num_single_layers) == (2, 3)
+    inputs = (torch.randint(0, 16, (2, 8, 8)), torch.randn(2, TEXT_LENGTH, TEXT_WIDTH), torch.randn(2, 32),
+              torch.rand(2, 5), torch.tensor([3]))
+    with torch.no_grad():
+        assert torch.equal(grown(*inputs), small(*inputs))
+    grown(*inputs).square().mean().backward()
+    for norm in (grown.transformer_blocks[1].norm1, grown.single_transformer_blocks[2].norm):
+        assert norm.linear.weight.grad.abs().sum() > 0
+    assert grow_transformer(small, 1, 1) is small
+    with pytest.raises(ValueError, match="--layers 0 --single-layers 1: .* 1 joint and 1 single-stream"):
+        grow_transformer(small, 0, 1)
+
+
+def test_train_shapes_grows_a_trained_model(tmp_path, capsys):
+    first = tmp_path / "first"
+    args = ["train-shapes", "--vq-steps", "1", "--text-steps", "1", "--steps", "1", "--batch-size", "2"]
+    assert main([*args, "--out", str(first), "--width", "32", "--heads", "2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "grown"), "--init-from", str(first), "--width", "32", "--heads",
+                 "2", "--layers", "2"]) == 0
+    config = json.loads((tmp_path / "grown" / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_single_layers"], config["pooled_projection_dim"]) == (2, 2, 32)
+    assert json.loads((tmp_path / "grown" / "training.json").read_text())["config"]["layers"] == 2
+    assert main([*args, "--out", str(tmp_path / "x"), "--init-from", str(first)]) == 2
+    assert "--width 128 --heads 4: the transformer in" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_shapes_help_loads_no_torch():
