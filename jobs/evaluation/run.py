@@ -123,8 +123,8 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
         raise ValueError("evaluation needs a scorer: pass --scorer (hps-v2, hps-v2.1, clip or a plugin's scorer)")
     if job.layout == "webdataset":
         raise ValueError("the evaluation report reads images as files; use --layout files or both")
-    samplers = {name: SamplerConfig.from_spec(spec) for name, spec in
-                ((sampler_name(s), s) for s in [options.baseline, *options.candidates])}
+    specs = {sampler_name(s): s for s in [options.baseline, *options.candidates]}  # run name -> what the user wrote
+    samplers = {name: SamplerConfig.from_spec(spec) for name, spec in specs.items()}
     baseline, candidates = sampler_name(options.baseline), [sampler_name(c) for c in options.candidates]
     if baseline in candidates:
         raise ValueError(f"the baseline {options.baseline!r} is also a candidate; drop it from --candidates")
@@ -151,7 +151,6 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
         metrics = read_metrics(Storage(run_job.out, job.storage_options)).to_pandas()
         frames.append(metrics.assign(sampler=name))
     scores = pd.concat(frames, ignore_index=True).merge(categories, on="prompt_id", how="left")
-    specs = {sampler_name(s): s for s in [options.baseline, *options.candidates]}
     summary = write_report_to(out, scores, baseline, candidates, job.storage_options, options.bootstrap_seed, specs)
     for name in candidates:
         c = summary["comparisons"][name]["overall"]
