@@ -305,7 +305,7 @@ def _check_unique(storage: Storage, hashes: list[np.ndarray], columns: list[str]
     clashes = [row for row in groups.to_pylist() if len(row["prompt_id_list"]) > 1]
     if clashes:
         row = clashes[0]
-        rows = list(zip(row["prompt_id_list"], row["sample_idx_list"]))
+        rows = sorted(zip(row["prompt_id_list"], row["sample_idx_list"]))  # arrow's group_by list order varies
         where = ", ".join(f"{c}={row[c]!r}" for c in columns)
         raise OutputCollision(f"{len(clashes)} {what}(s) shared by several metrics rows under {storage.uri}, e.g. "
                               f"{where} for (prompt_id, sample_idx) {rows}: one output overwrote another; this is "
