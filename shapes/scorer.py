@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from actors.scoring.base import check_pairs, chunks
+from actors.scoring.base import BatchedScorer, check_pairs, chunks
 from mgt.devices import resolve_device, resolve_dtype
 from shapes import scenes
 from shapes.scene_detector import SHIPPED, Detections, SceneDetector, ShapeClassifier, crop_windows, peak_cells
@@ -43,7 +43,7 @@ POSITION_SHARPNESS = 1.0  # pixels: the soft position/relation checks are sigmoi
 MAX_CANDIDATES = 8  # peak cells considered per image
 
 
-class ShapesScorer:
+class ShapesScorer(BatchedScorer):
     """Prompt faithfulness on the shapes domain, in [0, 1] (see the module docstring).
 
     Args:
@@ -59,21 +59,20 @@ class ShapesScorer:
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = "float32", batch_size: int | None = None) -> None:
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        super().__init__(batch_size)
         folder = SHIPPED if checkpoint is None else checkpoint
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise FileNotFoundError(f"no shapes detector in {os.fspath(folder)!r} (expected config.json and "
                                     "diffusion_pytorch_model.safetensors from `maskray train-shapes --part scorer`)")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, cuda_default=torch.float16)
-        self.batch_size = batch_size
         self._detector = SceneDetector.from_pretrained(folder, torch_dtype=self.dtype).to(self.device).eval()
         self._shapes = ShapeClassifier.from_pretrained(os.path.join(folder, "shape_classifier"),
                                                        torch_dtype=self.dtype).to(self.device).eval()
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        """Probability that ``images[i]`` satisfies ``prompts[i]``, in input order."""
+        """Probability that ``images[i]`` satisfies ``prompts[i]``, in input order; every prompt is parsed before
+        any image is scored, so a caption outside the grammar fails at once."""
         check_pairs(images, prompts)
         specs = [scenes.parse_caption(p) for p in prompts]
         scores: list[float] = []

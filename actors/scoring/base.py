@@ -1,5 +1,6 @@
-"""What every image scorer is and the helpers they share: the ``Scorer`` contract and input checks
-with batching (device and dtype resolution is ``mgt.devices``).
+"""What every image scorer is and the helpers they share: the ``Scorer`` contract, input checks and
+``BatchedScorer``, which checks and batches for the scorers built on it (device and dtype resolution is
+``mgt.devices``).
 
 A scorer maps (image, prompt) pairs to one float each, higher meaning a better match. The scorers
 (``actors.scoring.hps``, ``actors.scoring.clip_score``, and those plugins register) import this module;
@@ -8,7 +9,7 @@ it imports none of them, and loads neither torch nor PIL until a helper runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -45,11 +46,32 @@ def chunks(count: int, batch_size: int | None) -> list[slice]:
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
-def score_in_chunks(images: Sequence[Any], prompts: Sequence[Any], batch_size: int | None,
-                    score_batch: Callable[[Sequence[Any], Sequence[Any]], list[float]]) -> list[float]:
-    """Check the (image, prompt) pairs, then score them ``batch_size`` at a time, in input order."""
-    check_pairs(images, prompts)
-    scores: list[float] = []
-    for part in chunks(len(images), batch_size):
-        scores.extend(score_batch(images[part], prompts[part]))
-    return scores
+class BatchedScorer:
+    """A scorer that checks its (image, prompt) pairs, then scores them ``batch_size`` at a time in input order.
+
+    Subclasses call ``super().__init__(batch_size)`` and implement ``_score_batch``, one forward pass.
+
+    Raises:
+        ValueError: ``batch_size`` is neither ``None`` nor a positive integer.
+    """
+
+    def __init__(self, batch_size: int | None) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        """The score of each ``images[i]`` against ``prompts[i]``, in input order.
+
+        Raises:
+            ValueError: ``len(images) != len(prompts)``.
+            TypeError: An element is not a PIL image or not a string.
+        """
+        check_pairs(images, prompts)
+        scores: list[float] = []
+        for part in chunks(len(images), self.batch_size):
+            scores.extend(self._score_batch(images[part], prompts[part]))
+        return scores
+
+    def _score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        raise NotImplementedError

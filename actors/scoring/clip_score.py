@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPModel, CLIPProcessor
 
-from actors.scoring.base import score_in_chunks
+from actors.scoring.base import BatchedScorer
 from mgt.devices import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
-class CLIPScorer:
+class CLIPScorer(BatchedScorer):
     """CLIPScore of (image, prompt) pairs: ``max(100 * cos(image, text), 0)``.
 
     The paper scales the cosine by ``w = 2.5``; we report ``100 * cos`` clipped at 0 instead, the
@@ -52,9 +52,7 @@ class CLIPScorer:
         dtype: str | torch.dtype | None = None,
         batch_size: int | None = None,
     ) -> None:
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        self.batch_size = batch_size
+        super().__init__(batch_size)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, cuda_default=torch.float16)
         try:
@@ -68,15 +66,6 @@ class CLIPScorer:
             ) from error
         self._model = clip.to(self.device).eval().requires_grad_(False)
         self._tokenizer_lock = threading.Lock()
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        """CLIPScore of each ``images[i]`` against ``prompts[i]``, in input order.
-
-        Raises:
-            ValueError: ``len(images) != len(prompts)``.
-            TypeError: An element is not a PIL image or not a string.
-        """
-        return score_in_chunks(images, prompts, self.batch_size, self._score_batch)
 
     def _score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         with self._tokenizer_lock:

@@ -26,7 +26,7 @@ import torchvision.transforms.functional as TF
 from open_clip.utils import to_2tuple
 from torchvision.transforms import InterpolationMode
 
-from actors.scoring.base import score_in_chunks
+from actors.scoring.base import BatchedScorer
 from mgt import checkpoints
 from mgt.devices import resolve_device, resolve_dtype
 
@@ -197,7 +197,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # the scorer
 
 
-class HPSv2Scorer:
+class HPSv2Scorer(BatchedScorer):
     """HPS v2 / v2.1 of (image, prompt) pairs: cosine similarity of the normalised CLIP features.
 
     The model is built and loaded once, in ``__init__``; ``score`` runs batched forwards under
@@ -239,10 +239,8 @@ class HPSv2Scorer:
             raise ValueError(f"unknown HPS version {version!r}; use one of {', '.join(HPS_HUB_FILES)}")
         if resize_mode not in ("pad", "crop"):
             raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'pad' (hpsv2) or 'crop'")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        super().__init__(batch_size)
         self.version = version
-        self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, cuda_default=torch.float16)
@@ -259,15 +257,6 @@ class HPSv2Scorer:
         if height != width:
             raise ValueError(f"{label} has a non-square image size {height}x{width}; HPS pads images to a square")
         self.image_size = height
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        """HPS of each ``images[i]`` against ``prompts[i]``, in input order.
-
-        Raises:
-            ValueError: ``len(images) != len(prompts)``.
-            TypeError: An element is not a PIL image or not a string.
-        """
-        return score_in_chunks(images, prompts, self.batch_size, self._score_batch)
 
     def _score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         pixels = torch.stack([preprocess(image, self.image_size, self.resize_mode) for image in images])
