@@ -50,7 +50,8 @@ class JobOptions(BaseModel):
     fail_fast: bool = Field(False, description="Stop the job at the first failed row instead of recording the "
                             "error in its metrics row.")
     keep_failed: bool = Field(False, description="On a rerun, keep the samples that failed instead of generating "
-                              "their shards again (by default a shard whose record holds an error is redone).")
+                              "them again (by default the failed samples of a shard are generated again and its "
+                              "good ones kept).")
     force: bool = Field(False, description="Take over --out's lock (_lock.json) even though its owner's heartbeat "
                         "is fresh: only when that run is known to be gone.")
     lock_stale_seconds: float = Field(120.0, ge=5, description="A lock on --out whose heartbeat is older than "

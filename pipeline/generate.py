@@ -28,10 +28,11 @@ from pipeline.capacity import ENV as CAPACITY_ENV
 from pipeline.capacity import Capacity, NodeWatch, nodes_to_wait_for, per_node, pool_usage, read_capacity
 from pipeline.config import UNHASHED_MODEL_FIELDS, GenerateConfig, pool_range
 from pipeline.lease import LeaseLost, RunLease
+from pipeline.partial import assemble_whole_pieces
 from pipeline.prompts import expand_samples, scan_prompts
 from pipeline.redact import secret_values
 from pipeline.shards import Shard, default_shard_size, plan_shards, read_shards
-from pipeline.sink import PIECES, SampleSink
+from pipeline.sink import SampleSink
 from pipeline.storage import Storage
 
 SMALL_CLUSTER_CPUS = 4
@@ -193,20 +194,25 @@ def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float 
 
 
 def build_dataset(config: GenerateConfig, shards: list[Shard], columns: list[str], prompts: Storage,
-                  generator: StagePlan, scorer: StagePlan | None,
-                  generator_stage: type = Generator) -> ray.data.Dataset:
+                  generator: StagePlan, scorer: StagePlan | None, generator_stage: type = Generator,
+                  partly_written: dict[str, str] | None = None) -> ray.data.Dataset:
     """The lazy plan from the shards to do to scored image rows (the sink is attached by ``run_generate``).
 
     Each shard descriptor is its own block, so shards are read in parallel and reach the actors in plan
     order (few shards in flight at a time). ``generator_stage`` is the generator actor class; it takes
     ``Generator``'s constructor arguments and returns its columns (a benchmark plugs in a stub there).
+    ``partly_written`` names the partial shards (``"pieces"`` or ``"record"``, ``pipeline.partial``): their read task
+    keeps the samples already written under ``--out`` and only the others are generated.
     """
     job = config.job
+    partly_written = partly_written or {}
     batches = -(-sum(s.samples for s in shards) // generator.batch_size)
-    descriptors = [{"name": s.name, "file": s.file, "start": s.start, "stop": s.stop, "samples": s.samples}
-                   for s in shards]
+    descriptors = [{"name": s.name, "file": s.file, "start": s.start, "stop": s.stop, "samples": s.samples,
+                    "resume": partly_written.get(s.name, "")} for s in shards]
     ds = ray.data.from_items(descriptors, override_num_blocks=max(1, len(descriptors)))
-    ds = ds.map_batches(read_shards, batch_format="pyarrow", fn_kwargs={"storage": prompts, "columns": columns})
+    ds = ds.map_batches(read_shards, batch_format="pyarrow",
+                        fn_kwargs={"storage": prompts, "columns": columns, "out": Storage(job.out, job.storage_options),
+                                   "tars": job.layout != "files", "keep_failed": job.keep_failed})
     ds = ds.map_batches(expand_samples, batch_format="numpy",
                         fn_kwargs={"run_seed": job.seed, "num_images": job.num_images})
     ds = ds.repartition(target_num_rows_per_block=generator.batch_size)
@@ -266,9 +272,9 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
 
     Order: scan the prompts (errors here leave ``--out`` untouched), take ``--out``'s lease
     (``pipeline.lease``: a second live run is refused), check ``--out``'s config hash and shard size, plan the
-    shards, call ``connect`` (the job's ``ray.init``; None when Ray is already up), read the completion records
-    (shards with failed samples are redone unless ``--keep-failed``), open an attempt, run the plan over the
-    shards left, finalize. An exception after the attempt opened closes it as failed in ``manifest.json``,
+    shards, call ``connect`` (the job's ``ray.init``; None when Ray is already up), assemble the shards a crash
+    left whole in pieces, read the completion records (the failed samples of a shard are generated again unless
+    ``--keep-failed``), open an attempt, run the plan over the samples left (``pipeline.partial``), finalize. An exception after the attempt opened closes it as failed in ``manifest.json``,
     with the error's type and message (credentials scrubbed).
 
     Returns:
@@ -293,23 +299,31 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
         connected = time.perf_counter()
         capacity = read_capacity()
         generator, scorer = plan_stages(config, capacity)
+        # assembly uses no run constants; whole pieces left by a crash become records before the record scan
+        partial = assemble_whole_pieces(SampleSink(out, {}, job.image_format, job.layout),
+                                        {shard.name: shard.samples for shard in plan})
         records = run_manifest.scan_records(out, plan, keep_failed=job.keep_failed)
         for name, reason in sorted(records.bad.items()):
-            log(f"maskray generate: completion record {out.url('_shards', name + '.parquet')} is {reason}; its "
-                f"shard is generated again")
+            again = "its failed samples are" if name in records.failed else "its shard is"
+            log(f"maskray generate: completion record {out.url('_shards', name + '.parquet')} is {reason}; "
+                f"{again} generated again")
         todo = [shard for shard in plan if shard.name not in records.done]
+        partly_written = {**{name: "pieces" for name in partial}, **{name: "record" for name in records.failed}}
+        partly_written = {name: how for name, how in partly_written.items() if name not in records.done}
         done = sum(records.done.values())
         resume = (before_ray - begun) + (time.perf_counter() - connected)
         log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s), "
             f"{len(plan)} shard(s) of ~{size}; {len(plan) - len(todo)} shard(s) ({done} samples) already done under "
-            f"{out.uri}; {generator.describe()} generator actor(s) "
+            f"{out.uri}" + (f", {len(partly_written)} partly written (their written samples are kept)"
+                              if partly_written else "")
+            + f"; {generator.describe()} generator actor(s) "
             f"({generator.num_gpus:g} GPU, {generator.num_cpus:g} CPU each, batch {generator.batch_size})"
             + (f", {scorer.describe()} scorer actor(s) ({job.scorer})" if scorer else ", no scorer"))
         watch = watch_autoscaler(capacity, generator, scorer, log)
         manifest = run_manifest.start_attempt(out, config, existing, [prompts.uri], done, size)
         try:
-            summary = _execute(config, out, prompts, manifest, plan, todo, size, scan.columns, generator,
-                               scorer, generator_stage, lease)
+            summary = _execute(config, out, prompts, manifest, plan, todo, partly_written, size, scan.columns,
+                               generator, scorer, generator_stage, lease)
         except LeaseLost:  # --out belongs to another run now: its manifest is not this run's to write
             raise
         except BaseException as error:  # a crash or Ctrl-C: the attempt is closed as failed, never left running
@@ -328,15 +342,15 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
 
 
 def _execute(config: GenerateConfig, out: Storage, prompts: Storage, manifest: dict, plan: list[Shard],
-             todo: list[Shard], size: int, columns: list[str], generator: StagePlan, scorer: StagePlan | None,
-             generator_stage: type, lease: RunLease) -> dict:
-    """Generate the shards ``todo`` and finalize (only while this run still holds ``--out``'s lease)."""
+             todo: list[Shard], partly_written: dict[str, str], size: int, columns: list[str], generator: StagePlan,
+             scorer: StagePlan | None, generator_stage: type, lease: RunLease) -> dict:
+    """Generate the shards ``todo`` (keeping the written samples of those in ``partly_written``) and finalize
+    (only while this run still holds ``--out``'s lease)."""
     job = config.job
     attempt = manifest["attempts"][-1]["attempt"]
     started, started_at = time.perf_counter(), time.time()
     if todo:
-        out.remove(out.path(PIECES))  # rows of shards a crashed attempt left incomplete: those shards are redone
-        ds = build_dataset(config, todo, columns, prompts, generator, scorer, generator_stage)
+        ds = build_dataset(config, todo, columns, prompts, generator, scorer, generator_stage, partly_written)
         ds.write_datasink(SampleSink(out, run_constants(config, attempt), job.image_format, job.layout, size))
     generated = time.perf_counter()
     actors = {"generator": pool_usage(generator_stage.__name__, started_at).as_dict(),

@@ -95,10 +95,12 @@ def shard_size(manifest: dict | None, job: JobOptions, samples: int, default: Ca
 
 @dataclass
 class RecordScan:
-    """What a rerun found under ``_shards/``: good records by shard name, and the bad ones with the reason."""
+    """What a rerun found under ``_shards/``: good records by shard name, the bad ones with the reason, and of
+    those the records that are whole but hold failed samples (their good rows are kept: ``pipeline.partial``)."""
 
     done: dict[str, int] = field(default_factory=dict)
     bad: dict[str, str] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
     stale: int = 0
 
 
@@ -107,9 +109,9 @@ def scan_records(storage: Storage, plan: list[Shard], keep_failed: bool = False)
 
     A record that is empty, unreadable or holds another row count than its shard is *bad*: its shard is
     generated again (the new record replaces it). So is a record holding failed samples (a transient CUDA
-    OOM or lost connection gets its retry), unless ``keep_failed``; the failures are counted from the
-    footer's null count of ``error``, so this costs no extra read. Records of shards not in the plan (the
-    input changed) are counted as stale and ignored.
+    OOM or lost connection gets its retry), unless ``keep_failed``; only its failed samples are generated
+    again (``failed``). The failures are counted from the footer's null count of ``error``, so this costs no
+    extra read. Records of shards not in the plan (the input changed) are counted as stale and ignored.
     """
     expected = {shard.name: shard.samples for shard in plan}
     listed = storage.sizes(storage.path(SHARDS), ".parquet")
@@ -136,6 +138,7 @@ def scan_records(storage: Storage, plan: list[Shard], keep_failed: bool = False)
                 scan.bad[name] = f"{rows} rows, the shard has {expected[name]}"
             elif failed:
                 scan.bad[name] = f"holding {failed} failed sample(s) (--keep-failed keeps them)"
+                scan.failed.add(name)
             else:
                 scan.done[name] = rows
     return scan
@@ -217,7 +220,7 @@ def finalize(storage: Storage, manifest: dict, plan: list[Shard], seconds: float
 
     def flush() -> None:
         name = f"part-{len(parts):05d}.parquet"
-        storage.write_atomic(f"{folder}/{name}", _to_parquet(pa.concat_tables(pending)))
+        storage.write_table(f"{folder}/{name}", pa.concat_tables(pending))
         parts.append(name)
         pending.clear()
 
@@ -310,12 +313,6 @@ def _check_unique(storage: Storage, hashes: list[np.ndarray], columns: list[str]
         raise OutputCollision(f"{len(clashes)} {what}(s) shared by several metrics rows under {storage.uri}, e.g. "
                               f"{where} for (prompt_id, sample_idx) {rows}: one output overwrote another; this is "
                               f"a bug in the shard plan or the image names, report it with manifest.json")
-
-
-def _to_parquet(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
 
 
 def _write_manifest(storage: Storage, manifest: dict) -> None:

@@ -322,12 +322,13 @@ def derive_seed(prompt_id: str, run_seed: int, sample_idx: int) -> int:
 
 
 def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: int) -> dict[str, np.ndarray]:
-    """Prompt rows -> sample rows (one per image).
+    """Prompt rows -> sample rows (one per image), leaving out the samples a partial shard already holds.
 
     Args:
         batch: a column batch of prompt rows (the columns of ``COLUMNS`` that the input has, plus the
             editing columns (``EDIT_COLUMNS``) and bookkeeping columns such as ``shard``, which are repeated
-            on each of the row's samples).
+            on each of the row's samples). An optional ``kept_samples`` column lists, per row, the sample
+            indices already written (``pipeline.shards.read_shards``); those samples are not produced.
         run_seed: the job's seed, for rows without a seed.
         num_images: images for rows without a num_images value.
 
@@ -339,25 +340,32 @@ def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: i
     counts = _column(batch, "num_images")
     seeds = _column(batch, "seed")
     negatives = _column(batch, "negative_prompt")
+    kept = batch.get("kept_samples")
     totals = np.array([num_images if counts is None or _is_null(counts[i]) else int(counts[i])
                        for i in range(len(ids))], dtype=np.int64)
     out: dict[str, list] = {"prompt_id": [], "sample_idx": [], "prompt": [], "negative_prompt": [], "seed": []}
+    wanted: list[bool] = []
     for i, prompt_id in enumerate(ids):
         given = None if seeds is None or _is_null(seeds[i]) else int(seeds[i])
         negative = None if negatives is None else negatives[i]
+        skip = set() if kept is None or kept[i] is None else {int(k) for k in kept[i]}
         for sample_idx in range(totals[i]):
+            wanted.append(sample_idx not in skip)
             out["prompt_id"].append(prompt_id)
             out["sample_idx"].append(sample_idx)
             out["prompt"].append(str(batch["prompt"][i]))
             out["negative_prompt"].append(negative if isinstance(negative, str) else "")
             out["seed"].append(derive_seed(prompt_id, run_seed, sample_idx) if given is None
                                else (given + sample_idx) & SEED_MASK)
-    carried = {name: np.repeat(np.asarray(values), totals) for name, values in batch.items() if name not in COLUMNS}
-    return {"prompt_id": np.array(out["prompt_id"], dtype=object),
+    carried = {name: np.repeat(np.asarray(values), totals) for name, values in batch.items()
+               if name not in COLUMNS and name != "kept_samples"}
+    rows = {"prompt_id": np.array(out["prompt_id"], dtype=object),
             "sample_idx": np.array(out["sample_idx"], dtype=np.int64),
             "prompt": np.array(out["prompt"], dtype=object),
             "negative_prompt": np.array(out["negative_prompt"], dtype=object),
             "seed": np.array(out["seed"], dtype=np.int64), **carried}
+    mask = np.array(wanted, dtype=bool)
+    return rows if mask.all() else {name: values[mask] for name, values in rows.items()}
 
 
 def _column(table: pa.Table | dict[str, Any], name: str) -> list | np.ndarray | None:

@@ -3,9 +3,10 @@
 A shard is a range of prompt rows of one input file holding about ``shard_size`` samples, cut from the
 file's row order alone (img2dataset's design: shard = input file + row range). Its name is a digest of the
 file's path under the input root plus the row range, so the same input and shard size give the same shards
-on every rerun: a rerun lists the completion records ``_shards/*.parquet`` and skips whole shards. Nothing
-proportional to the done samples is built on the driver or shipped to tasks, and a crash loses at most the
-shards in flight.
+on every rerun: a rerun lists the completion records ``_shards/*.parquet`` and skips whole shards; of a shard
+in flight at a crash, or whose record holds failed samples, it keeps the samples already written
+(``pipeline.partial``). Nothing proportional to the done samples is built on the driver or shipped to tasks, and
+a crash loses at most the samples in flight that were not yet written.
 
 Default shard size: ``ceil(samples / 100)`` clamped to [1, 1000], so a laptop run of a few prompts still
 records progress sample by sample, and a run of 10^5 samples or more gets shards of 1,000 samples (a
@@ -25,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.partial import keep_written_samples
+from pipeline.prompts import prompt_ids
 from pipeline.storage import Storage
 
 MAX_DEFAULT_SHARD_SIZE = 1000
@@ -72,10 +75,13 @@ def plan_shards(files: list[str], row_samples: list[np.ndarray], shard_size: int
     return shards
 
 
-def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str]) -> pa.Table:
-    """Shard descriptors (``name``, ``file``, ``start``, ``stop``, ``samples``) -> their prompt rows.
+def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], out: Storage | None = None,
+                tars: bool = False, keep_failed: bool = False) -> pa.Table:
+    """Shard descriptors (``name``, ``file``, ``start``, ``stop``, ``samples``, ``resume``) -> their prompt rows.
 
-    Adds ``shard`` and ``shard_samples`` to each row, for the sink, and makes relative ``init_image`` and
+    Adds ``shard`` and ``shard_samples`` to each row, for the sink, and ``kept_samples``: the sample indices of
+    the row that a partial shard already holds under ``out`` (``resume`` is ``"pieces"`` or ``"record"``; see
+    ``pipeline.partial``), which ``expand_samples`` leaves out. Makes relative ``init_image`` and
     ``mask_image`` values absolute (see :func:`resolve_images`). Reads only the row groups that overlap the
     range, so prompt files written with row groups of about a shard (or smaller) are read once in total.
     """
@@ -84,8 +90,14 @@ def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str]) -> pa.
         table = resolve_images(read_rows(storage, shard["file"], shard["start"], shard["stop"], columns),
                                storage, shard["file"])
         count = table.num_rows
+        kept: dict[str, list[int]] = {}
+        if shard.get("resume") and out is not None:
+            kept = keep_written_samples(out, shard["name"], from_record=shard["resume"] == "record", tars=tars,
+                                        keep_failed=keep_failed)
+        rows_kept = [kept.get(prompt_id, []) for prompt_id in prompt_ids(table)] if kept else [[]] * count
         tables.append(table.append_column("shard", pa.array([shard["name"]] * count, pa.string()))
-                      .append_column("shard_samples", pa.array([shard["samples"]] * count, pa.int64())))
+                      .append_column("shard_samples", pa.array([shard["samples"]] * count, pa.int64()))
+                      .append_column("kept_samples", pa.array(rows_kept, pa.list_(pa.int64()))))
     return pa.concat_tables(tables)
 
 

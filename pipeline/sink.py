@@ -14,8 +14,9 @@ that shard's pieces. The task whose piece brings the listed count to the shard's
 it reads the pieces, writes the tar, then the record (atomically), then drops the pieces. Whichever piece
 lands last, its writer lists after every other piece is on storage, so some writer always sees the whole
 shard (a retried task only adds duplicate rows, which assembly drops). A record on storage therefore
-means the shard's images and tar are complete: resume trusts records only, and a crash loses at most the
-shards in flight.
+means the shard's images and tar are complete: resume trusts records, and a rerun completes the shards a crash
+left in pieces around the rows they hold (``pipeline.partial``). When a sample is written twice, once failed and
+once good (a failure generated again), assembly keeps the good row.
 
 Names derive from content keys, never from Ray's write UUID or task index (docs/ray-notes.md §4), so a
 retried task or a rerun overwrites instead of duplicating. ``prompt_id`` is user data: ``image_name`` slugs it for reading and
@@ -85,6 +86,11 @@ def rows_id(prompt_ids: Iterable[str], sample_idx: Iterable[int]) -> str:
     """20 hex digits of SHA-256 over sorted sample keys: the same rows give the same piece name."""
     keys = sorted(f"{p}\x00{int(i)}" for p, i in zip(prompt_ids, sample_idx))
     return hashlib.sha256("\x01".join(keys).encode()).hexdigest()[:20]
+
+
+def piece_name(piece: pa.Table) -> str:
+    """``<rows_id>-<rows>.parquet``: the same rows give the same name, and a listing counts rows without reads."""
+    return f"{rows_id(piece['prompt_id'].to_pylist(), piece['sample_idx'].to_pylist())}-{piece.num_rows}.parquet"
 
 
 class SampleSink(Datasink[int]):
@@ -172,8 +178,8 @@ class SampleSink(Datasink[int]):
             "written_at": [int(time.time() * 1000)] * count,
             "image": [b if self.tars and not e else None for b, e in zip(images, errors)],
         }
-        name = f"{rows_id(ids, samples)}-{count}.parquet"
-        self.storage.write_atomic(self.storage.path(PIECES, shard, name), _parquet(pa.table(piece, PIECE_SCHEMA)))
+        table = pa.table(piece, PIECE_SCHEMA)
+        self.storage.write_table(self.storage.path(PIECES, shard, piece_name(table)), table)
 
     def _listed_rows(self, shard: str) -> int:
         """Rows of the shard's pieces on storage, from their names (retries may count a row twice)."""
@@ -192,7 +198,8 @@ class SampleSink(Datasink[int]):
         except FileNotFoundError:
             return False  # another writer assembled this shard and removed the pieces meanwhile
         table = pa.concat_tables([pq.read_table(io.BytesIO(b), schema=PIECE_SCHEMA) for b in blobs])
-        table = first_per_key(table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")]))
+        table = first_per_key(table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending"),
+                                             ("error", "ascending", "at_start")]))
         if table.num_rows != expected:
             return False
         columns = {name: table[name].to_pylist() for name in table.column_names}
@@ -211,24 +218,19 @@ class SampleSink(Datasink[int]):
         index = record.schema.get_field_index("image_bytes")
         record = record.add_column(index, "image_offset", pa.array(offsets, pa.int64()))
         record = record.add_column(index, "image_uri", pa.array(uris, pa.string())).select(METRICS_SCHEMA.names)
-        self.storage.write_atomic(self.storage.path(SHARDS, f"{shard}.parquet"), _parquet(record.cast(METRICS_SCHEMA)))
+        self.storage.write_table(self.storage.path(SHARDS, f"{shard}.parquet"), record.cast(METRICS_SCHEMA))
         self.storage.remove(self.storage.path(PIECES, shard))
         return True
 
 
 def first_per_key(table: pa.Table) -> pa.Table:
-    """One row per (prompt_id, sample_idx) of a table sorted by key: the first."""
+    """One row per (prompt_id, sample_idx) of a table sorted by key: the first (assembly sorts a good row, null
+    ``error``, before a failed one, so a sample generated again after a failure keeps its good row)."""
     if table.num_rows < 2:
         return table
     ids, samples = table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()
     keep = [i for i in range(len(ids)) if i == 0 or (ids[i], samples[i]) != (ids[i - 1], samples[i - 1])]
     return table.take(keep)
-
-
-def _parquet(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
 
 
 def _tar(names: list[str], images: list[bytes | None], ok: list[bool],

@@ -12,14 +12,18 @@ leftovers are never read.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import posixpath
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 READ_THREADS = 16  # concurrent local reads of many small files (object stores batch them in fsspec)
 
@@ -95,8 +99,32 @@ class Storage:
         else:
             self.fs.pipe_file(path, data)
 
+    def write_table(self, path: str, table: pa.Table) -> None:
+        """Write ``table`` as one Parquet file at ``path``, atomically (``write_atomic``)."""
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_atomic(path, buffer.getvalue())
+
     def read(self, path: str) -> bytes:
         return self.fs.cat_file(path)
+
+    def read_ranges(self, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes]:
+        """Bytes ``[starts[i], ends[i])`` of ``paths[i]`` (None: from the start / to the end), in order, fetched
+        concurrently (fsspec's ``cat_ranges``: one request per range on object stores).
+
+        Raises:
+            FileNotFoundError: one of the files is missing.
+        """
+        if not paths:
+            return []
+        if self.local:
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                return list(pool.map(self.fs.cat_file, paths, starts, ends))
+        found = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+        for data in found:
+            if isinstance(data, Exception):
+                raise data
+        return found
 
     def read_many(self, paths: list[str]) -> list[bytes]:
         """The contents of ``paths`` in order, fetched concurrently (fsspec's batched ``cat``).
@@ -124,6 +152,18 @@ class Storage:
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
+
+    def folders(self, folder: str) -> list[str]:
+        """Names of the folders directly under ``folder`` (none if it is missing), sorted."""
+        try:
+            if self.local:
+                with os.scandir(folder) as entries:
+                    return sorted(e.name for e in entries if e.is_dir())
+            self.fs.invalidate_cache(folder)
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
 
     def list(self, folder: str, suffix: str) -> list[str]:
         """Files directly under ``folder`` ending in ``suffix`` (none if the folder is missing)."""
