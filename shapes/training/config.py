@@ -27,6 +27,10 @@ class TrainShapesConfig(BaseModel):
     hole_share: float = Field(0.5, ge=0, le=1, description="Share of the samples with a jittered box around "
                               "each object fully masked (the rest by the schedule), so objects are drawn from "
                               "the caption.")
+    hole_subset: float = Field(0.0, ge=0, le=1, description="Share of the hole samples of several objects "
+                               "that box a random subset of the objects (at least one) instead of every one, so the "
+                               "model learns to draw the caption's other objects beside one already drawn (0: every "
+                               "object, as the shipped stages up to 7 were trained).")
     high_mask_share: float = Field(0.25, ge=0, le=1, description="Share of the samples with at least 0.9 of "
                                    "the tokens masked (where layout and shape are decided).")
     lattice: int = Field(0, ge=0, description="Generator training scenes only: object centres snapped to "

@@ -140,6 +140,10 @@ class Recipe(NamedTuple):
             silhouette names the geometry once for all colours. The head is dropped after training.
         lessons: share of each batch made of lesson scenes (:func:`shapes.training.data.lesson_scene`: one
             object exactly on a named position, at nominal radius) instead of the benchmark's scenes.
+        hole_subset: share of the hole samples of several objects that box a random non-empty subset of the
+            objects (each kept with probability 1/2) instead of every one, so that some objects stay visible
+            while others are drawn from the caption: the state the sampler reaches once one object is drawn,
+            in which the model must draw the caption's other objects, not a copy of the first or background.
     """
 
     text_lr_scale: float = 1.0
@@ -149,6 +153,7 @@ class Recipe(NamedTuple):
     anchors: bool = False
     silhouette: float = 0.0
     lessons: float = 0.0
+    hole_subset: float = 0.0
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, generator: torch.Generator, high_mask_share: float = 0.0,
@@ -183,8 +188,10 @@ def schedule_time(rate: torch.Tensor | float) -> torch.Tensor:
     return torch.arccos(torch.as_tensor(rate, dtype=torch.float32).clamp(0, 1)) * 2 / math.pi
 
 
-def object_holes(batch: list[scenes.Scene], grid: int, generator: torch.Generator, share: float) -> torch.Tensor:
-    """`(B, grid, grid)` bool: for a ``share`` of the scenes, the token cells of a jittered box around each object.
+def object_holes(batch: list[scenes.Scene], grid: int, generator: torch.Generator, share: float,
+                 subset_share: float = 0.0) -> torch.Tensor:
+    """`(B, grid, grid)` bool: for a ``share`` of the scenes, the token cells of a jittered box around each object
+    (in a ``subset_share`` of those with several objects, around a random non-empty subset of them only).
 
     The box reaches 2-5 px beyond the object's radius and its centre moves up to 2 px, so its outline says
     nothing about the object's shape; cells the box touches are masked.
@@ -194,11 +201,24 @@ def object_holes(batch: list[scenes.Scene], grid: int, generator: torch.Generato
     for b, scene in enumerate(batch):
         if not chosen[b]:
             continue
-        for obj in scene.objects:
+        for obj in _holed_objects(scene.objects, generator, subset_share):
             margin, dx, dy = (torch.rand(3, generator=generator) * torch.tensor([3.0, 4.0, 4.0])
                               + torch.tensor([2.0, -2.0, -2.0])).tolist()
             mask_box(holes[b], obj.x + dx, obj.y + dy, obj.radius + margin)
     return holes
+
+
+def _holed_objects(objects: tuple[scenes.SceneObject, ...], generator: torch.Generator,
+                   subset_share: float) -> tuple[scenes.SceneObject, ...]:
+    """The objects of a hole sample that get a box: all of them, or with probability ``subset_share`` (scenes of
+    several objects only) each with probability 1/2, drawn again until at least one is kept. No draw when
+    ``subset_share`` is 0, so the default stream stays that of the shipped stages."""
+    if subset_share <= 0 or len(objects) < 2 or float(torch.rand(1, generator=generator)) >= subset_share:
+        return objects
+    while True:
+        kept = torch.rand(len(objects), generator=generator) < 0.5
+        if kept.any():
+            return tuple(obj for obj, keep in zip(objects, kept.tolist()) if keep)
 
 
 def mask_box(mask: torch.Tensor, x: float, y: float, half: float) -> None:
@@ -306,7 +326,8 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         captions = ["" if d else s.caption for d, s in zip(drop.tolist(), batch)]
         with torch.set_grad_enabled(recipe.text_lr_scale > 0):
             hidden, pooled = encode_text(tokenizer, text_encoder, captions)
-        holes = object_holes(batch, tokens.shape[-1], generator, recipe.hole_share) if recipe.hole_share else None
+        holes = (object_holes(batch, tokens.shape[-1], generator, recipe.hole_share, recipe.hole_subset)
+                 if recipe.hole_share else None)
         masked, mask, t = mask_tokens(tokens, mask_id, generator, recipe.high_mask_share, holes)
         logits = transformer(masked, hidden, pooled, micro, sampler_timestep(t, sampler_steps))
         loss = F.cross_entropy(logits.permute(0, 2, 3, 1)[mask], tokens[mask])

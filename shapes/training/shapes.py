@@ -105,7 +105,7 @@ def _generator_stage(config: TrainShapesConfig, out: Path, vq: VQModel, tokenize
         vq, tokenizer, config.seed, config.steps, config.sample_steps, config.batch_size, config.lr,
         config.cond_dropout, config.text_steps,
         recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share, config.lattice,
-                      config.anchors, config.silhouette, config.lessons),
+                      config.anchors, config.silhouette, config.lessons, config.hole_subset),
         architecture=Architecture(config.width, config.heads, config.layers, config.single_layers),
         should_stop=lambda: deadline is not None and time.monotonic() > deadline,
         on_step=_stage(progress, "generator", config.steps),

@@ -53,6 +53,17 @@ def test_object_holes_cover_every_object_and_only_the_chosen_share():
     assert 16 <= int(chosen.sum()) <= 48
 
 
+def test_subset_holes_leave_some_objects_of_a_scene_visible_and_hide_at_least_one():
+    batch = [s for s in map(scenes.make_scene, range(200)) if len(s.objects) >= 2][:64]
+    holes = object_holes(batch, 32, torch.Generator().manual_seed(0), share=1.0, subset_share=1.0)
+    hidden = [[not (_object_cells(replace(s, objects=(o,)), 32) & ~hole).any() for o in s.objects]
+              for s, hole in zip(batch, holes)]
+    assert all(any(h) for h in hidden)  # every hole sample still hides an object
+    assert sum(not all(h) for h in hidden) >= len(batch) // 3  # and most keep one in view (1/2 per object)
+    again = object_holes(batch, 32, torch.Generator().manual_seed(0), share=1.0, subset_share=0.0)
+    assert torch.equal(again, object_holes(batch, 32, torch.Generator().manual_seed(0), share=1.0))
+
+
 def test_lattice_scenes_keep_their_captions_with_centres_and_radii_snapped():
     batch = [scenes.make_scene(seed) for seed in range(500)]
     snapped = [snap_to_lattice(scene, 4) for scene in batch]
