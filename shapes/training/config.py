@@ -59,8 +59,9 @@ class TrainShapesConfig(BaseModel):
                         "trained model grows.")
     single_layers: int = Field(2, ge=0, description="Single-stream transformer blocks after the joint ones. With "
                                "--init-from: at least the model's; more appends blocks as --layers does.")
-    init_from: str | None = Field(None, description="A trained shapes model folder to continue from (a "
-                                  "fine-tune stage): its VQ, text encoder and transformer start this run, the "
+    init_from: str | None = Field(None, description="A trained shapes model to continue from, a folder "
+                                  "written by train-shapes or a registered name (shapes-meissonic: the shipped model), "
+                                  "as a fine-tune stage: its VQ, text encoder and transformer start this run, the "
                                   "text pre-training is skipped, the scenes continue after its steps and its "
                                   "training.json is kept in this run's record. --steps, --lr and the recipe "
                                   "apply to this stage.")

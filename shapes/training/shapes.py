@@ -41,7 +41,7 @@ def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None 
     """
     out = Path(out)
     if config.init_from is not None:
-        return continue_model(config, Path(config.init_from), out, progress)
+        return continue_model(config, init_folder(config.init_from), out, progress)
     vq_key = {"seed": config.seed, "vq_steps": config.vq_steps, "threads": config.threads}
     record, record_path = _start_record(out, config, "vq", vq_key)
 
@@ -61,6 +61,14 @@ def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None 
     return record
 
 
+def init_folder(init_from: str) -> Path:
+    """The model folder ``--init-from`` names: a registered model's (``shapes-meissonic`` continues the shipped
+    model, as the stages in docs/shapes-training.md do) or the folder given."""
+    from mgt.loading import registered_models, resolve_model_path
+
+    return resolve_model_path(init_from) if init_from in registered_models() else Path(init_from)
+
+
 def continue_model(config: TrainShapesConfig, init: Path, out: Path, progress: Progress | None = None) -> dict:
     """Continue training the transformer (and text encoder, unless frozen) of the model in ``init`` into ``out``.
 
@@ -76,7 +84,7 @@ def continue_model(config: TrainShapesConfig, init: Path, out: Path, progress: P
     previous_path = init / "training.json"
     if not previous_path.is_file():
         raise FileNotFoundError(f"--init-from {init}: no training.json there; pass a folder written by "
-                                f"`maskray train-shapes --part model`")
+                                f"`maskray train-shapes --part model` or a registered shapes model (shapes-meissonic)")
     previous = json.loads(previous_path.read_text())
     first_step = previous.get("first_step", 0) + previous["generator_steps_done"]
     trained = MeissonicTransformer.from_pretrained(init / "transformer")

@@ -271,6 +271,21 @@ def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
     assert "--init-from" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_train_shapes_continues_the_shipped_model_by_its_registered_name(tmp_path):
+    """--init-from shapes-meissonic continues the shipped model (its folder in the package), not a folder of that
+    name in the working directory."""
+    from mgt.loading import resolve_model_path
+
+    shipped = resolve_model_path("shapes-meissonic")
+    out = tmp_path / "stage"
+    assert main(["train-shapes", "--out", str(out), "--init-from", "shapes-meissonic", "--steps", "1",
+                 "--batch-size", "2"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["init"] == json.loads((shipped / "training.json").read_text())
+    vq = "vqvae/diffusion_pytorch_model.safetensors"
+    assert (out / vq).read_bytes() == (shipped / vq).read_bytes()
+
+
 def test_a_grown_transformer_starts_as_the_trained_one():
     """Blocks appended by --init-from with more --layers start as the identity (adaLN-Zero): the grown model
     predicts exactly what the trained one did, and the new blocks still receive gradients."""
