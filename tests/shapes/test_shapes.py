@@ -272,8 +272,7 @@ def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
 
 
 def test_train_shapes_continues_the_shipped_model_by_its_registered_name(tmp_path):
-    """--init-from shapes-meissonic continues the shipped model (its folder in the package), not a folder of that
-    name in the working directory."""
+    """--init-from shapes-meissonic continues the shipped model (its folder in the package)."""
     from mgt.loading import resolve_model_path
 
     shipped = resolve_model_path("shapes-meissonic")
