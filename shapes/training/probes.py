@@ -97,6 +97,8 @@ def shape_swap_gap(transformer, encode: TextEncode, vq, batch: Sequence[scenes.S
 def read_single_shapes(scorer, images: Sequence[Image.Image]) -> list[str]:
     """The shape the ``shapes`` scorer reads at its most confident detection in each image (:data:`NONE`
     when no cell passes the detector's floor)."""
+    if not images:
+        return []
     detections = scorer.detect(images)
     read = []
     for b in range(len(images)):

@@ -8,7 +8,9 @@ Two uses, run from the repository root:
     # the targets, on the 300 evaluation captions (examples/shapes_heldout.jsonl) at the model's defaults
     python tests/benchmarks/shapes_model.py --model shapes-meissonic
 
-It prints a table and writes every figure (confusion matrices included) to ``--out``.
+It prints a table and writes every figure (confusion matrices included) to ``--out``, with every image's
+caption, seed, kind, score and (single objects) the shape the scorer read, so that two models measured on the
+same captions and seeds can be compared pair by pair (``tests/benchmarks/shapes_model_compare.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ TUNE_START = 40_000  # held-out index of the tuning captions: the evaluation set
 
 def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float | None, steps: int | None,
             sampler=None, batch: int = 32) -> dict:
-    """Mean score overall and per kind, and the single-object shape confusion (the scorer's top detection)."""
+    """Mean score overall and per kind, the single-object shape confusion (the scorer's top detection), and
+    every image's record (``per_sample``, in caption order)."""
     import numpy as np
     from PIL import Image
 
@@ -45,9 +48,12 @@ def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float
     kinds = [scenes.parse_caption(c).kind for c in captions]
     truth = [scenes.parse_caption(captions[i]).phrases[0].shape for i in read]
     by_kind = {k: float(np.mean([s for s, kk in zip(scores, kinds) if kk == k])) for k in sorted(set(kinds))}
+    per_sample = [{"caption": c, "seed": seed, "kind": kind, "score": float(score), "read_shape": read.get(i)}
+                  for i, (c, seed, kind, score) in enumerate(zip(captions, seeds, kinds, scores, strict=True))]
     return {"mean_score": float(np.mean(scores)), "above_half": float(np.mean(np.array(scores) > 0.5)),
             "by_kind": by_kind, "single_shape_accuracy": probes.accuracy(truth, list(read.values())),
-            "single_confusion": probes.confusion(truth, list(read.values())), "samples": len(captions)}
+            "single_confusion": probes.confusion(truth, list(read.values())), "samples": len(captions),
+            "per_sample": per_sample}
 
 
 def main() -> None:

@@ -199,6 +199,16 @@ def test_probe_helpers_describe_the_scene():
     assert probes.accuracy(["circle", "square"], ["circle", "cross"]) == 0.5
 
 
+def test_single_shape_reader_names_rendered_objects_and_takes_an_empty_batch():
+    from shapes.scorer import ShapesScorer
+
+    batch = probes.single_object_scenes(10, start=5000)
+    read = probes.read_single_shapes(ShapesScorer(device="cpu"), [scenes.render(s) for s in batch])
+    assert probes.accuracy([s.objects[0].shape for s in batch], read) >= 0.9
+    # a batch of measured captions may hold no single object (shapes_model.py asks for each batch)
+    assert probes.read_single_shapes(ShapesScorer(device="cpu"), []) == []
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return mgt.load_pipeline("shapes-meissonic", device="cpu")
