@@ -9,9 +9,13 @@ repository root on two outputs of ``tests/benchmarks/shapes_model.py`` (same cap
 ``--seeds-per-caption``):
 
     python tests/benchmarks/shapes_model_compare.py candidate.json baseline.json
+    # pool two measurement sets (say the evaluation captions and the tuning captions), each paired on its own
+    python tests/benchmarks/shapes_model_compare.py eval_cand.json eval_base.json --and tune_cand.json tune_base.json
 
-A figure is "ahead" or "behind" when its 95 % interval of the paired difference excludes zero, "level"
-otherwise. It prints a table and writes the figures to ``--out``.
+A figure is "ahead" or "behind" when its 95 % interval of the paired difference excludes zero by at least
+half the table's resolution (0.001; triples score about 1e-8, and a difference of that size is level), "level"
+otherwise; differences below that resolution count as ties in the wins and losses. It prints a table and
+writes the figures to ``--out``.
 """
 
 from __future__ import annotations
@@ -24,26 +28,27 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+RESOLUTION = 1e-3  # figures are printed to three decimals: smaller differences are not read as wins or gains
 
 
-def load_samples(path: str, row: int) -> dict[tuple[str, int], dict]:
-    """The per-image records of ``row`` of a ``shapes_model.py`` output, keyed by (caption, seed)."""
+def load_samples(path: str, row: int, part: int = 0) -> dict[tuple[int, str, int], dict]:
+    """The per-image records of ``row`` of a ``shapes_model.py`` output, keyed by (``part``, caption, seed)."""
     rows = json.loads(Path(path).read_text())["rows"]
     if not 0 <= row < len(rows):
         raise SystemExit(f"{path} has {len(rows)} row(s); --row {row} does not exist")
     if "per_sample" not in rows[row]:
         raise SystemExit(f"{path} holds no per-image records: it was written before shapes_model.py kept them; "
                          f"measure the model again")
-    return {(s["caption"], s["seed"]): s for s in rows[row]["per_sample"]}
+    return {(part, s["caption"], s["seed"]): s for s in rows[row]["per_sample"]}
 
 
-def paired_figures(candidate: dict[tuple[str, int], dict], baseline: dict[tuple[str, int], dict]
+def paired_figures(candidate: dict[tuple, dict], baseline: dict[tuple, dict]
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{figure: (candidate values, baseline values)}`` aligned by (caption, seed), one entry per figure."""
+    """``{figure: (candidate values, baseline values)}`` aligned by key (part, caption, seed), one per figure."""
     from shapes import scenes
 
     if candidate.keys() != baseline.keys():
-        only = sorted(candidate.keys() ^ baseline.keys())[:3]
+        only = [key[1:] for key in sorted(candidate.keys() ^ baseline.keys())[:3]]
         raise SystemExit(f"the two files hold different (caption, seed) pairs, e.g. {only}: measure both models "
                          f"on the same captions with the same --seeds-per-caption")
     keys = sorted(candidate)
@@ -66,13 +71,16 @@ def paired_figures(candidate: dict[tuple[str, int], dict], baseline: dict[tuple[
 
 
 def verdict(low: float, high: float) -> str:
-    return "ahead" if low > 0 else "behind" if high < 0 else "level"
+    return "ahead" if low >= RESOLUTION / 2 else "behind" if high <= -RESOLUTION / 2 else "level"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("candidate", help="shapes_model.py output of the candidate model.")
     parser.add_argument("baseline", help="shapes_model.py output of the model it is compared against.")
+    parser.add_argument("--and", dest="more", nargs=2, action="append", default=[],
+                        metavar=("CANDIDATE", "BASELINE"), help="Another pair of measurements (e.g. the tuning "
+                        "captions) pooled with the first; repeatable.")
     parser.add_argument("--row", type=int, default=0, help="Which row (guidance/steps/sampler setting) of each file.")
     parser.add_argument("--out", default="shapes_model_compare.json")
     args = parser.parse_args()
@@ -80,19 +88,25 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from jobs.evaluation.stats import compare
 
-    figures = paired_figures(load_samples(args.candidate, args.row), load_samples(args.baseline, args.row))
-    print(f"{args.candidate} against {args.baseline} (paired by caption and seed; 95 % bootstrap intervals)")
+    pairs = [(args.candidate, args.baseline), *map(tuple, args.more)]
+    candidate, baseline = {}, {}
+    for part, (cand, base) in enumerate(pairs):
+        candidate |= load_samples(cand, args.row, part)
+        baseline |= load_samples(base, args.row, part)
+    figures = paired_figures(candidate, baseline)
+    for cand, base in pairs:
+        print(f"{cand} against {base}")
+    print("(paired by caption and seed; 95 % bootstrap intervals)")
     print("| figure | n | candidate | baseline | difference [95 % CI] | wins / losses | verdict |")
     print("|---|---|---|---|---|---|---|")
     results = {}
     for name, (cand, base) in figures.items():
-        c = compare(cand, base)
+        c = compare(cand, base, tie_tolerance=RESOLUTION / 2)
         ci = c.mean_difference_ci
         results[name] = {**c.to_dict(), "verdict": verdict(ci.low, ci.high)}
         print(f"| {name} | {c.n} | {c.mean_candidate:.3f} | {c.mean_baseline:.3f} | {c.mean_difference:+.3f} "
               f"[{ci.low:+.3f}, {ci.high:+.3f}] | {c.wins} / {c.losses} | {results[name]['verdict']} |")
-    Path(args.out).write_text(json.dumps({"candidate": args.candidate, "baseline": args.baseline, "row": args.row,
-                                          "figures": results}, indent=2))
+    Path(args.out).write_text(json.dumps({"pairs": pairs, "row": args.row, "figures": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def test_a_consistent_gain_is_ahead_and_a_noisy_one_is_level(tmp_path):
     # the count images win and lose in turn: same mean, an interval across zero
     assert figures["count"]["verdict"] == "level" and figures["count"]["wins"] == figures["count"]["losses"] == n // 2
     assert set(figures) == {"mean score", "score > 0.5", "count", "single", "single shape accuracy"}
+    assert figures["score > 0.5"]["verdict"] == "ahead"
     assert "| single | 40 | 0.900 | 0.500 | +0.400" in result.stdout
 
 
@@ -64,3 +65,27 @@ def test_a_measurement_without_per_image_records_says_to_measure_again(tmp_path)
     result = run(tmp_path, tmp_path / "old.json", tmp_path / "base.json")
 
     assert result.returncode != 0 and "measure the model again" in result.stderr
+
+
+def test_a_second_measurement_set_is_pooled_with_the_first_even_where_captions_recur(tmp_path):
+    write_measurement(tmp_path / "cand.json", [0.9] * 4, ["circle"] * 4, [])
+    write_measurement(tmp_path / "base.json", [0.5] * 4, ["circle"] * 4, [])
+    write_measurement(tmp_path / "cand2.json", [0.7] * 6, ["circle"] * 6, [])  # same caption and seeds 0-3 again
+    write_measurement(tmp_path / "base2.json", [0.5] * 6, ["circle"] * 6, [])
+
+    result = run(tmp_path, tmp_path / "cand.json", tmp_path / "base.json",
+                 "--and", tmp_path / "cand2.json", tmp_path / "base2.json")
+
+    assert result.returncode == 0, result.stderr
+    single = json.loads((tmp_path / "out.json").read_text())["figures"]["single"]
+    assert single["n"] == 10 and single["mean_difference"] == pytest.approx((4 * 0.4 + 6 * 0.2) / 10)
+
+
+def test_differences_below_the_tables_resolution_are_level_ties(tmp_path):
+    write_measurement(tmp_path / "cand.json", [2e-8] * 20, ["none"] * 20, [])  # what a triple caption scores
+    write_measurement(tmp_path / "base.json", [1e-8] * 20, ["none"] * 20, [])
+
+    assert run(tmp_path, tmp_path / "cand.json", tmp_path / "base.json").returncode == 0
+
+    single = json.loads((tmp_path / "out.json").read_text())["figures"]["single"]
+    assert single["verdict"] == "level" and single["wins"] == 0 and single["ties"] == 20
