@@ -202,11 +202,11 @@ def test_probe_helpers_describe_the_scene():
 def test_single_shape_reader_names_rendered_objects_and_takes_an_empty_batch():
     from shapes.scorer import ShapesScorer
 
-    batch = probes.single_object_scenes(10, start=5000)
-    read = probes.read_single_shapes(ShapesScorer(device="cpu"), [scenes.render(s) for s in batch])
+    scorer, batch = ShapesScorer(device="cpu"), probes.single_object_scenes(10, start=5000)
+    read = probes.read_single_shapes(scorer, [scenes.render(s) for s in batch])
     assert probes.accuracy([s.objects[0].shape for s in batch], read) >= 0.9
     # a batch of measured captions may hold no single object (shapes_model.py asks for each batch)
-    assert probes.read_single_shapes(ShapesScorer(device="cpu"), []) == []
+    assert probes.read_single_shapes(scorer, []) == []
 
 
 @pytest.fixture(scope="module")
