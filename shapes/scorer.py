@@ -26,7 +26,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -98,8 +98,32 @@ class ShapesScorer(BatchedScorer):
         return Detections(*(t.float().cpu() for t in vars(detections).values()))
 
 
+class CaptionFactors(NamedTuple):
+    """The factors of one image's score (their product, :attr:`score`), for the best assignment of caption
+    objects to detections: which part of a caption an image fails (``tests/benchmarks/shapes_factors.py``)."""
+
+    count: float  # the caption's n objects are the n most confident detections and there is no other
+    shape: float  # product over the caption's objects
+    colour: float
+    size_position: float  # sizes and absolute positions the caption names (1 if none)
+    relation: float  # 1 without a relation
+    background: float  # 1 if the caption names none
+
+    @property
+    def score(self) -> float:
+        attributes = self.shape * self.colour * self.size_position * self.relation
+        return self.count * attributes * self.background
+
+
 def caption_probability(spec: scenes.CaptionSpec, det: Detections, b: int) -> float:
     """The score of image ``b`` of ``det`` against ``spec`` (count x attributes x relation x background)."""
+    factors = caption_factors(spec, det, b)
+    return 0.0 if factors is None else factors.score
+
+
+def caption_factors(spec: scenes.CaptionSpec, det: Detections, b: int) -> CaptionFactors | None:
+    """The factors of image ``b``'s score against ``spec``; ``None`` (score 0) when there are fewer detections
+    than the caption has objects, so that no assignment exists."""
     peaks = peak_cells(det.objectness[b : b + 1])[0]
     order = det.objectness[b][peaks].argsort(descending=True)[:MAX_CANDIDATES]
     rows, cols = peaks.nonzero()[order].unbind(-1)
@@ -107,32 +131,38 @@ def caption_probability(spec: scenes.CaptionSpec, det: Detections, b: int) -> fl
     instances = spec.instances()
     n = len(instances)
     if len(p) < n:
-        return 0.0
+        return None
     count = float(p[:n].prod() * (1 - p[n:]).prod())
-    best = 0.0
+    best, best_value = (0.0, 0.0, 0.0, 0.0), -1.0
     for assignment in itertools.permutations(range(n)):
-        value = 1.0
+        shape = colour = size_position = relation = 1.0
         for phrase, k in zip(instances, assignment):
-            value *= _attribute_probability(phrase, det, b, int(rows[k]), int(cols[k]))
+            shape_k, colour_k, size_position_k = _attribute_probabilities(phrase, det, b, int(rows[k]), int(cols[k]))
+            shape, colour, size_position = shape * shape_k, colour * colour_k, size_position * size_position_k
         if spec.relation:
             a, c = assignment[0], assignment[1]
-            value *= _sigmoid(scenes.relation_margin(spec.relation, _centre(det, b, rows[a], cols[a]),
-                                                     _centre(det, b, rows[c], cols[c])))
-        best = max(best, value)
+            relation = _sigmoid(scenes.relation_margin(spec.relation, _centre(det, b, rows[a], cols[a]),
+                                                       _centre(det, b, rows[c], cols[c])))
+        value = shape * colour * size_position * relation
+        if value > best_value:
+            best, best_value = (shape, colour, size_position, relation), value
     background = 1.0
     if spec.background:
         background = float(det.background[b, list(scenes.BACKGROUNDS).index(spec.background)])
-    return count * best * background
+    return CaptionFactors(count, *best, background)
 
 
-def _attribute_probability(phrase: scenes.ObjectPhrase, det: Detections, b: int, row: int, col: int) -> float:
-    value = float(det.shape[b, row, col, scenes.SHAPES.index(phrase.shape)])
-    value *= float(det.colour[b, row, col, list(scenes.COLOURS).index(phrase.colour)])
+def _attribute_probabilities(phrase: scenes.ObjectPhrase, det: Detections, b: int, row: int,
+                             col: int) -> tuple[float, float, float]:
+    """P(shape), P(colour) and P(size) P(position) (the named ones) of the detection at ``(row, col)``."""
+    shape = float(det.shape[b, row, col, scenes.SHAPES.index(phrase.shape)])
+    colour = float(det.colour[b, row, col, list(scenes.COLOURS).index(phrase.colour)])
+    size_position = 1.0
     if phrase.size:
-        value *= float(det.size[b, row, col, list(scenes.SIZES).index(phrase.size)])
+        size_position *= float(det.size[b, row, col, list(scenes.SIZES).index(phrase.size)])
     if phrase.position:
-        value *= _sigmoid(scenes.position_margin(phrase.position, *_centre(det, b, row, col)))
-    return value
+        size_position *= _sigmoid(scenes.position_margin(phrase.position, *_centre(det, b, row, col)))
+    return shape, colour, size_position
 
 
 def _centre(det: Detections, b: int, row, col) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from jobs.cli import main
 from mgt.loading import resolve_model_path
 from mgt.tiny import write_tokenizer
 from shapes import scenes
-from shapes.scorer import ShapesScorer, held_out_accuracy
+from shapes.scorer import ShapesScorer, caption_factors, held_out_accuracy
 from shapes.training import probes
 from shapes.training.caption_encoder import IGNORE, caption_targets, head_sizes, pretrain_text_encoder
 from shapes.training.config import TrainShapesConfig
@@ -112,6 +112,22 @@ def test_scorer_held_out_accuracy(scorer):
     report = held_out_accuracy(scorer, count=300, seed=1)
     assert report["accuracy"] >= 0.95, report
     assert report["mean_score_positive"] > 0.8 > 0.2 > report["mean_score_negative"]
+
+
+def test_score_factors_multiply_to_the_score_and_name_what_an_image_fails(scorer):
+    scene = next(s for s in map(scenes.make_scene, scenes.held_out_seeds(200, start=9000)) if s.spec.relation)
+    image = scenes.render(scene)
+    spec = scene.spec
+    swapped = scenes.CaptionSpec((scenes.ObjectPhrase(scenes.SHAPES[(scenes.SHAPES.index(spec.phrases[0].shape) + 1)
+                                                                    % len(scenes.SHAPES)], spec.phrases[0].colour),
+                                  spec.phrases[1]), spec.relation, spec.background)
+    reversed_relation = scenes.CaptionSpec(spec.phrases[::-1], spec.relation, spec.background)
+    detections = scorer.detect([image])
+    true, wrong_shape, wrong_relation = (caption_factors(s, detections, 0) for s in (spec, swapped, reversed_relation))
+    assert scorer.score([image], [scene.caption]) == [pytest.approx(true.score, abs=1e-12)]
+    assert min(true) > 0.5  # a rendered scene passes every factor of its own caption
+    assert wrong_shape.shape < 0.5 < min(wrong_shape.colour, wrong_shape.relation, wrong_shape.count)
+    assert wrong_relation.relation < 0.5 < min(wrong_relation.shape, wrong_relation.colour)
 
 
 def test_shapes_scorer_is_registered_and_rejects_foreign_prompts():
