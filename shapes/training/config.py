@@ -42,6 +42,12 @@ class TrainShapesConfig(BaseModel):
                           "that once a few of an object's tokens are drawn the rest are decided (measured in "
                           "docs/shapes-training.md: it did not beat the shipped model). The scorer and the held-out "
                           "scenes are unchanged.")
+    canonical: bool = Field(False, description="Generator training scenes only: every scene in its caption's one "
+                            "canonical layout (objects on anchors at nominal radius; a pair left and right, a third "
+                            "at the top, a relation's objects at the two ends of its axis, in the caption's order; "
+                            "one object in the center unless positioned), so the caption's words decide which object "
+                            "goes where. Overrides --anchors for those scenes; the scorer and the held-out scenes are "
+                            "unchanged.")
     silhouette: float = Field(0.0, ge=0, description="Weight of an auxiliary loss (0: off) in which the "
                               "generator also predicts, for each pixel of a masked token, background or which shape "
                               "covers it: the silhouette without the colours that split every edge code by colour "

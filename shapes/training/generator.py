@@ -144,6 +144,8 @@ class Recipe(NamedTuple):
             objects (each kept with probability 1/2) instead of every one, so that some objects stay visible
             while others are drawn from the caption: the state the sampler reaches once one object is drawn,
             in which the model must draw the caption's other objects, not a copy of the first or background.
+        canonical: lays the training scenes out in their caption's one canonical layout instead
+            (:func:`shapes.training.data.canonical_layout`: which object goes where is fixed by the caption).
     """
 
     text_lr_scale: float = 1.0
@@ -154,6 +156,7 @@ class Recipe(NamedTuple):
     silhouette: float = 0.0
     lessons: float = 0.0
     hole_subset: float = 0.0
+    canonical: bool = False
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, generator: torch.Generator, high_mask_share: float = 0.0,
@@ -318,7 +321,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
     for step in range(steps):
         seeds = training_seeds(seed, first_step + step, batch_size, part=1)
         if scene_batch is None:
-            images, batch = scene_tensors(seeds, recipe.lattice, recipe.anchors, recipe.lessons)
+            images, batch = scene_tensors(seeds, recipe.lattice, recipe.anchors, recipe.lessons, recipe.canonical)
         else:
             images, batch = scene_batch(seeds)
         tokens = encode_tokens(vq, images)

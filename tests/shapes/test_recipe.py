@@ -14,6 +14,7 @@ from shapes import scenes
 from shapes.training import probes
 from shapes.training.data import (
     ANCHORS,
+    canonical_layout,
     lesson_scene,
     place_on_anchors,
     scene_tensors,
@@ -98,6 +99,26 @@ def test_anchored_scenes_keep_their_captions_with_every_object_on_an_anchor():
     assert [place_on_anchors(s) for s in batch[:50]] == placed[:50]  # seeded by the scene: reproducible
     _, from_tensors = scene_tensors([7, 8], anchors=True)
     assert from_tensors == placed[7:9]
+
+
+def test_canonical_layouts_hold_their_captions_and_depend_on_the_caption_alone():
+    batch = [scenes.make_scene(seed) for seed in range(3000)]
+    laid_out = [canonical_layout(scene) for scene in batch]
+    layouts = {}
+    for scene in laid_out:
+        assert scenes.satisfies(scene.spec, scene.objects, scene.background), scene.caption
+        assert scenes.apart(scene.objects), scene.caption
+        assert all((o.x, o.y) in ANCHORS and o.radius == scenes.SIZES[o.size] for o in scene.objects)
+        spec = scene.spec
+        structure = (spec.relation, len(spec.instances()), tuple(p.position for p in spec.phrases))
+        layouts.setdefault(structure, set()).add(tuple((o.x, o.y) for o in scene.objects))
+    assert all(len(centres) == 1 for centres in layouts.values()), layouts  # one layout per caption structure
+    assert {layouts[(r, 2, (None, None))].pop()[0] for r in scenes.RELATIONS} == {
+        scenes.POSITIONS[p] for p in ("left", "right", "top", "bottom")}  # the first-named object leads its relation
+    assert {k[1] for k in layouts} == {1, 2, 3} and len(layouts) >= 10  # singles, relations, pairs, counts, triples
+    _, from_tensors = scene_tensors(list(range(16)), anchors=True, lessons=0.25, canonical=True)
+    assert from_tensors[:4] == [lesson_scene(seed) for seed in range(4)]  # lessons are left as they are
+    assert from_tensors[4:] == laid_out[4:16]
 
 
 def test_lesson_scenes_hold_their_captions_on_exact_named_positions_and_fill_their_share():
