@@ -10,8 +10,8 @@ Run from the repository root, alone (it generates one image per caption and seed
 
     python tests/benchmarks/shapes_factors.py --model shapes-meissonic /path/to/candidate --seeds-per-caption 2
 
-Captions are the 300 evaluation captions (``examples/shapes_heldout.jsonl``) unless ``--tune`` (held-out index
-40,000 on, as ``shapes_model.py --tune``).
+Captions are the 300 evaluation captions (``examples/shapes_heldout.jsonl``) unless ``--tune`` (300 held-out
+captions from index 40,000 on, as ``shapes_model.py --tune``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from shapes_model import add_caption_arguments, captions_and_seeds  # this folder: a script's folder is on its path
+
 ROOT = Path(__file__).resolve().parents[2]
-TUNE_START = 40_000  # as tests/benchmarks/shapes_model.py
 FACTORS = ("count", "shape", "colour", "size_position", "relation", "background")
 
 
@@ -65,10 +66,7 @@ def measure(pipe, scorer, captions: list[str], seeds: list[int], batch: int = 32
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", default=["shapes-meissonic"], help="Registered names or model folders.")
-    parser.add_argument("--tune", action="store_true", help="Tuning captions, not the evaluation set.")
-    parser.add_argument("--count", type=int, default=None, help="Captions (default: 300).")
-    parser.add_argument("--seeds-per-caption", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    add_caption_arguments(parser, tune_default=300)
     parser.add_argument("--out", default="shapes_factors.json")
     args = parser.parse_args()
 
@@ -76,17 +74,10 @@ def main() -> None:
     import torch
 
     import mgt
-    from shapes import scenes
     from shapes.scorer import ShapesScorer
 
     torch.set_num_threads(args.threads)
-    if args.tune:
-        captions = [scenes.make_scene(s).caption for s in scenes.held_out_seeds(args.count or 300, start=TUNE_START)]
-    else:
-        lines = (ROOT / "examples" / "shapes_heldout.jsonl").read_text().splitlines()
-        captions = [json.loads(line)["prompt"] for line in lines][:args.count]
-    captions = [c for c in captions for _ in range(args.seeds_per_caption)]
-    seeds = [i % args.seeds_per_caption for i in range(len(captions))]
+    captions, seeds = captions_and_seeds(args.tune, args.count, args.seeds_per_caption, tune_default=300)
     scorer, results = ShapesScorer(device="cpu"), []
     print("| model | kind | images | score | too few objects | " + " | ".join(f"{f}: mean / >0.5" for f in FACTORS)
           + " | objects detected 0/1/2/3/4+ |")

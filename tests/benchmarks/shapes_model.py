@@ -56,18 +56,40 @@ def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float
             "per_sample": per_sample}
 
 
+def add_caption_arguments(parser: argparse.ArgumentParser, tune_default: int = 96) -> None:
+    """The options that choose the captions, seeds and threads (shared with ``shapes_factors.py``)."""
+    parser.add_argument("--tune", action="store_true", help="Tuning captions (held-out index 40,000 on), not the "
+                        "evaluation set.")
+    parser.add_argument("--count", type=int, default=None,
+                        help=f"Captions (default: {tune_default} tuning, all 300 evaluation).")
+    parser.add_argument("--seeds-per-caption", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def captions_and_seeds(tune: bool, count: int | None, seeds_per_caption: int,
+                       tune_default: int = 96) -> tuple[list[str], list[int]]:
+    """The evaluation captions (``examples/shapes_heldout.jsonl``, the first ``count``) or, with ``tune``, ``count``
+    tuning captions (held-out index 40,000 on), each repeated with seeds ``0 .. seeds_per_caption - 1``."""
+    from shapes import scenes
+
+    if tune:
+        captions = [scenes.make_scene(s).caption
+                    for s in scenes.held_out_seeds(count or tune_default, start=TUNE_START)]
+    else:
+        lines = (ROOT / "examples" / "shapes_heldout.jsonl").read_text().splitlines()
+        captions = [json.loads(line)["prompt"] for line in lines][:count]
+    captions = [c for c in captions for _ in range(seeds_per_caption)]
+    return captions, [i % seeds_per_caption for i in range(len(captions))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="shapes-meissonic", help="Registered name or model folder.")
-    parser.add_argument("--tune", action="store_true", help="Tuning captions (held-out index 40,000 on), not the "
-                        "evaluation set.")
-    parser.add_argument("--count", type=int, default=None, help="Captions (default: 96 tuning, all 300 evaluation).")
+    add_caption_arguments(parser)
     parser.add_argument("--guidance", type=float, nargs="+", default=[None])
     parser.add_argument("--steps", type=int, nargs="+", default=[None])
     parser.add_argument("--sampler", nargs="+", default=["vanilla"], help="Sampler specs (maskray sample "
                         "--sampler syntax), e.g. 'vanilla:gumbel_temperature=[1,0]'.")
-    parser.add_argument("--seeds-per-caption", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="shapes_model.json")
     args = parser.parse_args()
 
@@ -75,17 +97,10 @@ def main() -> None:
     import torch
 
     import mgt
-    from shapes import scenes
     from shapes.scorer import ShapesScorer
 
     torch.set_num_threads(args.threads)
-    if args.tune:
-        captions = [scenes.make_scene(s).caption for s in scenes.held_out_seeds(args.count or 96, start=TUNE_START)]
-    else:
-        lines = (ROOT / "examples" / "shapes_heldout.jsonl").read_text().splitlines()
-        captions = [json.loads(line)["prompt"] for line in lines][:args.count]
-    captions = [c for c in captions for _ in range(args.seeds_per_caption)]
-    seeds = [i % args.seeds_per_caption for i in range(len(captions))]
+    captions, seeds = captions_and_seeds(args.tune, args.count, args.seeds_per_caption)
     pipe = mgt.load_pipeline(args.model, device="cpu")
     scorer = ShapesScorer(device="cpu")
     rows = []
