@@ -89,7 +89,7 @@ def test_package_imports_are_project_dependencies(folder):
 
 def test_test_imports_are_dependencies_or_dev_extra():
     tests = ROOT / "tests"
-    local = {p.stem for p in tests.glob("*.py")} | {p.name for p in tests.iterdir() if p.is_dir()} | {"tests"}
+    local = {p.stem for p in tests.rglob("*.py")} | {p.name for p in tests.iterdir() if p.is_dir()} | {"tests"}  # scripts import their folder's siblings
     problems = undeclared(python_files(tests), DEV, set(PACKAGES) | local)
     assert not problems, "declare these in pyproject.toml's dev extra (or [project] dependencies):\n" + \
         "\n".join(problems)
