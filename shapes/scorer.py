@@ -133,8 +133,7 @@ def caption_factors(spec: scenes.CaptionSpec, det: Detections, b: int) -> Captio
     if len(p) < n:
         return None
     count = float(p[:n].prod() * (1 - p[n:]).prod())
-    best, best_value = (0.0, 0.0, 0.0, 0.0), -1.0
-    for assignment in itertools.permutations(range(n)):
+    def factors(assignment: tuple[int, ...]) -> tuple[float, float, float, float]:
         shape = colour = size_position = relation = 1.0
         for phrase, k in zip(instances, assignment):
             shape_k, colour_k, size_position_k = _attribute_probabilities(phrase, det, b, int(rows[k]), int(cols[k]))
@@ -143,9 +142,9 @@ def caption_factors(spec: scenes.CaptionSpec, det: Detections, b: int) -> Captio
             a, c = assignment[0], assignment[1]
             relation = _sigmoid(scenes.relation_margin(spec.relation, _centre(det, b, rows[a], cols[a]),
                                                        _centre(det, b, rows[c], cols[c])))
-        value = shape * colour * size_position * relation
-        if value > best_value:
-            best, best_value = (shape, colour, size_position, relation), value
+        return shape, colour, size_position, relation
+
+    best = max(map(factors, itertools.permutations(range(n))), key=math.prod)
     background = 1.0
     if spec.background:
         background = float(det.background[b, list(scenes.BACKGROUNDS).index(spec.background)])
