@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,10 +105,14 @@ class Scene:
 # generation
 
 
-def make_scene(seed: int) -> Scene:
-    """The scene of ``seed``: same seed, same scene, on every machine (Python's ``random.Random``)."""
+def make_scene(seed: int, kinds: Mapping[str, float] | None = None) -> Scene:
+    """The scene of ``seed``: same seed, same scene, on every machine (Python's ``random.Random``).
+
+    ``kinds`` reweights the caption kinds (names of :data:`KINDS`; a kind left out is never drawn) for training
+    streams that need more of some; None draws by :data:`KINDS`, as the benchmark's captions are."""
     rng = random.Random(seed)
-    kind = rng.choices([k for k, _ in KINDS], weights=[w for _, w in KINDS])[0]
+    weights = dict(KINDS) if kinds is None else {k: kinds.get(k, 0.0) for k, _ in KINDS}
+    kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     background = rng.choice(list(BACKGROUNDS))
     if kind == "single":
         phrase = ObjectPhrase(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice([None, *SIZES]),

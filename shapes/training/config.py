@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TrainShapesConfig(BaseModel):
@@ -48,6 +48,13 @@ class TrainShapesConfig(BaseModel):
                             "one object in the center unless positioned), so the caption's words decide which object "
                             "goes where. Overrides --anchors for those scenes; the scorer and the held-out scenes are "
                             "unchanged.")
+    scene_kinds: dict[str, float] | None = Field(None, description="Generator training scenes only (not "
+                                                 "lessons): weights of the caption kinds, e.g. "
+                                                 "'relation=0.45,pair=0.2,triple=0.15,count=0.1,single=0.1' (a kind "
+                                                 "left out is never drawn), so scenes of several objects get more "
+                                                 "practice. Unset: the benchmark's own mix (single 0.35, relation "
+                                                 "0.25, pair 0.15, count 0.15, triple 0.1). The scorer and the "
+                                                 "held-out scenes are unchanged.")
     silhouette: float = Field(0.0, ge=0, description="Weight of an auxiliary loss (0: off) in which the "
                               "generator also predicts, for each pixel of a masked token, background or which shape "
                               "covers it: the silhouette without the colours that split every edge code by colour "
@@ -82,6 +89,28 @@ class TrainShapesConfig(BaseModel):
                             "model: docs/shapes-training.md, \"Lessons\").")
     threads: int = Field(2, ge=1, description="Torch CPU threads; results depend on it through float summation "
                          "order (the shipped model used 2, the shipped scorer 1: see its training.json).")
+
+    @field_validator("scene_kinds", mode="before")
+    @classmethod
+    def _parse_scene_kinds(cls, value):
+        """``kind=weight,...`` from the command line into a mapping of known kinds to positive weights."""
+        from shapes.scenes import KINDS
+
+        if isinstance(value, str):
+            pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+            try:
+                value = {name.strip(): float(weight) for name, _, weight in pairs}
+            except ValueError:
+                raise ValueError(f"--scene-kinds {value!r}: write kind=weight pairs separated by commas, e.g. "
+                                 "'relation=0.5,single=0.5'") from None
+        if isinstance(value, dict):
+            known = [k for k, _ in KINDS]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"--scene-kinds: unknown kind(s) {unknown}; the kinds are {known}")
+            if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
+                raise ValueError(f"--scene-kinds {value}: weights must be >= 0 with at least one > 0")
+        return value
 
     @model_validator(mode="after")
     def _heads_split_the_width(self) -> TrainShapesConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -15,14 +15,16 @@ from shapes import scenes
 
 
 def scene_tensors(seeds: Sequence[int], lattice: int = 0, anchors: bool = False, lessons: float = 0.0,
-                  canonical: bool = False) -> tuple[torch.Tensor, list[scenes.Scene]]:
+                  canonical: bool = False, kinds: Mapping[str, float] | None = None,
+                  ) -> tuple[torch.Tensor, list[scenes.Scene]]:
     """``(B, 3, 64, 64)`` float32 images in [0, 1] (the range the pipeline's VQ decode clips to) and the scenes,
     snapped to a ``lattice`` of that many pixels when it is > 0 (:func:`snap_to_lattice`), laid out on
     :data:`ANCHORS` when ``anchors`` (:func:`place_on_anchors`) or in the caption's one canonical layout when
     ``canonical`` (:func:`canonical_layout`). The first ``round(lessons * B)`` seeds give :func:`lesson_scene` s
-    instead, which are already exact and are left as they are."""
+    instead, which are already exact and are left as they are; ``kinds`` reweights the caption kinds of the
+    others (:func:`shapes.scenes.make_scene`)."""
     first = round(lessons * len(seeds))
-    batch = [scenes.make_scene(int(s)) for s in seeds[first:]]
+    batch = [scenes.make_scene(int(s), kinds) for s in seeds[first:]]
     if lattice:
         batch = [snap_to_lattice(scene, lattice) for scene in batch]
     if canonical:

@@ -12,6 +12,7 @@ import mgt
 from mgt.tiny import write_tokenizer
 from shapes import scenes
 from shapes.training import probes
+from shapes.training.config import TrainShapesConfig
 from shapes.training.data import (
     ANCHORS,
     canonical_layout,
@@ -135,6 +136,47 @@ def test_lesson_scenes_hold_their_captions_on_exact_named_positions_and_fill_the
     assert batch[4:] == [scenes.make_scene(seed) for seed in range(4, 16)]
     _, snapped = scene_tensors(list(range(16)), lattice=4, anchors=True, lessons=0.25)
     assert snapped[:4] == lessons[:4]  # lessons stay exactly on their named positions (14 is off a 4 px lattice)
+
+
+def test_scene_kinds_reweight_the_training_captions_and_leave_the_benchmarks_alone():
+    assert [scenes.make_scene(seed, None) for seed in range(200)] == [scenes.make_scene(seed) for seed in range(200)]
+    assert [scenes.make_scene(seed, dict(scenes.KINDS)) for seed in range(200)] == [
+        scenes.make_scene(seed) for seed in range(200)]  # the benchmark's weights draw the benchmark's scenes
+    weights = {"relation": 0.6, "triple": 0.4}
+    drawn = [scenes.make_scene(seed, weights) for seed in range(2000)]
+    kinds = [scene.spec.kind for scene in drawn]
+    assert set(kinds) == {"relation", "triple"} and 0.55 < kinds.count("relation") / len(kinds) < 0.65
+    assert all(scenes.satisfies(s.spec, s.objects, s.background) for s in drawn)
+    _, batch = scene_tensors(list(range(16)), lessons=0.25, canonical=True, kinds=weights)
+    assert batch[:4] == [lesson_scene(seed) for seed in range(4)]  # lessons stay single objects
+    assert batch[4:] == [canonical_layout(scenes.make_scene(seed, weights)) for seed in range(4, 16)]
+
+
+def test_scene_kinds_option_parses_kind_weights_and_names_a_bad_one():
+    config = TrainShapesConfig(scene_kinds="relation=0.45, pair=0.2,triple=0.15,count=0.1,single=0.1")
+    assert config.scene_kinds == {"relation": 0.45, "pair": 0.2, "triple": 0.15, "count": 0.1, "single": 0.1}
+    assert TrainShapesConfig(scene_kinds={"pair": 1}).scene_kinds == {"pair": 1.0}  # a YAML mapping
+    for bad, names in [("relations=1", "relations"), ("relation=x", "kind=weight"), ("relation=0", ">= 0"),
+                       ("pair=-1,single=2", ">= 0")]:
+        with pytest.raises(ValueError, match="scene-kinds") as error:
+            TrainShapesConfig(scene_kinds=bad)
+        assert names in str(error.value)
+
+
+def test_generator_trains_on_the_scene_kinds_of_its_recipe(tmp_path, monkeypatch):
+    tokenizer = write_tokenizer(tmp_path, scenes.vocabulary())
+    vq = build_vqvae().eval().requires_grad_(False)
+    drawn = []
+    make_scene = scenes.make_scene
+
+    def recording_make_scene(seed, kinds=None):
+        drawn.append(make_scene(seed, kinds))
+        return drawn[-1]
+
+    monkeypatch.setattr(scenes, "make_scene", recording_make_scene)
+    train_generator(vq, tokenizer, seed=0, steps=2, sampler_steps=16, batch_size=4, text_steps=0,
+                    recipe=Recipe(lessons=0.5, canonical=True, kinds=(("triple", 1.0),)))
+    assert len(drawn) == 4 and {scene.spec.kind for scene in drawn} == {"triple"}  # 2 steps x 2 non-lesson scenes
 
 
 def test_masking_time_is_that_of_the_fraction_actually_masked():
