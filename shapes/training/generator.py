@@ -32,7 +32,7 @@ before step ``i`` the vanilla sampler has ``cos(pi/2 * i/T)`` of the tokens mask
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -146,8 +146,8 @@ class Recipe(NamedTuple):
             in which the model must draw the caption's other objects, not a copy of the first or background.
         canonical: lays the training scenes out in their caption's one canonical layout instead
             (:func:`shapes.training.data.canonical_layout`: which object goes where is fixed by the caption).
-        kinds: weights of the caption kinds of the training scenes other than lessons, as ``(kind, weight)``
-            pairs (:func:`shapes.scenes.make_scene`); None: the benchmark's (:data:`shapes.scenes.KINDS`).
+        kinds: weights of the caption kinds of the training scenes other than lessons
+            (:func:`shapes.scenes.make_scene`); None: the benchmark's (:data:`shapes.scenes.KINDS`).
     """
 
     text_lr_scale: float = 1.0
@@ -159,7 +159,7 @@ class Recipe(NamedTuple):
     lessons: float = 0.0
     hole_subset: float = 0.0
     canonical: bool = False
-    kinds: tuple[tuple[str, float], ...] | None = None
+    kinds: Mapping[str, float] | None = None
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, generator: torch.Generator, high_mask_share: float = 0.0,
@@ -325,7 +325,7 @@ def train_generator(vq: VQModel, tokenizer: CLIPTokenizer, seed: int, steps: int
         seeds = training_seeds(seed, first_step + step, batch_size, part=1)
         if scene_batch is None:
             images, batch = scene_tensors(seeds, recipe.lattice, recipe.anchors, recipe.lessons, recipe.canonical,
-                                          None if recipe.kinds is None else dict(recipe.kinds))
+                                          recipe.kinds)
         else:
             images, batch = scene_batch(seeds)
         tokens = encode_tokens(vq, images)

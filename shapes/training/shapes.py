@@ -114,7 +114,7 @@ def _generator_stage(config: TrainShapesConfig, out: Path, vq: VQModel, tokenize
         config.cond_dropout, config.text_steps,
         recipe=Recipe(config.text_lr_scale, config.hole_share, config.high_mask_share, config.lattice,
                       config.anchors, config.silhouette, config.lessons, config.hole_subset,
-                      config.canonical, None if config.scene_kinds is None else tuple(config.scene_kinds.items())),
+                      config.canonical, config.scene_kinds),
         architecture=Architecture(config.width, config.heads, config.layers, config.single_layers),
         should_stop=lambda: deadline is not None and time.monotonic() > deadline,
         on_step=_stage(progress, "generator", config.steps),

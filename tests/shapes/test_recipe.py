@@ -175,7 +175,7 @@ def test_generator_trains_on_the_scene_kinds_of_its_recipe(tmp_path, monkeypatch
 
     monkeypatch.setattr(scenes, "make_scene", recording_make_scene)
     train_generator(vq, tokenizer, seed=0, steps=2, sampler_steps=16, batch_size=4, text_steps=0,
-                    recipe=Recipe(lessons=0.5, canonical=True, kinds=(("triple", 1.0),)))
+                    recipe=Recipe(lessons=0.5, canonical=True, kinds={"triple": 1.0}))
     assert len(drawn) == 4 and {scene.spec.kind for scene in drawn} == {"triple"}  # 2 steps x 2 non-lesson scenes
 
 
