@@ -9,7 +9,9 @@ single-object scenes, so that training recipes can be compared after minutes rat
   the scorer read in the hole;
 - :func:`generated_shapes`: which shape the scorer reads in a free generation of a one-object caption;
 - :func:`encoder_shape_probe`: how well a linear probe reads the shape from the text encoder's pooled
-  embedding (what the transformer can get from the caption at all).
+  embedding (what the transformer can get from the caption at all);
+- :func:`stray_pixels`: how many pixels of a generated image are specks (off-background blobs far too small
+  to be an object), which the shapes score barely sees.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from mgt.editing import Edit
 from shapes import scenes
@@ -33,6 +36,8 @@ from shapes.training.vq import encode_tokens
 TextEncode = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # captions -> (hidden states, pooled)
 HOLE_MARGIN = 3.0  # pixels: the probes' hole reaches this far beyond the object's radius
 NONE = "none"  # what the readers report when the scorer finds no object
+STRAY_AREA = 12  # pixels: the largest speck; the smallest object (radius 5 +- 1) covers several times this
+STRAY_TOLERANCE = 40  # summed |RGB difference| from the background above which a pixel is off-background
 
 
 def single_object_scenes(count: int, start: int = 0) -> list[scenes.Scene]:
@@ -165,3 +170,20 @@ def encoder_shape_probe(encode: TextEncode, train: int = 1000, test: int = 500, 
             optimizer.step()
     with torch.no_grad():
         return float((probe((test_x - mean) / std).argmax(-1) == test_y).float().mean())
+
+
+def stray_pixels(image: Image.Image, max_area: int = STRAY_AREA, tolerance: int = STRAY_TOLERANCE) -> int:
+    """Pixels of ``image`` in specks: 8-connected off-background components of at most ``max_area`` pixels.
+
+    The background is the commonest colour (to 8 levels per channel) of the ring one pixel inside the edge;
+    the outermost frame is left out, because the VQ decoder smears it even on plain reconstructions of
+    rendered scenes. A rendered scene has none; a speck is what a sampler committed before the layout was decided.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int32)[1:-1, 1:-1]
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]) // 8
+    levels, counts = np.unique(ring, axis=0, return_counts=True)
+    background = levels[counts.argmax()] * 8 + 4
+    off = np.abs(pixels - background).sum(-1) > tolerance
+    labels, count = ndimage.label(off, structure=np.ones((3, 3)))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    return int(areas[areas <= max_area].sum())

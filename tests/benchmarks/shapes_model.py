@@ -1,5 +1,5 @@
-"""How well a shapes model draws its captions: mean shapes score by caption kind, and the shape confusion matrix
-of its single objects.
+"""How well a shapes model draws its captions: mean shapes score by caption kind, the shape confusion matrix
+of its single objects, and the specks it leaves in backgrounds.
 
 Two uses, run from the repository root:
 
@@ -28,31 +28,36 @@ TUNE_START = 40_000  # held-out index of the tuning captions: the evaluation set
 
 def measure(pipe, scorer, captions: list[str], seeds: list[int], guidance: float | None, steps: int | None,
             sampler=None, batch: int = 32) -> dict:
-    """Mean score overall and per kind, the single-object shape confusion (the scorer's top detection), and
-    every image's record (``per_sample``, in caption order)."""
+    """Mean score overall and per kind, the single-object shape confusion (the scorer's top detection), stray
+    pixels (:func:`shapes.training.probes.stray_pixels`) per image, and every image's record (``per_sample``, in
+    caption order)."""
     import numpy as np
     from PIL import Image
 
     from shapes import scenes
     from shapes.training import probes
 
-    scores, read = [], {}
+    scores, read, strays = [], {}, []
     for start in range(0, len(captions), batch):
         part, part_seeds = captions[start:start + batch], seeds[start:start + batch]
         images = [Image.fromarray(im) for im in pipe.generate(part, part_seeds, guidance=guidance, steps=steps,
                                                                   sampler=sampler).images]
         scores += scorer.score(images, part)
+        strays += [probes.stray_pixels(im) for im in images]
         singles = [i for i, c in enumerate(part) if scenes.parse_caption(c).kind == "single"]
         for i, shape in zip(singles, probes.read_single_shapes(scorer, [images[i] for i in singles])):
             read[start + i] = shape
     kinds = [scenes.parse_caption(c).kind for c in captions]
     truth = [scenes.parse_caption(captions[i]).phrases[0].shape for i in read]
     by_kind = {k: float(np.mean([s for s, kk in zip(scores, kinds) if kk == k])) for k in sorted(set(kinds))}
-    per_sample = [{"caption": c, "seed": seed, "kind": kind, "score": float(score), "read_shape": read.get(i)}
-                  for i, (c, seed, kind, score) in enumerate(zip(captions, seeds, kinds, scores, strict=True))]
+    per_sample = [{"caption": c, "seed": seed, "kind": kind, "score": float(score), "read_shape": read.get(i),
+                   "stray_pixels": stray}
+                  for i, (c, seed, kind, score, stray) in enumerate(zip(captions, seeds, kinds, scores, strays,
+                                                                         strict=True))]
     return {"mean_score": float(np.mean(scores)), "above_half": float(np.mean(np.array(scores) > 0.5)),
             "by_kind": by_kind, "single_shape_accuracy": probes.accuracy(truth, list(read.values())),
             "single_confusion": probes.confusion(truth, list(read.values())), "samples": len(captions),
+            "stray_pixels_per_image": float(np.mean(strays)), "images_with_specks": float(np.mean(np.array(strays) > 0)),
             "per_sample": per_sample}
 
 
@@ -114,7 +119,8 @@ def main() -> None:
         kinds = " ".join(f"{k} {v:.3f}" for k, v in row["by_kind"].items())
         print(f"CFG {row['guidance']:>4} steps {row['steps']:>3} {spec}: mean {row['mean_score']:.3f} "
               f"(>0.5: {row['above_half']:.0%}) single-object shape accuracy {row['single_shape_accuracy']:.0%} | "
-              f"{kinds} | {row['seconds']:.0f} s", flush=True)
+              f"{kinds} | stray px/image {row['stray_pixels_per_image']:.2f} "
+              f"(images with specks {row['images_with_specks']:.0%}) | {row['seconds']:.0f} s", flush=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "tune": args.tune, "rows": rows}, indent=2))
 
 

