@@ -20,13 +20,17 @@ import torch
 from diffusers import VQModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgt import editing, efficient, loading, sampling, schedules
-from mgt.amused import AmusedTransformer
+from mgt import editing
 from mgt.editing import Edit
-from mgt.meissonic import MeissonicTransformer
-from mgt.quant_config import check_compile
-from mgt.sampler_config import SamplerConfig
-from mgt.text import TextConditioner
+from mgt.efficient import options as efficient
+from mgt.efficient.quant_config import check_compile
+from mgt.hub import loading
+from mgt.models.amused import AmusedTransformer
+from mgt.models.meissonic import MeissonicTransformer
+from mgt.models.text import TextConditioner
+from mgt.sampling import loop as sampling
+from mgt.sampling import schedules
+from mgt.sampling.sampler_config import SamplerConfig
 
 # The negative prompt of every official Meissonic script (inference.py, app.py) and the paper's evaluation.
 MEISSONIC_NEGATIVE_PROMPT = (
@@ -340,7 +344,7 @@ def load_pipeline(
     ``micro_batch``: samples per transformer forward (1: every image is bit-identical alone or in a batch;
     None: the whole batch in one forward, faster on large GPUs).
     ``compile``: ``torch.compile`` the transformer's repeated blocks once quantization and TomeMGT are
-    applied (:func:`mgt.efficient.apply_compile`; not with ``quant``). Compilation happens in the first
+    applied (:func:`mgt.efficient.options.apply_compile`; not with ``quant``). Compilation happens in the first
     ``generate`` of each input shape.
     """
     if micro_batch is not None and micro_batch < 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.uvit_2d import UVit2DModel
 
-from mgt.token_grid import TokenGridMixin
+from mgt.models.token_grid import TokenGridMixin
 
 
 class AmusedTransformer(TokenGridMixin, UVit2DModel):

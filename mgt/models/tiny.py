@@ -3,7 +3,7 @@
 ``tiny-meissonic`` (1024-style: the transformer down-samples), ``tiny-monetico`` (512-style: it does
 not) and ``tiny-amused`` (diffusers ``UVit2DModel``) are complete models: transformer, VQ, CLIP text
 encoder, a CLIP tokenizer written here (byte-level BPE over single characters), scheduler config and
-``model_index.json``. Weights are seeded, so every machine builds the same model. ``mgt.loading``
+``model_index.json``. Weights are seeded, so every machine builds the same model. ``mgt.hub.loading``
 registers them by name (``tiny-meissonic`` ...) and imports this module only when one is first built.
 """
 
@@ -18,7 +18,7 @@ from diffusers.models.unets.uvit_2d import UVit2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from mgt.meissonic import MeissonicTransformer
+from mgt.models.meissonic import MeissonicTransformer
 
 TEXT_WIDTH = 32
 CODEBOOK = 64
@@ -133,7 +133,7 @@ def _perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
         parameter.add_(torch.randn_like(parameter) * scale)
 
 
-# The builders that ``mgt.loading.MODELS`` names: each writes its model into the cache folder it is given.
+# The builders that ``mgt.hub.loading.MODELS`` names: each writes its model into the cache folder it is given.
 def build_tiny_meissonic(folder: Path) -> None:
     build_tiny(folder, "meissonic")
 

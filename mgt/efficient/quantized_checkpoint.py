@@ -26,11 +26,11 @@ from optimum.quanto.quantize import set_module_by_name
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from mgt import loading
-from mgt.amused import AmusedTransformer
-from mgt.meissonic import MeissonicTransformer
-from mgt.quant_config import PRESETS
-from mgt.quantization import qlinear_class
+from mgt.efficient.quant_config import PRESETS
+from mgt.efficient.quantization import qlinear_class
+from mgt.hub import loading
+from mgt.models.amused import AmusedTransformer
+from mgt.models.meissonic import MeissonicTransformer
 
 CONFIG = "config.json"
 QUANTIZATION_MAP = "quantization_map.json"
@@ -45,7 +45,7 @@ def save_quantized(transformer: torch.nn.Module, uri: str, *, preset: str, sourc
     """Write a frozen quantized transformer to ``uri`` (a folder path or fsspec URI); returns ``uri``.
 
     Args:
-        transformer: a transformer quantized by :func:`mgt.quantization.quantize_transformer` and frozen.
+        transformer: a transformer quantized by :func:`mgt.efficient.quantization.quantize_transformer` and frozen.
         preset: the preset it was quantized with (recorded for provenance).
         source_model: the model it was quantized from (its text encoder, tokenizer and VQ are loaded
             from there when this checkpoint is used).
@@ -57,7 +57,7 @@ def save_quantized(transformer: torch.nn.Module, uri: str, *, preset: str, sourc
                          f"{', '.join(c.__name__ for c in FAMILIES.values())}")
     qmodules = [m for m in transformer.modules() if isinstance(m, QModuleMixin)]
     if not qmodules:
-        raise ValueError("the transformer has no quantized layer; quantize it first (mgt.quantization)")
+        raise ValueError("the transformer has no quantized layer; quantize it first (mgt.efficient.quantization)")
     if not all(m.frozen for m in qmodules):
         raise ValueError("the transformer is quantized but not frozen; call optimum.quanto.freeze(transformer) "
                          "so that integer weights are saved")

@@ -31,7 +31,7 @@ from diffusers.models.transformers.transformer_flux import (
 from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from torch import nn
 
-from mgt.token_grid import TokenGridMixin
+from mgt.models.token_grid import TokenGridMixin
 
 MICRO_COND_ENCODE_DIM = 256  # hard-coded in the reference forward()
 NUM_MICRO_CONDS = 5  # [width, height, crop_top, crop_left, score]
