@@ -100,12 +100,12 @@ def self_distillation_batches(pipe, prompts: Sequence[str], config: SCQConfig = 
             progress("generate", start + len(part), len(prompts))
 
     dtype, device = pipe.transformer.dtype, pipe.device
-    uncond_hidden, uncond_pooled = pipe.text.encode([uncond])
-    micro = pipe.micro_conds(2, width, height).clone()
+    uncond_hidden, uncond_pooled = pipe.conditioner.encode([uncond])
+    micro = pipe.conditioner.micro_conds(2, width, height, dtype, device).clone()
     generator = torch.Generator().manual_seed(config.seed)
     batches = []
     for prompt, grid in zip(prompts, tokens):
-        hidden, pooled = pipe.text.encode([prompt])
+        hidden, pooled = pipe.conditioner.encode([prompt])
         hidden = torch.cat([uncond_hidden, hidden]).to(device, dtype).clone()  # clone: out of inference mode
         pooled = torch.cat([uncond_pooled, pooled]).to(device, dtype).clone()
         for _ in range(config.views_per_prompt):
