@@ -9,10 +9,11 @@ import yaml
 import mgt
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.serve.config import ServeConfig
-from mgt import efficient
 from mgt.config import ModelConfig
-from mgt.tiny import tiny_amused_transformer, tiny_meissonic_transformer
-from mgt.tome import TomeMGT
+from mgt.efficient import options as efficient
+from mgt.efficient.tome import TomeMGT
+from mgt.models.amused import tiny_amused_transformer
+from mgt.models.meissonic import tiny_meissonic_transformer
 from pipeline.config import GenerateConfig
 
 

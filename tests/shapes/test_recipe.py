@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mgt
-from mgt.tiny import write_tokenizer
+from mgt.models.tiny import write_tokenizer
 from shapes import scenes
 from shapes.training import probes
 from shapes.training.config import TrainShapesConfig

@@ -13,8 +13,8 @@ from PIL import Image
 import mgt
 from actors.scoring.registry import build_scorer
 from jobs.cli import main
-from mgt.loading import resolve_model_path
-from mgt.tiny import write_tokenizer
+from mgt.hub.loading import resolve_model_path
+from mgt.models.tiny import write_tokenizer
 from shapes import scenes
 from shapes.scorer import ShapesScorer, caption_factors, held_out_accuracy
 from shapes.training import probes
@@ -339,7 +339,7 @@ def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
 
 def test_train_shapes_continues_the_shipped_model_by_its_registered_name(tmp_path):
     """--init-from shapes-meissonic continues the shipped model (its folder in the package)."""
-    from mgt.loading import resolve_model_path
+    from mgt.hub.loading import resolve_model_path
 
     shipped = resolve_model_path("shapes-meissonic")
     out = tmp_path / "stage"
