@@ -74,8 +74,9 @@ def test_compiled_pipeline_gives_eager_tokens_and_stays_batch_invariant(name):
     assert torch.equal(compiled.generate(prompts, seeds, steps=4, decode=False).tokens, expected)
     assert torch.equal(compiled.generate(prompts[1:2], seeds[1:2], steps=4, decode=False).tokens, expected[1:2])
 
-    hidden, pooled = eager.text.encode(["a red circle", "a blue square"])
+    conditioning = eager.conditioner.condition(["a red circle", "a blue square"], 128, 128, eager.transformer.dtype,
+                                               eager.device)
     tokens = torch.randint(0, eager.mask_token_id + 1, (2, 8, 8), generator=torch.Generator().manual_seed(0))
-    inputs = (tokens, hidden, pooled, eager.micro_conds(2, 128, 128), torch.tensor([3]))
+    inputs = (tokens, *conditioning, torch.tensor([3]))
     with torch.inference_mode():
         torch.testing.assert_close(compiled.transformer(*inputs), eager.transformer(*inputs), rtol=0, atol=1e-5)

@@ -14,6 +14,7 @@ import torch
 from optimum.quanto import freeze, qint4, qint8
 
 import mgt
+import mgt.models.meissonic
 from mgt.efficient import quantization, scq
 from mgt.efficient.quant_config import PRESETS, SCQConfig
 from mgt.efficient.quantized_checkpoint import load_quantized, save_quantized

@@ -103,16 +103,18 @@ VARIANTS = (Variant("bf16"), Variant("bf16+compile", compile=True), Variant("tom
 
 
 class RandomText:
-    """Fixed random embeddings in place of the CLIP text encoder (``TextConditioner.encode``'s shapes)."""
+    """Fixed random embeddings in place of the CLIP text encoder (``TextConditioner.condition``'s shapes)."""
 
     def __init__(self, width: int, pooled_width: int, device: torch.device):
         generator = torch.Generator(device=device).manual_seed(0)
         self.hidden = torch.randn(TEXT_LENGTH, width, generator=generator, device=device, dtype=torch.bfloat16)
         self.pooled = torch.randn(pooled_width, generator=generator, device=device, dtype=torch.bfloat16)
 
-    def encode(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    def condition(self, prompts, width: int, height: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         count = len(prompts)
-        return self.hidden.expand(count, -1, -1), self.pooled.expand(count, -1)
+        micro = torch.tensor([width, height, 0, 0, 6.0], dtype=dtype, device=device).expand(count, -1)
+        return self.hidden.expand(count, -1, -1).to(dtype), self.pooled.expand(count, -1).to(dtype), micro
 
 
 def build(cls: type, config: dict, device: torch.device) -> torch.nn.Module:
