@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from mgt.efficient import options as efficient  # noqa: E402
 from mgt.efficient.quant_config import SCQConfig  # noqa: E402
 from mgt.models.meissonic import MeissonicTransformer  # noqa: E402
+from mgt.models.text import TextConditioner  # noqa: E402
 from mgt.pipeline import MGTPipeline, ModelDefaults  # noqa: E402
 
 # MeissonFlow/Meissonic transformer/config.json and vqvae/config.json (the keys our classes take).
@@ -102,19 +103,18 @@ VARIANTS = (Variant("bf16"), Variant("bf16+compile", compile=True), Variant("tom
             Variant("tome0.25+compile", tome=0.25, compile=True))
 
 
-class RandomText:
-    """Fixed random embeddings in place of the CLIP text encoder (``TextConditioner.condition``'s shapes)."""
+class RandomText(TextConditioner):
+    """Fixed random embeddings in place of the CLIP text encoder (``TextConditioner.encode``'s shapes)."""
 
     def __init__(self, width: int, pooled_width: int, device: torch.device):
+        super().__init__(tokenizer=None, text_encoder=None, max_length=TEXT_LENGTH)
         generator = torch.Generator(device=device).manual_seed(0)
         self.hidden = torch.randn(TEXT_LENGTH, width, generator=generator, device=device, dtype=torch.bfloat16)
         self.pooled = torch.randn(pooled_width, generator=generator, device=device, dtype=torch.bfloat16)
 
-    def condition(self, prompts, width: int, height: int, dtype: torch.dtype,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(prompts)
-        micro = torch.tensor([width, height, 0, 0, 6.0], dtype=dtype, device=device).expand(count, -1)
-        return self.hidden.expand(count, -1, -1).to(dtype), self.pooled.expand(count, -1).to(dtype), micro
+        return self.hidden.expand(count, -1, -1), self.pooled.expand(count, -1)
 
 
 def build(cls: type, config: dict, device: torch.device) -> torch.nn.Module:
