@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mgt.registry import PluginError, Registry
+from mgt.hub.registry import PluginError, Registry
 
 # name -> (module, one-line help). Keep the help here so `maskray --help` imports nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {

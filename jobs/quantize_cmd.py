@@ -15,7 +15,7 @@ import argparse
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.evaluation.prompt_sets import FORMATS, read_prompts
 from mgt.config import ModelConfig
-from mgt.quant_config import PRESETS, SCQConfig
+from mgt.efficient.quant_config import PRESETS, SCQConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import mgt
-    from mgt.quantized_checkpoint import save_quantized
-    from mgt.scq import DEFAULT_CALIBRATION_PROMPTS, quantize_pipeline
+    from mgt.efficient.quantized_checkpoint import save_quantized
+    from mgt.efficient.scq import DEFAULT_CALIBRATION_PROMPTS, quantize_pipeline
 
     pipe = mgt.load_pipeline(model_config.model, dtype=model_config.dtype, device=model_config.device,
                              variant=model_config.variant)

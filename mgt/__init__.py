@@ -11,7 +11,7 @@ _EXPORTS = {
     "MGTPipeline": "mgt.pipeline",
     "load_pipeline": "mgt.pipeline",
     "load_transformer": "mgt.pipeline",
-    "SamplerConfig": "mgt.sampler_config",
+    "SamplerConfig": "mgt.sampling.sampler_config",
     "ModelConfig": "mgt.config",
     "GenerationSettings": "mgt.config",
 }

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mgt.quant_config import check_compile
-from mgt.sampler_config import SamplerConfig
+from mgt.efficient.quant_config import check_compile
+from mgt.sampling.sampler_config import SamplerConfig
 
 if TYPE_CHECKING:
     from mgt.editing import Edit
@@ -85,7 +85,7 @@ class GenerationSettings(BaseModel):
         """Raise the engine's own ValueError when the sampler cannot run ``steps`` steps (Masked Z-Sampling
         zigzags on at most T-1 of them); unset steps are the model's and are checked when it is loaded."""
         if self.steps is not None and self.sampler.zsampling is not None:
-            from mgt.z_sampling import MaskedZSampling
+            from mgt.sampling.z_sampling import MaskedZSampling
 
             MaskedZSampling.from_config(self.sampler.zsampling).zigzag_steps(self.steps)
 

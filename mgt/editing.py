@@ -204,7 +204,7 @@ def initial_tokens(
     """
     import torch
 
-    from mgt import schedules
+    from mgt.sampling import schedules
 
     if mask is None:
         if start_step == 0:

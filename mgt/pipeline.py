@@ -1,40 +1,36 @@
-"""Text-to-image generation with a masked generative transformer: encode -> sample tokens -> VQ decode.
+"""Text-to-image generation with a masked generative transformer: condition -> sample tokens -> VQ decode.
 
 ``MGTPipeline.generate`` reads top to bottom like the reference pipelines (Meissonic ``src/pipeline.py``,
-diffusers ``AmusedPipeline``): validate, encode prompt and negative prompt, build micro-conditions, run
-the sampler with one generator per sample, decode with the VQ model. Edits (img2img, inpainting,
+diffusers ``AmusedPipeline``): validate, condition on prompt and negative prompt (the family's conditioner:
+CLIP text and micro-conditions for Meissonic and aMUSEd), run the sampler with one generator per sample,
+decode with the VQ model. What differs between model families comes from their row of the family table
+(:mod:`mgt.models.families`). Edits (img2img, inpainting,
 outpainting; :mod:`mgt.editing`) run the same loop from their image's tokens.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from diffusers import VQModel
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgt import editing, efficient, loading, sampling, schedules
-from mgt.amused import AmusedTransformer
+from mgt import editing
 from mgt.editing import Edit
-from mgt.meissonic import MeissonicTransformer
-from mgt.quant_config import check_compile
-from mgt.sampler_config import SamplerConfig
-from mgt.text import TextConditioner
-
-# The negative prompt of every official Meissonic script (inference.py, app.py) and the paper's evaluation.
-MEISSONIC_NEGATIVE_PROMPT = (
-    "worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, text, jpeg artifacts, "
-    "signature, sketch, duplicate, ugly, identifying mark"
-)
-
-Family = Literal["meissonic", "amused"]
+from mgt.efficient import options as efficient
+from mgt.efficient.quant_config import check_compile
+from mgt.hub import loading
+from mgt.models.families import Conditioner, ModelFamily, detect_family
+from mgt.sampling import loop as sampling
+from mgt.sampling import schedules
+from mgt.sampling.sampler_config import SamplerConfig
 
 
 @dataclass(frozen=True)
@@ -46,8 +42,6 @@ class ModelDefaults:
     negative_prompt: str
     width: int
     height: int
-    micro_score: float = 6.0  # 5th micro-condition: aesthetic/HPS score targeted in training
-    text_max_length: int = 77
 
 
 @dataclass
@@ -60,12 +54,15 @@ class GenerationOutput:
 
 @dataclass
 class MGTPipeline:
-    """A loaded model: transformer, VQ decoder, text conditioner and the family's defaults."""
+    """A loaded model: transformer, VQ decoder, conditioner (text encoder, for Meissonic and aMUSEd) and defaults.
 
-    family: Family
+    ``family`` is the name of the model's family (``meissonic``, ``amused``; :mod:`mgt.models.families`).
+    """
+
+    family: str
     transformer: torch.nn.Module
     vqvae: VQModel
-    text: TextConditioner
+    conditioner: Conditioner
     defaults: ModelDefaults
     mask_token_id: int
     name: str = ""
@@ -97,12 +94,6 @@ class MGTPipeline:
                     f"{' x 2 for the down-sampling transformer' if step != self.vae_scale_factor else ''}); "
                     f"nearest valid: {lower} or {upper}"
                 )
-
-    def micro_conds(self, batch: int, width: int, height: int) -> torch.Tensor:
-        """``[width, height, crop_top, crop_left, score]`` per row, as both reference pipelines build it."""
-        row = torch.tensor([width, height, 0, 0, self.defaults.micro_score], dtype=self.transformer.dtype,
-                           device=self.device)
-        return row.unsqueeze(0).expand(batch, -1)
 
     def make_generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         """One generator per sample, on the model's device (CPU generators reproduce diffusers exactly)."""
@@ -169,34 +160,11 @@ class MGTPipeline:
                 edit.check(width, height)
         negatives = _negatives(negative_prompts, d.negative_prompt, len(prompts))
 
-        hidden, pooled = self.text.encode(list(prompts))
-        use_cfg = guidance > 1.0
-        if use_cfg:
-            neg_hidden, neg_pooled = self.text.encode(negatives)
-            hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
-        micro = self.micro_conds(hidden.shape[0], width, height)
-        hidden, pooled = hidden.to(self.transformer.dtype), pooled.to(self.transformer.dtype)
+        dtype, device = self.transformer.dtype, self.device
+        positive = self.conditioner.condition(list(prompts), width, height, dtype, device)
+        negative = self.conditioner.condition(negatives, width, height, dtype, device) if guidance > 1.0 else None
 
         batch = len(prompts)
-
-        def predictor(members: torch.Tensor) -> sampling.Predictor:
-            """The guided logits of the samples ``members`` (rows of the batch), run in micro-batches."""
-
-            def predict(tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
-                # One forward per micro-batch: a matmul over other row counts may take another kernel, so running
-                # each sample's CFG pair alone keeps its logits, hence its tokens, independent of its batch-mates.
-                timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
-                outputs = []
-                for rows in self.micro_batches(len(members)):
-                    cond = torch.cat([members[rows], members[rows] + batch]) if use_cfg else members[rows]
-                    model_input = torch.cat([tokens[rows], tokens[rows]]) if use_cfg else tokens[rows]
-                    logits = self.transformer(model_input, hidden[cond], pooled[cond], micro[cond], timestep)
-                    outputs.append(sampling.apply_guidance(logits, scale) if use_cfg
-                                   else sampling.to_token_major(logits))
-                return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-            return predict
-
         scale = self.vae_scale_factor
         grid = (height // scale, width // scale)
         generators = self.make_generators(seeds)
@@ -205,7 +173,8 @@ class MGTPipeline:
         nfe = 0
         for start in sorted(set(start_steps)):  # one loop per start step; the usual case is a single group
             members = torch.tensor([b for b in range(batch) if start_steps[b] == start])
-            result = sampling.sample(predictor(members), (len(members), *grid), steps,
+            predict = partial(self.guided_logits, positive, negative, members)
+            result = sampling.sample(predict, (len(members), *grid), steps,
                                      [generators[b] for b in members], self.mask_token_id, sampler,
                                      guidance=guidance, device=self.device, on_step=on_step, init=init[members],
                                      start_step=start, start_ratio=start_ratio[members])
@@ -246,6 +215,28 @@ class MGTPipeline:
                 start_ratio[b] = mask.sum() / mask.numel()
         return init, start_steps, start_ratio
 
+    def guided_logits(self, positive: tuple[torch.Tensor, ...], negative: tuple[torch.Tensor, ...] | None,
+                      members: torch.Tensor, tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
+        """The logits of the samples ``members`` (rows of the batch) at tokens ``(len(members), h, w)``, as
+        :data:`mgt.sampling.loop.Predictor` returns them: classifier-free guided with ``scale`` when ``negative``
+        (the negative prompts' conditioning) is given, token-major, float32.
+
+        One forward per micro-batch: a matmul over other row counts may take another kernel, so running each
+        sample's CFG pair alone keeps its logits, hence its tokens, independent of its batch-mates.
+        """
+        timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
+        outputs = []
+        for rows in self.micro_batches(len(members)):
+            picked = members[rows]
+            if negative is None:
+                logits = self.transformer(tokens[rows], *(c[picked] for c in positive), timestep)
+                outputs.append(sampling.to_token_major(logits))
+            else:
+                conditioning = (torch.cat([n[picked], p[picked]]) for n, p in zip(negative, positive))
+                logits = self.transformer(torch.cat([tokens[rows], tokens[rows]]), *conditioning, timestep)
+                outputs.append(sampling.apply_guidance(logits, scale))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
     def micro_batches(self, batch: int) -> list[slice]:
         """The row slices of a batch of ``batch`` samples that run together (``micro_batch`` rows each)."""
         step = self.micro_batch or batch
@@ -279,22 +270,6 @@ def _negatives(negative_prompts: Sequence[str] | str | None, default: str, count
     return [default if n is None else n for n in negative_prompts]
 
 
-def detect_family(model_dir: Path) -> Family:
-    """``meissonic`` or ``amused``, from ``transformer/config.json``."""
-    path = model_dir / "transformer" / "config.json"
-    if not path.is_file():
-        raise loading.ModelLoadError(
-            f"missing {path}: {model_dir} is not in the hub layout (transformer/ vqvae/ text_encoder/ tokenizer/)"
-        )
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("_class_name") == "UVit2DModel" or "hidden_size" in config:
-        return "amused"
-    if "num_single_layers" in config:
-        return "meissonic"
-    raise loading.ModelLoadError(f"{path} is neither a Meissonic nor an aMUSEd (UVit2DModel) transformer config")
-
-
 def load_transformer(
     path_or_id: str,
     dtype: str | torch.dtype | None = "fp32",
@@ -305,16 +280,16 @@ def load_transformer(
     tome: float = 0.0,
     tome_reuse: int = 5,
 ) -> torch.nn.Module:
-    """The transformer of a model: ``forward(token_ids, encoder_hidden_states, pooled_projections,
-    micro_conds, timestep) -> logits (B, codebook, H, W)``; it builds the RoPE ids itself.
+    """The transformer of a model: ``forward(token_ids, *conditioning, timestep) -> logits (B, codebook, H, W)``,
+    the conditioning of Meissonic and aMUSEd being ``encoder_hidden_states, pooled_projections, micro_conds``.
 
     ``quant``, ``tome`` and ``tome_reuse`` as in :func:`load_pipeline`."""
     if efficient.needs_pipeline(quant):  # A8 presets calibrate on the whole model's own generations
         return load_pipeline(path_or_id, dtype, device, variant, cache_dir, quant, tome, tome_reuse).transformer
     model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
-    cls = MeissonicTransformer if detect_family(model_dir) == "meissonic" else AmusedTransformer
-    transformer = efficient.load_transformer(cls, model_dir, loading.resolve_dtype(dtype),
-                                             loading.resolve_device(device), variant, quant, cache_dir)
+    transformer = efficient.load_transformer(detect_family(model_dir).transformer, model_dir,
+                                             loading.resolve_dtype(dtype), loading.resolve_device(device), variant,
+                                             quant, cache_dir)
     return efficient.apply_tome(transformer, tome, tome_reuse)
 
 
@@ -340,7 +315,7 @@ def load_pipeline(
     ``micro_batch``: samples per transformer forward (1: every image is bit-identical alone or in a batch;
     None: the whole batch in one forward, faster on large GPUs).
     ``compile``: ``torch.compile`` the transformer's repeated blocks once quantization and TomeMGT are
-    applied (:func:`mgt.efficient.apply_compile`; not with ``quant``). Compilation happens in the first
+    applied (:func:`mgt.efficient.options.apply_compile`; not with ``quant``). Compilation happens in the first
     ``generate`` of each input shape.
     """
     if micro_batch is not None and micro_batch < 1:
@@ -349,31 +324,29 @@ def load_pipeline(
     model_dir = loading.resolve_model_path(path_or_id, cache_dir, variant)
     family = detect_family(model_dir)
     torch_dtype, torch_device = loading.resolve_dtype(dtype), loading.resolve_device(device)
-    for sub in loading.SUBFOLDERS:
+    for sub in ("transformer", "vqvae", *family.subfolders):
         if not (model_dir / sub).is_dir():
-            raise loading.ModelLoadError(f"missing subfolder {model_dir / sub}; a model folder needs "
-                                         f"{', '.join(s + '/' for s in loading.SUBFOLDERS)}")
-    cls = MeissonicTransformer if family == "meissonic" else AmusedTransformer
-    transformer = efficient.load_transformer(cls, model_dir, torch_dtype, torch_device, variant, quant, cache_dir)
+            raise loading.ModelLoadError(f"missing subfolder {model_dir / sub}; a {family.name} model folder needs "
+                                         f"{', '.join(s + '/' for s in ('transformer', 'vqvae', *family.subfolders))}")
+    transformer = efficient.load_transformer(family.transformer, model_dir, torch_dtype, torch_device, variant, quant,
+                                             cache_dir)
     vqvae = loading.load_component(VQModel, model_dir / "vqvae", torch_dtype, torch_device, variant)
-    text_encoder = _load_text_encoder(model_dir / "text_encoder", torch_dtype, torch_device, variant)
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     mask_token_id = _mask_token_id(model_dir, transformer)
-    defaults = _defaults(model_dir, family, transformer, vqvae, tokenizer)
-    text = TextConditioner(tokenizer, text_encoder, defaults.text_max_length)
-    pipe = MGTPipeline(family, transformer, vqvae, text, defaults, mask_token_id, name=str(path_or_id),
+    defaults, settings = _defaults(model_dir, family, transformer, vqvae)
+    try:  # a _maskray_defaults key that neither ModelDefaults nor the family's conditioner takes
+        inspect.signature(family.load_conditioner).bind(model_dir, torch_dtype, torch_device, variant, **settings)
+    except TypeError as error:
+        raise loading.ModelLoadError(f"{model_dir / 'model_index.json'}: _maskray_defaults has "
+                                     f"{', '.join(sorted(settings))}, which a {family.name} model does not take "
+                                     f"({error}); remove them") from None
+    conditioner = family.load_conditioner(model_dir, torch_dtype, torch_device, variant, **settings)
+    pipe = MGTPipeline(family.name, transformer, vqvae, conditioner, defaults, mask_token_id, name=str(path_or_id),
                        micro_batch=micro_batch)
     efficient.calibrate_pipeline(pipe, quant)
     efficient.apply_tome(pipe.transformer, tome, tome_reuse)
     if compile:
         efficient.apply_compile(pipe.transformer)
     return pipe
-
-
-def _load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None):
-    loading.read_config(folder)  # clear error when the folder is incomplete
-    loading.weight_files(folder, "model", variant)
-    return CLIPTextModelWithProjection.from_pretrained(folder, dtype=dtype, variant=variant).to(device).eval()
 
 
 def _mask_token_id(model_dir: Path, transformer: torch.nn.Module) -> int:
@@ -387,17 +360,12 @@ def _mask_token_id(model_dir: Path, transformer: torch.nn.Module) -> int:
     return transformer.mask_token_id
 
 
-def _defaults(model_dir: Path, family: Family, transformer, vqvae: VQModel, tokenizer) -> ModelDefaults:
-    scale = 2 ** (len(vqvae.config.block_out_channels) - 1)
-    if family == "meissonic":
-        side = (64 if transformer.config.downsample else 32) * scale  # Meissonic-1024 / Monetico-512
-        values = dict(steps=64, guidance=9.0, negative_prompt=MEISSONIC_NEGATIVE_PROMPT, width=side, height=side)
-    else:
-        side = transformer.config.sample_size * scale
-        values = dict(steps=12, guidance=10.0, negative_prompt="", width=side, height=side,
-                      text_max_length=min(tokenizer.model_max_length, 77))
+def _defaults(model_dir: Path, family: ModelFamily, transformer, vqvae: VQModel) -> tuple[ModelDefaults, dict]:
+    """The family's defaults with ``model_index.json``'s ``_maskray_defaults`` over them, and the keys of
+    ``_maskray_defaults`` that are no :class:`ModelDefaults` field (the conditioner's settings)."""
+    values = family.defaults(transformer, 2 ** (len(vqvae.config.block_out_channels) - 1))
     index = model_dir / "model_index.json"
-    if index.is_file():
-        with open(index) as f:
-            values.update(json.load(f).get("_maskray_defaults", {}))
-    return ModelDefaults(**values)
+    overrides = json.loads(index.read_text()).get("_maskray_defaults", {}) if index.is_file() else {}
+    names = {field.name for field in fields(ModelDefaults)}
+    values.update({k: v for k, v in overrides.items() if k in names})
+    return ModelDefaults(**values), {k: v for k, v in overrides.items() if k not in names}

@@ -146,7 +146,7 @@ class GenerateConfig(BaseModel):
     def _check_before_ray(self) -> GenerateConfig:
         """Refuse here, before Ray starts, what every row would fail on: an unknown scorer, a model name that
         names nothing, a sampler that cannot run the given steps (the engine's own rule)."""
-        from mgt.loading import check_model_name
+        from mgt.hub.loading import check_model_name
 
         self.scorer_config()
         check_model_name(self.model.model)

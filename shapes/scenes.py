@@ -241,7 +241,7 @@ def render_batch(seeds: Sequence[int]) -> tuple[np.ndarray, list[Scene]]:
 
 
 def vocabulary() -> list[str]:
-    """Every word a caption can use, ordered so that ``mgt.tiny.write_tokenizer`` makes each a single token.
+    """Every word a caption can use, ordered so that ``mgt.models.tiny.write_tokenizer`` makes each a single token.
 
     That tokenizer adds each word's merges left to right, and an earlier word's first merge can split a
     later word (``bottom``'s ``b+o`` would split ``above``): longest words first, then the few such

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from actors.scoring.base import BatchedScorer, check_pairs, chunks
-from mgt.devices import resolve_device, resolve_dtype
+from mgt.hub.devices import resolve_device, resolve_dtype
 from shapes import scenes
 from shapes.scene_detector import SHIPPED, Detections, SceneDetector, ShapeClassifier, crop_windows, peak_cells
 

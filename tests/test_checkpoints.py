@@ -1,4 +1,4 @@
-"""``mgt.checkpoints``: one cache and fetch for models and scorer checkpoints, one state-dict check."""
+"""``mgt.hub.checkpoints``: one cache and fetch for models and scorer checkpoints, one state-dict check."""
 
 import os
 import re
@@ -9,10 +9,17 @@ import fsspec
 import pytest
 import torch
 
-import mgt.checkpoints as checkpoints
-import mgt.loading as loading
-from mgt.checkpoints import COMPLETE, LEFTOVER_AGE_S, fetch_object, fetch_prefix, remove_leftovers, state_dict_mismatch
-from mgt.registry import Registry
+import mgt.hub.checkpoints as checkpoints
+import mgt.hub.loading as loading
+from mgt.hub.checkpoints import (
+    COMPLETE,
+    LEFTOVER_AGE_S,
+    fetch_object,
+    fetch_prefix,
+    remove_leftovers,
+    state_dict_mismatch,
+)
+from mgt.hub.registry import Registry
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobs.cli import COMMANDS
 from jobs.cli_args import add_model_arguments
 from mgt.config import GenerationSettings
-from mgt.sampler_config import SamplerConfig
+from mgt.sampling.sampler_config import SamplerConfig
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ def test_help_imports_neither_torch_nor_ray():
 
 
 def test_engine_import_does_not_load_ray():
-    out = run_python("import sys, mgt; mgt.load_pipeline; import mgt.sampling; print('ray' in sys.modules)")
+    out = run_python("import sys, mgt; mgt.load_pipeline; import mgt.sampling.loop; print('ray' in sys.modules)")
     assert out.strip() == "False"
 
 

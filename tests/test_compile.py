@@ -9,10 +9,11 @@ import yaml
 import mgt
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
 from jobs.serve.config import ServeConfig
-from mgt import efficient
 from mgt.config import ModelConfig
-from mgt.tiny import tiny_amused_transformer, tiny_meissonic_transformer
-from mgt.tome import TomeMGT
+from mgt.efficient import options as efficient
+from mgt.efficient.tome import TomeMGT
+from mgt.models.amused import tiny_amused_transformer
+from mgt.models.meissonic import tiny_meissonic_transformer
 from pipeline.config import GenerateConfig
 
 
@@ -73,8 +74,9 @@ def test_compiled_pipeline_gives_eager_tokens_and_stays_batch_invariant(name):
     assert torch.equal(compiled.generate(prompts, seeds, steps=4, decode=False).tokens, expected)
     assert torch.equal(compiled.generate(prompts[1:2], seeds[1:2], steps=4, decode=False).tokens, expected[1:2])
 
-    hidden, pooled = eager.text.encode(["a red circle", "a blue square"])
+    conditioning = eager.conditioner.condition(["a red circle", "a blue square"], 128, 128, eager.transformer.dtype,
+                                               eager.device)
     tokens = torch.randint(0, eager.mask_token_id + 1, (2, 8, 8), generator=torch.Generator().manual_seed(0))
-    inputs = (tokens, hidden, pooled, eager.micro_conds(2, 128, 128), torch.tensor([3]))
+    inputs = (tokens, *conditioning, torch.tensor([3]))
     with torch.inference_mode():
         torch.testing.assert_close(compiled.transformer(*inputs), eager.transformer(*inputs), rtol=0, atol=1e-5)

@@ -1,9 +1,9 @@
-"""``mgt.devices``: one resolution of device and dtype names for the engine and the scorers."""
+"""``mgt.hub.devices``: one resolution of device and dtype names for the engine and the scorers."""
 
 import pytest
 import torch
 
-from mgt.devices import resolve_device, resolve_dtype
+from mgt.hub.devices import resolve_device, resolve_dtype
 
 
 @pytest.mark.parametrize("name,dtype", [("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),

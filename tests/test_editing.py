@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 from sampler_helpers import CODES, MASK, SIDE, stand_in
 
-from mgt import editing, sampling
+from mgt import editing
 from mgt.editing import Edit, EditOptions
-from mgt.sampler_config import PRESETS, SamplerConfig
-from mgt.z_sampling import MaskedZSampling
+from mgt.sampling import loop as sampling
+from mgt.sampling.sampler_config import PRESETS, SamplerConfig
+from mgt.sampling.z_sampling import MaskedZSampling
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

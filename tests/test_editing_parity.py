@@ -14,8 +14,8 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 import mgt
 from mgt.editing import Edit
-from mgt.loading import resolve_model_path
-from mgt.sampler_config import SamplerConfig
+from mgt.hub.loading import resolve_model_path
+from mgt.sampling.sampler_config import SamplerConfig
 
 PROMPT = "a red circle left of a blue square"
 

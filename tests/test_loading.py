@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mgt
-from mgt.loading import ModelLoadError, resolve_model_path
+from mgt.hub.loading import ModelLoadError, resolve_model_path
 
 
 @pytest.fixture(scope="module")

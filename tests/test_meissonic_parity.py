@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 import mgt
-from mgt.meissonic import image_rope_ids
+from mgt.models.meissonic import image_rope_ids
 
 
 @pytest.mark.parametrize("name", ["meissonic-tiny-1024style", "monetico-tiny-512style"])

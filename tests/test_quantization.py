@@ -14,9 +14,10 @@ import torch
 from optimum.quanto import freeze, qint4, qint8
 
 import mgt
-from mgt import quantization, scq
-from mgt.quant_config import PRESETS, SCQConfig
-from mgt.quantized_checkpoint import load_quantized, save_quantized
+import mgt.models.meissonic
+from mgt.efficient import quantization, scq
+from mgt.efficient.quant_config import PRESETS, SCQConfig
+from mgt.efficient.quantized_checkpoint import load_quantized, save_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle above a blue square", "a green triangle"]
@@ -136,7 +137,7 @@ def test_save_refuses_unfrozen_and_load_refuses_other_model(pipe, quantized, tmp
     with pytest.raises(ValueError, match="not frozen"):
         save_quantized(unfrozen, str(tmp_path / "x"), preset="w8a16", source_model="tiny-meissonic")
     save_quantized(quantized["w8a16"][0], str(tmp_path / "ok"), preset="w8a16", source_model="tiny-meissonic")
-    with pytest.raises(mgt.loading.ModelLoadError, match="--model tiny-meissonic"):
+    with pytest.raises(mgt.hub.loading.ModelLoadError, match="--model tiny-meissonic"):
         mgt.load_pipeline("tiny-monetico", device="cpu", quant=str(tmp_path / "ok"))
     with pytest.raises(ValueError, match="w8a16, w4a16, w8a8, w4a8, scq"):
         mgt.load_pipeline("tiny-meissonic", device="cpu", quant="w3a8")
@@ -145,7 +146,7 @@ def test_save_refuses_unfrozen_and_load_refuses_other_model(pipe, quantized, tmp
 def test_loading_never_materialises_the_full_precision_transformer(tmp_path):
     """Peak RSS while loading a quantized checkpoint stays below the full-precision weight size."""
     torch.manual_seed(0)
-    model = mgt.meissonic.MeissonicTransformer(num_layers=1, num_single_layers=2, attention_head_dim=128,
+    model = mgt.models.meissonic.MeissonicTransformer(num_layers=1, num_single_layers=2, attention_head_dim=128,
                                                num_attention_heads=8, joint_attention_dim=1024,
                                                pooled_projection_dim=1024, vocab_size=65, codebook_size=64)
     fp_bytes = sum(p.numel() * 4 for p in model.parameters())
@@ -156,7 +157,7 @@ def test_loading_never_materialises_the_full_precision_transformer(tmp_path):
     # (ru_maxrss would not do: Linux carries it over from the forking pytest process).
     script = textwrap.dedent(f"""
         import json
-        import mgt.quantized_checkpoint as qc
+        import mgt.efficient.quantized_checkpoint as qc
         def status(key):
             line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
             return int(line.split()[1]) * 1024

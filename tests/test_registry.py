@@ -1,4 +1,4 @@
-"""Registries of names (``mgt.registry``): built-ins imported on first use, plugins from real entry points.
+"""Registries of names (``mgt.hub.registry``): built-ins imported on first use, plugins from real entry points.
 
 Each test installs a small distribution of its own (a ``*.dist-info`` folder with ``entry_points.txt`` and
 its module) on ``sys.path``, which is what ``pip install`` leaves behind, and reads it through a fresh
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mgt import loading
-from mgt.registry import PluginError, Registry
+from mgt.hub import loading
+from mgt.hub.registry import PluginError, Registry
 
 
 def install(root: Path, entry_points: str, modules: dict[str, str], name: str = "fake-plugin") -> None:

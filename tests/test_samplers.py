@@ -14,12 +14,13 @@ import torch
 from pydantic import BaseModel
 from sampler_helpers import CODES, MASK, SIDE, stand_in
 
-from mgt import sampling, schedules
 from mgt.config import GenerationSettings
-from mgt.differential_sampling import DifferentialSampling
-from mgt.noise_regularization import NoiseRegularization
-from mgt.sampler_config import PRESETS, SamplerConfig
-from mgt.z_sampling import MaskedZSampling
+from mgt.sampling import loop as sampling
+from mgt.sampling import schedules
+from mgt.sampling.differential_sampling import DifferentialSampling
+from mgt.sampling.noise_regularization import NoiseRegularization
+from mgt.sampling.sampler_config import PRESETS, SamplerConfig
+from mgt.sampling.z_sampling import MaskedZSampling
 
 GUIDANCE = 9.0
 

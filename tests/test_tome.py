@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-import mgt.tome as tome_module
-from mgt.meissonic import image_rope_ids
-from mgt.tiny import _perturb, tiny_amused_transformer, tiny_meissonic_transformer
-from mgt.tome import MAX_RATIO, TomeMGT, bipartite_plan, merged_block_forward
+import mgt.efficient.tome as tome_module
+from mgt.efficient.tome import MAX_RATIO, TomeMGT, bipartite_plan, merged_block_forward
+from mgt.models.amused import tiny_amused_transformer
+from mgt.models.meissonic import image_rope_ids, tiny_meissonic_transformer
+from mgt.models.tiny import _perturb
 
 GRID = 8  # 16x16 tokens -> 8x8 after the down block
 

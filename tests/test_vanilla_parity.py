@@ -6,9 +6,9 @@ from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 import mgt
-from mgt import sampling
-from mgt.loading import resolve_model_path
-from mgt.sampler_config import SamplerConfig
+from mgt.hub.loading import resolve_model_path
+from mgt.sampling import loop as sampling
+from mgt.sampling.sampler_config import SamplerConfig
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])

@@ -1,6 +1,6 @@
 """What every image scorer is and the helpers they share: the ``Scorer`` contract, input checks and
 ``BatchedScorer``, which checks and batches for the scorers built on it (device and dtype resolution is
-``mgt.devices``).
+``mgt.hub.devices``).
 
 A scorer maps (image, prompt) pairs to one float each, higher meaning a better match. The scorers
 (``actors.scoring.hps``, ``actors.scoring.clip_score``, and those plugins register) import this module;

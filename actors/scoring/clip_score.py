@@ -13,7 +13,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import CLIPModel, CLIPProcessor
 
 from actors.scoring.base import BatchedScorer
-from mgt.devices import resolve_device, resolve_dtype
+from mgt.hub.devices import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -27,8 +27,8 @@ from open_clip.utils import to_2tuple
 from torchvision.transforms import InterpolationMode
 
 from actors.scoring.base import BatchedScorer
-from mgt import checkpoints
-from mgt.devices import resolve_device, resolve_dtype
+from mgt.hub import checkpoints
+from mgt.hub.devices import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from PIL import Image

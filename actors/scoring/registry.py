@@ -4,7 +4,7 @@ The CLI and YAML choose a scorer by name through ``ScorerConfig``; ``build_score
 registered under that name. Built-in scorers are named here by ``"module:function"`` and imported only
 when built, so importing this module loads neither torch nor open_clip. Other packages add scorers
 through the ``maskray.scorers`` entry-point group (name = a function ``build(**options) -> Scorer``; see
-``mgt.registry``), which every process reads from the installed metadata, Ray workers included.
+``mgt.hub.registry``), which every process reads from the installed metadata, Ray workers included.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.scoring.base import Scorer
-from mgt.registry import Registry
+from mgt.hub.registry import Registry
 
 SCORERS = Registry("scorer", "maskray.scorers", {
     "hps-v2": "actors.scoring.hps:build_hps_v2",
@@ -46,7 +46,7 @@ def build_scorer(name: str, **options: Any) -> Scorer:
 
     Raises:
         ValueError: ``name`` is not registered; the message lists the known names.
-        mgt.registry.PluginError: the scorer's plugin fails to import.
+        mgt.hub.registry.PluginError: the scorer's plugin fails to import.
     """
     return SCORERS.get(name)(**options)
 

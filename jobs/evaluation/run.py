@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs.evaluation.prompt_sets import load_prompt_set
 from jobs.evaluation.report import write_report
 from mgt.config import GenerationSettings, ModelConfig
-from mgt.sampler_config import SamplerConfig
+from mgt.sampling.sampler_config import SamplerConfig
 from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.manifest import read_metrics

@@ -45,7 +45,7 @@ from jobs.serve.openai_schema import (
 )
 from mgt.config import GenerationSettings
 from mgt.editing import Edit
-from mgt.sampler_config import SamplerConfig
+from mgt.sampling.sampler_config import SamplerConfig
 
 logger = logging.getLogger("ray.serve")
 

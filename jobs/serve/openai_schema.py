@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mgt.config import GenerationSettings
 from mgt.editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
-from mgt.sampler_config import SamplerConfig
+from mgt.sampling.sampler_config import SamplerConfig
 
 MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; longer text only costs tokenizer time
 MAX_IMAGES = 10  # OpenAI's own bound on n

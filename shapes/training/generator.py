@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgt.meissonic import MeissonicTransformer
+from mgt.models.meissonic import MeissonicTransformer
 from shapes import scenes
 from shapes.training.caption_encoder import caption_ids, pretrain_text_encoder
 from shapes.training.data import scene_tensors, silhouette_maps, training_seeds
@@ -244,7 +244,7 @@ def sampler_timestep(t: torch.Tensor, steps: int) -> torch.Tensor:
 
 def encode_text(tokenizer: CLIPTokenizer, encoder: CLIPTextModelWithProjection,
                 prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate hidden states `(B, TEXT_LENGTH, TEXT_WIDTH)` and ``text_embeds``, as ``mgt.text`` reads them."""
+    """Penultimate hidden states `(B, TEXT_LENGTH, TEXT_WIDTH)` and ``text_embeds``, as ``mgt.models.text`` reads them."""
     out = encoder(caption_ids(tokenizer, prompts, TEXT_LENGTH), output_hidden_states=True, return_dict=True)
     return out.hidden_states[-2], out.text_embeds
 

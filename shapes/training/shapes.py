@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffusers import VQModel
 
-from mgt.tiny import write_model, write_tokenizer
+from mgt.models.tiny import write_model, write_tokenizer
 from shapes import scenes
 from shapes.training.config import TrainShapesConfig
 from shapes.training.detector import train_detector, train_shape_classifier
@@ -64,7 +64,7 @@ def train_model(config: TrainShapesConfig, out: Path, progress: Progress | None 
 def init_folder(init_from: str) -> Path:
     """The model folder ``--init-from`` names: a registered model's (``shapes-meissonic`` continues the shipped
     model, as the stages in docs/shapes-training.md do) or the folder given."""
-    from mgt.loading import registered_models, resolve_model_path
+    from mgt.hub.loading import registered_models, resolve_model_path
 
     return resolve_model_path(init_from) if init_from in registered_models() else Path(init_from)
 
@@ -79,7 +79,7 @@ def continue_model(config: TrainShapesConfig, init: Path, out: Path, progress: P
     """
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    from mgt.meissonic import MeissonicTransformer
+    from mgt.models.meissonic import MeissonicTransformer
 
     previous_path = init / "training.json"
     if not previous_path.is_file():

@@ -6,13 +6,13 @@
 
 Part 1 builds the full Meissonic-1024 transformer config (1.007 B parameters) on the meta device,
 materialises it in bf16 with random weights (normal, std 0.02) and, per preset, quantizes a copy with
-:func:`mgt.quantization.quantize_transformer` + ``freeze`` and counts the bytes of every saved tensor
+:func:`mgt.efficient.quantization.quantize_transformer` + ``freeze`` and counts the bytes of every saved tensor
 (int data, scales, shifts, activation scales, float tensors) against bf16. Calibration does not
 change sizes, so the A8 presets are measured uncalibrated; ``scq`` has exactly ``w4a8``'s layout.
 Targets: w8* <= 0.55x bf16, w4* <= 0.32x bf16.
 
 Part 2 saves the bf16 transformer (safetensors) and the w8a16 and w4a8 checkpoints, then times loading
-each (bf16: ``mgt.loading.load_component``; quantized: ``mgt.quantized_checkpoint.load_quantized``),
+each (bf16: ``mgt.hub.loading.load_component``; quantized: ``mgt.efficient.quantized_checkpoint.load_quantized``),
 best of ``--repeats``, files warm in the page cache.
 
 Part 3 times a stack of ``--tome-blocks`` dual-stream ``FluxTransformerBlock``s at Meissonic-1024 widths
@@ -40,11 +40,12 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxTra
 from optimum.quanto import freeze  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from mgt import loading, quantization  # noqa: E402
-from mgt.meissonic import MeissonicTransformer, image_rope_ids  # noqa: E402
-from mgt.quant_config import PRESETS  # noqa: E402
-from mgt.quantized_checkpoint import load_quantized, save_quantized  # noqa: E402
-from mgt.tome import TomeMGT  # noqa: E402
+from mgt.efficient import quantization  # noqa: E402
+from mgt.efficient.quant_config import PRESETS  # noqa: E402
+from mgt.efficient.quantized_checkpoint import load_quantized, save_quantized  # noqa: E402
+from mgt.efficient.tome import TomeMGT  # noqa: E402
+from mgt.hub import loading  # noqa: E402
+from mgt.models.meissonic import MeissonicTransformer, image_rope_ids  # noqa: E402
 
 TARGETS = {"w8a16": 0.55, "w8a8": 0.55, "w4a16": 0.32, "w4a8": 0.32, "scq": 0.32}
 

@@ -11,9 +11,9 @@ per prompt, not once per step, and its ~0.7 GB of bf16 weights are not loaded.
 
 Settings, in this order (``--budget`` skips the ones left when time is up, and lists them as skipped):
 
-* variants: bf16 eager; bf16 compiled (``mgt.efficient.apply_compile``); TomeMGT 0.25 eager; w8a8 and w4a8
+* variants: bf16 eager; bf16 compiled (``mgt.efficient.options.apply_compile``); TomeMGT 0.25 eager; w8a8 and w4a8
   (optimum-quanto, activation scales calibrated on one self-generated image; quanto cannot be compiled, see
-  ``mgt.quant_config.check_compile``); TomeMGT 0.25 compiled (its dual-stream blocks stay eager);
+  ``mgt.efficient.quant_config.check_compile``); TomeMGT 0.25 compiled (its dual-stream blocks stay eager);
 * per variant: batch 1, 4 and 8, each with ``micro_batch`` 1 (one forward per sample's CFG pair) and
   whole-batch (one forward per step; the same thing at batch 1).
 
@@ -51,10 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from diffusers import VQModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from mgt import efficient  # noqa: E402
-from mgt.meissonic import MeissonicTransformer  # noqa: E402
+from mgt.efficient import options as efficient  # noqa: E402
+from mgt.efficient.quant_config import SCQConfig  # noqa: E402
+from mgt.models.meissonic import MeissonicTransformer  # noqa: E402
+from mgt.models.text import TextConditioner  # noqa: E402
 from mgt.pipeline import MGTPipeline, ModelDefaults  # noqa: E402
-from mgt.quant_config import SCQConfig  # noqa: E402
 
 # MeissonFlow/Meissonic transformer/config.json and vqvae/config.json (the keys our classes take).
 MEISSONIC_1024 = dict(attention_head_dim=128, axes_dims_rope=(16, 56, 56), codebook_size=8192, downsample=True,
@@ -102,10 +103,11 @@ VARIANTS = (Variant("bf16"), Variant("bf16+compile", compile=True), Variant("tom
             Variant("tome0.25+compile", tome=0.25, compile=True))
 
 
-class RandomText:
+class RandomText(TextConditioner):
     """Fixed random embeddings in place of the CLIP text encoder (``TextConditioner.encode``'s shapes)."""
 
     def __init__(self, width: int, pooled_width: int, device: torch.device):
+        super().__init__(tokenizer=None, text_encoder=None, max_length=TEXT_LENGTH)
         generator = torch.Generator(device=device).manual_seed(0)
         self.hidden = torch.randn(TEXT_LENGTH, width, generator=generator, device=device, dtype=torch.bfloat16)
         self.pooled = torch.randn(pooled_width, generator=generator, device=device, dtype=torch.bfloat16)
@@ -173,7 +175,7 @@ def prepare(variant: Variant, config: dict, device: torch.device, calibration: l
     """The variant's transformer, prepared as ``load_pipeline`` does (quantize -> TomeMGT -> compile)."""
     transformer = build(MeissonicTransformer, config["transformer"], device)
     if variant.quant:
-        from mgt.scq import apply_preset
+        from mgt.efficient.scq import apply_preset
 
         apply_preset(transformer, variant.quant, calibration)
     efficient.apply_tome(transformer, variant.tome)
@@ -268,7 +270,7 @@ def run(device: torch.device, config: dict, timed_steps: int, budget: float | No
 
 def calibration_batches(pipe: MGTPipeline) -> list:
     """One self-generated image (2 steps), masked once: enough for realistic A8 scales, cheap to make."""
-    from mgt.scq import self_distillation_batches
+    from mgt.efficient.scq import self_distillation_batches
 
     pipe.micro_batch = 1
     return self_distillation_batches(pipe, ["calibration"], SCQConfig(views_per_prompt=1, generation_steps=2))
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: 270 on a GPU, so the run stays under five minutes; none with --smoke or on CPU)")
     parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune",
                                                    "max-autotune-no-cudagraphs"],
-                        help="torch.compile mode of the compiled variants (default: mgt.efficient.compile_mode)")
+                        help="torch.compile mode of the compiled variants (default: mgt.efficient.options.compile_mode)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s (default: from "
                         "PEAK_BF16_TFLOPS by device name)")
     args = parser.parse_args(argv)

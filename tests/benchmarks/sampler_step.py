@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mgt import sampling  # noqa: E402
-from mgt.differential_sampling import DifferentialSampling  # noqa: E402
-from mgt.sampler_config import SamplerConfig  # noqa: E402
+from mgt.sampling import loop as sampling  # noqa: E402
+from mgt.sampling.differential_sampling import DifferentialSampling  # noqa: E402
+from mgt.sampling.sampler_config import SamplerConfig  # noqa: E402
 
 GUIDANCE = 9.0
 TARGETS = {"vanilla": 1.0, "noise": 1.3, "differential": 1.3, "noise+differential": 1.5}

@@ -61,7 +61,7 @@ def main() -> None:
     from PIL import Image
 
     import mgt
-    from mgt.tiny import write_tokenizer
+    from mgt.models.tiny import write_tokenizer
     from shapes import scenes
     from shapes.scorer import ShapesScorer
     from shapes.training import probes

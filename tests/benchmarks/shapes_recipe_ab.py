@@ -52,7 +52,7 @@ def run_arm(name: str, recipe: tuple, steps: int, eval_every: int, threads: int,
     from diffusers import VQModel
 
     import mgt
-    from mgt.tiny import write_tokenizer
+    from mgt.models.tiny import write_tokenizer
     from shapes import scenes
     from shapes.scorer import ShapesScorer
     from shapes.training import probes

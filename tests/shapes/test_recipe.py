@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mgt
-from mgt.tiny import write_tokenizer
+from mgt.models.tiny import write_tokenizer
 from shapes import scenes
 from shapes.training import probes
 from shapes.training.config import TrainShapesConfig
@@ -279,7 +279,7 @@ def shipped():
 
 def test_shape_swap_gap_measures_the_object_tokens(shipped):
     batch = probes.single_object_scenes(8, start=5000)
-    encode = shipped.text.encode
+    encode = shipped.conditioner.encode
     every = probes.shape_swap_gap(shipped.transformer, encode, shipped.vqvae, batch, shipped.defaults.steps)
     hole = probes.shape_swap_gap(shipped.transformer, encode, shipped.vqvae, batch, shipped.defaults.steps, hole=True)
     for figures in (every, hole):

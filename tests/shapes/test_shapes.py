@@ -13,8 +13,8 @@ from PIL import Image
 import mgt
 from actors.scoring.registry import build_scorer
 from jobs.cli import main
-from mgt.loading import resolve_model_path
-from mgt.tiny import write_tokenizer
+from mgt.hub.loading import resolve_model_path
+from mgt.models.tiny import write_tokenizer
 from shapes import scenes
 from shapes.scorer import ShapesScorer, caption_factors, held_out_accuracy
 from shapes.training import probes
@@ -217,7 +217,7 @@ def _all_masked_object_loss(single_object_scenes, captions_of: Callable[[scenes.
     pipe, batch, tokens = single_object_scenes
     with torch.no_grad():
         objects = tokens != torch.mode(tokens.flatten(1), dim=1).values[:, None, None]
-        hidden, pooled = pipe.text.encode([captions_of(scene) for scene in batch])
+        hidden, pooled = pipe.conditioner.encode([captions_of(scene) for scene in batch])
         logits = pipe.transformer(torch.full_like(tokens, pipe.transformer.mask_token_id), hidden, pooled,
                                   torch.tensor([MICRO_CONDS] * len(batch)), torch.tensor([pipe.defaults.steps - 1]))
         return torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[objects], tokens[objects]).item()
@@ -233,7 +233,7 @@ def test_shipped_model_reads_the_shape_word(single_object_scenes):
     """With every token masked, a caption naming another shape makes the true tokens less likely where the two
     shapes' renders differ (the first model, trained without object holes and a frozen encoder: 0.03 nats)."""
     pipe, batch, _ = single_object_scenes
-    gap = probes.shape_swap_gap(pipe.transformer, pipe.text.encode, pipe.vqvae, batch, pipe.defaults.steps)
+    gap = probes.shape_swap_gap(pipe.transformer, pipe.conditioner.encode, pipe.vqvae, batch, pipe.defaults.steps)
     assert gap["gap"] >= SHAPE_WORD_NATS, gap
 
 
@@ -241,7 +241,7 @@ def test_shipped_text_encoder_keeps_the_shape_word(single_object_scenes):
     """Frozen after its caption pre-training, the encoder keeps what it learnt: a linear probe on its pooled
     embedding reads the shape of one-object captions (the first model's jointly trained encoder: 0.35)."""
     pipe = single_object_scenes[0]
-    assert probes.encoder_shape_probe(pipe.text.encode) >= ENCODER_SHAPE_PROBE
+    assert probes.encoder_shape_probe(pipe.conditioner.encode) >= ENCODER_SHAPE_PROBE
 
 
 def test_caption_targets_name_what_the_caption_asks_for():
@@ -339,7 +339,7 @@ def test_train_shapes_continues_a_trained_model(tmp_path, monkeypatch, capsys):
 
 def test_train_shapes_continues_the_shipped_model_by_its_registered_name(tmp_path):
     """--init-from shapes-meissonic continues the shipped model (its folder in the package)."""
-    from mgt.loading import resolve_model_path
+    from mgt.hub.loading import resolve_model_path
 
     shipped = resolve_model_path("shapes-meissonic")
     out = tmp_path / "stage"

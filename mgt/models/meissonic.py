@@ -1,4 +1,5 @@
-"""The Meissonic transformer, rebuilt from diffusers 0.42.1 parts.
+"""The Meissonic family (Meissonic-1024, Monetico-512): its transformer, rebuilt from diffusers 0.42.1 parts,
+and its row of the family table.
 
 Meissonic (github.com/viiika/Meissonic, hub ``MeissonFlow/Meissonic``) is not in diffusers. Its
 ``src/transformer.py`` at commit aeba85e is a Flux-style MM-DiT over VQ tokens; every block it uses
@@ -12,6 +13,9 @@ the input shape, so every resolution works (the reference pipeline only works at
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -31,10 +35,18 @@ from diffusers.models.transformers.transformer_flux import (
 from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from torch import nn
 
-from mgt.token_grid import TokenGridMixin
+from mgt.models.families import ModelFamily
+from mgt.models.text import TEXT_SUBFOLDERS, TextConditioner, load_text_conditioner
+from mgt.models.tiny import CODEBOOK, TEXT_WIDTH
+from mgt.models.token_grid import TokenGridMixin
 
 MICRO_COND_ENCODE_DIM = 256  # hard-coded in the reference forward()
 NUM_MICRO_CONDS = 5  # [width, height, crop_top, crop_left, score]
+# The negative prompt of every official Meissonic script (inference.py, app.py) and the paper's evaluation.
+MEISSONIC_NEGATIVE_PROMPT = (
+    "worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, text, jpeg artifacts, "
+    "signature, sketch, duplicate, ugly, identifying mark"
+)
 
 
 class _DownBlock(nn.Module):
@@ -196,3 +208,37 @@ class MeissonicTransformer(TokenGridMixin, ModelMixin, ConfigMixin):
         hidden = hidden.reshape(batch, rows, cols, channels).permute(0, 3, 1, 2)
         hidden = self.up_block(hidden)
         return self.mlm_layer(hidden)
+
+
+def meissonic_defaults(transformer: MeissonicTransformer, vq_scale: int) -> dict[str, Any]:
+    """The reference scripts' settings: 64 steps, CFG 9, their negative prompt, 1024 px (Monetico: 512 px)."""
+    side = (64 if transformer.config.downsample else 32) * vq_scale  # Meissonic-1024 / Monetico-512
+    return dict(steps=64, guidance=9.0, negative_prompt=MEISSONIC_NEGATIVE_PROMPT, width=side, height=side)
+
+
+def load_meissonic_conditioner(model_dir: Path, dtype: torch.dtype, device: torch.device, variant: str | None,
+                               text_max_length: int = 77, micro_score: float = 6.0) -> TextConditioner:
+    """CLIP text conditioning; the reference pipeline pads prompts to 77 tokens whatever the tokenizer says."""
+    return load_text_conditioner(model_dir, dtype, device, variant, text_max_length, micro_score)
+
+
+def tiny_meissonic_transformer(downsample: bool = True, codebook: int = CODEBOOK, layers: int = 1,
+                               single_layers: int = 1) -> MeissonicTransformer:
+    """A random Meissonic (``downsample=True``, 1024-style) or Monetico (False, 512-style), small enough for CPU tests."""
+    return MeissonicTransformer(num_layers=layers, num_single_layers=single_layers, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=32,
+                                axes_dims_rope=(4, 6, 6), vocab_size=codebook + 1, codebook_size=codebook,
+                                downsample=downsample, upsample=downsample)
+
+
+MEISSONIC = ModelFamily(
+    name="meissonic",
+    transformer=MeissonicTransformer,
+    class_names=("Transformer2DModel",),  # the hub's name for the reference class (not diffusers' class)
+    defaults=meissonic_defaults,
+    load_conditioner=load_meissonic_conditioner,
+    subfolders=TEXT_SUBFOLDERS,
+    tiny_transformer=tiny_meissonic_transformer,
+    model_index={"_class_name": "Pipeline", "scheduler": ["scheduler", "Scheduler"],
+                 "transformer": ["transformer", "Transformer2DModel"]},
+)

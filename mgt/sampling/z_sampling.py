@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mgt.sampler_config import MaskedZSamplingConfig
+from mgt.sampling.sampler_config import MaskedZSamplingConfig
 
 
 class MaskedZSampling:

@@ -46,7 +46,7 @@ from optimum.quanto.nn import QModuleMixin
 from optimum.quanto.quantize import set_module_by_name
 from optimum.quanto.tensor import quantize_activation
 
-from mgt.quant_config import get_preset
+from mgt.efficient.quant_config import get_preset
 
 CONDITIONAL = 1  # index of the conditional half's scale, used by odd batches
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mgt import loading
-from mgt.quant_config import PRESETS
+from mgt.efficient.quant_config import PRESETS
+from mgt.hub import loading
 
 
 def needs_pipeline(quant: str | None) -> bool:
@@ -34,11 +34,11 @@ def load_transformer(cls: type, model_dir: Path, dtype: torch.dtype, device: tor
         if quant is not None and not needs_pipeline(quant):
             from optimum.quanto import freeze
 
-            from mgt.quantization import quantize_transformer
+            from mgt.efficient.quantization import quantize_transformer
 
             freeze(quantize_transformer(transformer, quant))
         return transformer
-    from mgt.quantized_checkpoint import load_quantized
+    from mgt.efficient.quantized_checkpoint import load_quantized
 
     expected = loading.read_config(model_dir / "transformer")
     transformer = load_quantized(quant, dtype, device, cache_dir, expected_config=expected)
@@ -51,7 +51,7 @@ def load_transformer(cls: type, model_dir: Path, dtype: torch.dtype, device: tor
 def calibrate_pipeline(pipe, quant: str | None) -> None:
     """Quantize and calibrate ``pipe.transformer`` in place for an A8 preset (no-op otherwise)."""
     if needs_pipeline(quant):
-        from mgt.scq import quantize_pipeline
+        from mgt.efficient.scq import quantize_pipeline
 
         quantize_pipeline(pipe, quant)
 
@@ -59,7 +59,7 @@ def calibrate_pipeline(pipe, quant: str | None) -> None:
 def apply_tome(transformer: torch.nn.Module, tome: float, tome_reuse: int = 5) -> torch.nn.Module:
     """Patch TomeMGT into ``transformer``'s dual-stream blocks when ``tome`` > 0."""
     if tome:
-        from mgt.tome import TomeMGT
+        from mgt.efficient.tome import TomeMGT
 
         TomeMGT(tome, tome_reuse).apply(transformer)
     return transformer

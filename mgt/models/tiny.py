@@ -3,7 +3,7 @@
 ``tiny-meissonic`` (1024-style: the transformer down-samples), ``tiny-monetico`` (512-style: it does
 not) and ``tiny-amused`` (diffusers ``UVit2DModel``) are complete models: transformer, VQ, CLIP text
 encoder, a CLIP tokenizer written here (byte-level BPE over single characters), scheduler config and
-``model_index.json``. Weights are seeded, so every machine builds the same model. ``mgt.loading``
+``model_index.json``. Weights are seeded, so every machine builds the same model. ``mgt.hub.loading``
 registers them by name (``tiny-meissonic`` ...) and imports this module only when one is first built.
 """
 
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 from diffusers import VQModel
-from diffusers.models.unets.uvit_2d import UVit2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from mgt.meissonic import MeissonicTransformer
+from mgt.models.families import ModelFamily, get_family
 
 TEXT_WIDTH = 32
 CODEBOOK = 64
@@ -63,68 +62,49 @@ def tiny_vqvae(blocks: int = 3, codebook: int = CODEBOOK) -> VQModel:
                    mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True)
 
 
-def tiny_meissonic_transformer(downsample: bool, codebook: int = CODEBOOK, layers: int = 1,
-                               single_layers: int = 1) -> MeissonicTransformer:
-    return MeissonicTransformer(num_layers=layers, num_single_layers=single_layers, attention_head_dim=16,
-                                num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=32,
-                                axes_dims_rope=(4, 6, 6), vocab_size=codebook + 1, codebook_size=codebook,
-                                downsample=downsample, upsample=downsample)
-
-
-def tiny_amused_transformer(codebook: int = CODEBOOK) -> UVit2DModel:
-    return UVit2DModel(hidden_size=32, use_bias=False, hidden_dropout=0.0, cond_embed_dim=TEXT_WIDTH,
-                       micro_cond_encode_dim=2, micro_cond_embed_dim=10, encoder_hidden_size=TEXT_WIDTH,
-                       vocab_size=codebook + 1, codebook_size=codebook, in_channels=16, block_out_channels=16,
-                       num_res_blocks=1, downsample=True, upsample=True, block_num_heads=1, num_hidden_layers=1,
-                       num_attention_heads=2, attention_dropout=0.0, intermediate_size=32, layer_norm_eps=1e-6,
-                       ln_elementwise_affine=True, sample_size=16)
-
-
-def write_model(folder: Path, transformer: torch.nn.Module, vqvae: VQModel, family: str,
+def write_model(folder: Path, transformer: torch.nn.Module, vqvae: VQModel, family: str | ModelFamily,
                 defaults: dict | None = None, seed: int = 0, words: list[str] = ()) -> None:
-    """Write a complete model folder in the hub layout around a transformer and a VQ model."""
+    """Write a complete model folder in the hub layout around a transformer and a VQ model.
+
+    The transformer config's ``_class_name`` is the family's reference name (Meissonic's hub config names the
+    reference class, not ours), so the folder loads as that family.
+    """
+    family = get_family(family) if isinstance(family, str) else family
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(folder / "transformer")
-    if family == "meissonic":  # the hub config names the reference class, not ours
-        path = folder / "transformer" / "config.json"
-        config = json.loads(path.read_text())
-        config["_class_name"] = "Transformer2DModel"
+    path = folder / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    if config["_class_name"] != family.class_names[0]:
+        config["_class_name"] = family.class_names[0]
         path.write_text(json.dumps(config, indent=2, sort_keys=True))
     vqvae.save_pretrained(folder / "vqvae")
     tokenizer = write_tokenizer(folder / "tokenizer", words)
     torch.manual_seed(seed + 1)
     write_text_encoder(folder / "text_encoder", len(tokenizer))
     mask_id = transformer.config.vocab_size - 1
-    scheduler_class = "Scheduler" if family == "meissonic" else "AmusedScheduler"
+    scheduler_class = family.model_index["scheduler"][1]
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": scheduler_class, "mask_token_id": mask_id, "masking_schedule": "cosine"}, indent=2))
-    index = {"_class_name": "Pipeline" if family == "meissonic" else "AmusedPipeline",
-             "scheduler": ["scheduler", scheduler_class],
+    index = {"_class_name": family.model_index["_class_name"], "scheduler": family.model_index["scheduler"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer": ["transformers", "CLIPTokenizer"],
-             "transformer": ["transformer", "Transformer2DModel"] if family == "meissonic"
-             else ["diffusers", "UVit2DModel"],
+             "transformer": family.model_index["transformer"],
              "vqvae": ["diffusers", "VQModel"]}
     if defaults:
         index["_maskray_defaults"] = defaults
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_tiny(folder: Path, kind: str, seed: int = 0) -> None:
-    """Write tiny model ``kind`` (``meissonic``, ``monetico`` or ``amused``) into ``folder``."""
+def build_tiny(folder: Path, family: str, seed: int = 0, **options) -> None:
+    """Write the tiny model of ``family`` (its ``tiny_transformer(**options)``) into ``folder``."""
+    family = get_family(family)
     torch.manual_seed(seed)
-    if kind == "amused":
-        transformer = tiny_amused_transformer()
-    elif kind in ("meissonic", "monetico"):
-        transformer = tiny_meissonic_transformer(downsample=kind == "meissonic")
-    else:
-        raise ValueError(f"unknown tiny model kind {kind!r}; choose meissonic, monetico or amused")
+    transformer = family.tiny_transformer(**options)
     _perturb(transformer)  # zero-initialised gates would make the blocks no-ops
     vqvae = tiny_vqvae()
-    write_model(folder, transformer, vqvae, "amused" if kind == "amused" else "meissonic",
-                defaults=dict(TINY_DEFAULTS), seed=seed)
+    write_model(folder, transformer, vqvae, family, defaults=dict(TINY_DEFAULTS), seed=seed)
 
 
 @torch.no_grad()
@@ -133,13 +113,13 @@ def _perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
         parameter.add_(torch.randn_like(parameter) * scale)
 
 
-# The builders that ``mgt.loading.MODELS`` names: each writes its model into the cache folder it is given.
+# The builders that ``mgt.hub.loading.MODELS`` names: each writes its model into the cache folder it is given.
 def build_tiny_meissonic(folder: Path) -> None:
     build_tiny(folder, "meissonic")
 
 
 def build_tiny_monetico(folder: Path) -> None:
-    build_tiny(folder, "monetico")
+    build_tiny(folder, "meissonic", downsample=False)
 
 
 def build_tiny_amused(folder: Path) -> None:

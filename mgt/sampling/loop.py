@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mgt import schedules
-from mgt.differential_sampling import DifferentialSampling
-from mgt.noise_regularization import NoiseRegularization
-from mgt.sampler_config import SamplerConfig
-from mgt.z_sampling import MaskedZSampling
+from mgt.sampling import schedules
+from mgt.sampling.differential_sampling import DifferentialSampling
+from mgt.sampling.noise_regularization import NoiseRegularization
+from mgt.sampling.sampler_config import SamplerConfig
+from mgt.sampling.z_sampling import MaskedZSampling
 
 # predict(tokens (B, h, w), step_value, guidance) -> (B, h*w, codebook) float32 logits, classifier-free
 # guided with scale `guidance` (see apply_guidance), token-major.

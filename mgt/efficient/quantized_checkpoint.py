@@ -4,7 +4,8 @@ A checkpoint is a folder (local path or fsspec URI such as ``s3://bucket/prefix`
 
     config.json                           the transformer's config (its constructor arguments)
     quantization_map.json                 optimum-quanto's map: module name -> {weights, activations}
-    maskray_quantization.json             preset, family, dtype, source model, calibration settings
+    maskray_quantization.json             preset, family (its name in mgt.models.families), dtype, source
+                                          model, calibration settings
     diffusion_pytorch_model.safetensors   int weights, their scales/shifts, activation scales, other tensors
 
 Loading builds the transformer on the meta device, swaps each mapped Linear for its quantized
@@ -26,18 +27,16 @@ from optimum.quanto.quantize import set_module_by_name
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from mgt import loading
-from mgt.amused import AmusedTransformer
-from mgt.meissonic import MeissonicTransformer
-from mgt.quant_config import PRESETS
-from mgt.quantization import qlinear_class
+from mgt.efficient.quant_config import PRESETS
+from mgt.efficient.quantization import qlinear_class
+from mgt.hub import loading
+from mgt.models.families import family_of, get_family
 
 CONFIG = "config.json"
 QUANTIZATION_MAP = "quantization_map.json"
 INFO = "maskray_quantization.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 ALIGNMENT = 64  # bytes
-FAMILIES: dict[str, type] = {"meissonic": MeissonicTransformer, "amused": AmusedTransformer}
 
 
 def save_quantized(transformer: torch.nn.Module, uri: str, *, preset: str, source_model: str,
@@ -45,19 +44,16 @@ def save_quantized(transformer: torch.nn.Module, uri: str, *, preset: str, sourc
     """Write a frozen quantized transformer to ``uri`` (a folder path or fsspec URI); returns ``uri``.
 
     Args:
-        transformer: a transformer quantized by :func:`mgt.quantization.quantize_transformer` and frozen.
+        transformer: a transformer quantized by :func:`mgt.efficient.quantization.quantize_transformer` and frozen.
         preset: the preset it was quantized with (recorded for provenance).
         source_model: the model it was quantized from (its text encoder, tokenizer and VQ are loaded
             from there when this checkpoint is used).
         settings: calibration settings to record, e.g. ``SCQConfig.model_dump()``.
     """
-    family = next((name for name, cls in FAMILIES.items() if isinstance(transformer, cls)), None)
-    if family is None:
-        raise ValueError(f"cannot save a {type(transformer).__name__}: expected one of "
-                         f"{', '.join(c.__name__ for c in FAMILIES.values())}")
+    family = family_of(transformer).name
     qmodules = [m for m in transformer.modules() if isinstance(m, QModuleMixin)]
     if not qmodules:
-        raise ValueError("the transformer has no quantized layer; quantize it first (mgt.quantization)")
+        raise ValueError("the transformer has no quantized layer; quantize it first (mgt.efficient.quantization)")
     if not all(m.frozen for m in qmodules):
         raise ValueError("the transformer is quantized but not frozen; call optimum.quanto.freeze(transformer) "
                          "so that integer weights are saved")
@@ -115,7 +111,7 @@ def load_quantized(uri: str, dtype: torch.dtype | None = None, device: str | tor
             raise loading.ModelLoadError(f"quantized checkpoint {uri} was made from {info['source_model']!r}, whose "
                                          f"transformer differs from the model given ({details}); pass "
                                          f"--model {info['source_model']}")
-    cls = FAMILIES[info["family"]]
+    cls = get_family(info["family"]).transformer
     with torch.device("meta"):
         model = cls.from_config(config)
     qmap = json.loads((folder / QUANTIZATION_MAP).read_text())

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mgt.sampler_config import NoiseRegularizationConfig
+from mgt.sampling.sampler_config import NoiseRegularizationConfig
 
 
 def noise_shape(name: str, power: float = 0.6) -> Callable[[float], float]:

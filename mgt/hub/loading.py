@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from mgt.checkpoints import COMPLETE, cache_dir, fetch_hub, fetch_prefix, staged, state_dict_mismatch
-from mgt.devices import resolve_device, resolve_dtype  # noqa: F401  (loading.resolve_* as before)
-from mgt.registry import Registry
+from mgt.hub.checkpoints import COMPLETE, cache_dir, fetch_hub, fetch_prefix, staged, state_dict_mismatch
+from mgt.hub.devices import resolve_device, resolve_dtype  # noqa: F401  (loading.resolve_* as before)
+from mgt.hub.registry import Registry
 
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
 HUB_PATTERNS = ["*.json", "tokenizer/*", "*.txt"]
@@ -31,11 +31,11 @@ class ModelLoadError(ValueError):
 
 # Registered names: a folder that ships inside a package (``os.PathLike``), or a function ``build(folder)``
 # that writes the model into ``folder``, run once into the local cache. Other packages add names through the
-# ``maskray.models`` entry-point group (see ``mgt.registry``).
+# ``maskray.models`` entry-point group (see ``mgt.hub.registry``).
 MODELS = Registry("model", "maskray.models", {
-    "tiny-meissonic": "mgt.tiny:build_tiny_meissonic",
-    "tiny-monetico": "mgt.tiny:build_tiny_monetico",
-    "tiny-amused": "mgt.tiny:build_tiny_amused",
+    "tiny-meissonic": "mgt.models.tiny:build_tiny_meissonic",
+    "tiny-monetico": "mgt.models.tiny:build_tiny_monetico",
+    "tiny-amused": "mgt.models.tiny:build_tiny_amused",
 })
 
 

@@ -1,6 +1,6 @@
 """Getting weights onto this machine once, and checking them against the module they are for.
 
-One copy for the engine's models (``mgt.loading``) and the scorers' checkpoints (``actors.scoring.hps``): the
+One copy for the engine's models (``mgt.hub.loading``) and the scorers' checkpoints (``actors.scoring.hps``): the
 local cache, the fetch from an object store (``s3://``, ``gs://``, any fsspec URI) or from the Hugging Face
 hub, and the strict state-dict check that lists every missing, unexpected and mis-shaped tensor in one
 error. Downloads land under a temporary name unique to the process and thread and are renamed into place

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from optimum.quanto import freeze
 from optimum.quanto.nn import QModuleMixin
 
-from mgt.quant_config import SCQConfig, get_preset
-from mgt.quantization import CFGCalibration, activation_scales, quantize_transformer, reset_activation_scales
+from mgt.efficient.quant_config import SCQConfig, get_preset
+from mgt.efficient.quantization import CFGCalibration, activation_scales, quantize_transformer, reset_activation_scales
 
 # progress(stage, done, total): stage is "generate", "calibrate", "qat" or "recalibrate".
 Progress = Callable[[str, int, int], None]
@@ -100,12 +100,12 @@ def self_distillation_batches(pipe, prompts: Sequence[str], config: SCQConfig = 
             progress("generate", start + len(part), len(prompts))
 
     dtype, device = pipe.transformer.dtype, pipe.device
-    uncond_hidden, uncond_pooled = pipe.text.encode([uncond])
-    micro = pipe.micro_conds(2, width, height).clone()
+    uncond_hidden, uncond_pooled = pipe.conditioner.encode([uncond])
+    micro = pipe.conditioner.micro_conds(2, width, height, dtype, device).clone()
     generator = torch.Generator().manual_seed(config.seed)
     batches = []
     for prompt, grid in zip(prompts, tokens):
-        hidden, pooled = pipe.text.encode([prompt])
+        hidden, pooled = pipe.conditioner.encode([prompt])
         hidden = torch.cat([uncond_hidden, hidden]).to(device, dtype).clone()  # clone: out of inference mode
         pooled = torch.cat([uncond_pooled, pooled]).to(device, dtype).clone()
         for _ in range(config.views_per_prompt):
@@ -211,7 +211,7 @@ def quantize_pipeline(pipe, preset: str, prompts: Sequence[str] | None = None, c
 
     Args:
         pipe: a full-precision :class:`mgt.pipeline.MGTPipeline`; it generates its own calibration data.
-        preset: w8a16, w4a16, w8a8, w4a8 or scq (see :mod:`mgt.quantization`).
+        preset: w8a16, w4a16, w8a8, w4a8 or scq (see :mod:`mgt.efficient.quantization`).
         prompts: calibration prompts (A8 presets); None uses ``DEFAULT_CALIBRATION_PROMPTS``.
     """
     batches = []

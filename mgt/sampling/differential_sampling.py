@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from mgt.sampler_config import DifferentialSamplingConfig
+from mgt.sampling.sampler_config import DifferentialSamplingConfig
 
 # P_prev is kept >= the smallest normal float32, so p / P_prev is never 0/0: a code where both underflowed adds
 # 0 to the KL, and one where only P_prev did adds a huge term (+inf in the reference's kl_div). The draw is

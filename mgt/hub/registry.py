@@ -33,10 +33,11 @@ class Registry:
         kind: What the names stand for, singular ("model", "scorer"): used in error messages.
         group: The entry-point group plugins declare their names under, such as ``maskray.models``.
         builtins: Name -> ``"module:attribute"`` (or ``"module"``) of the objects that ship with maskray.
+        plural: ``kind`` in the plural, when it is not ``kind`` + "s".
     """
 
-    def __init__(self, kind: str, group: str, builtins: Mapping[str, str]) -> None:
-        self.kind, self.group = kind, group
+    def __init__(self, kind: str, group: str, builtins: Mapping[str, str], plural: str | None = None) -> None:
+        self.kind, self.group, self.plural = kind, group, plural or f"{kind}s"
         self._entries: dict[str, EntryPoint | Any] = {
             name: EntryPoint(name=name, value=value, group=group) for name, value in builtins.items()}
         self._builtins = frozenset(builtins)
@@ -61,7 +62,7 @@ class Registry:
             PluginError: the module of ``name``'s entry point fails to import or lacks the attribute.
         """
         if name not in self:
-            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}")
         if name not in self._loaded:
             entry = self._entries[name]
             self._loaded[name] = self._load(entry) if isinstance(entry, EntryPoint) else entry

@@ -1,7 +1,7 @@
 """Typed settings of the quantization presets and of SCQ calibration (arXiv 2411.10781 §4), without torch.
 
-The CLI builds ``maskray quantize`` flags from :class:`SCQConfig`; :mod:`mgt.quantization` and
-:mod:`mgt.scq` hold the code.
+The CLI builds ``maskray quantize`` flags from :class:`SCQConfig`; :mod:`mgt.efficient.quantization` and
+:mod:`mgt.efficient.scq` hold the code.
 """
 
 from __future__ import annotations
