@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from jobs.evaluation.prompt_sets import PromptSetError, load_prompt_set
 from jobs.evaluation.run import EvaluateOptions, run_evaluate, split_candidates
+from pipeline.prompt_sets import PromptSetError, load_prompt_set
 
 SETTINGS = {"steps": 3, "width": 32, "height": 32}
 

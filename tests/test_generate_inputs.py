@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.evaluation.prompt_sets import read_prompts
 from pipeline.config import HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
 from pipeline.generate import plan_stages
+from pipeline.prompt_sets import read_prompts
 from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, scan_prompts
 from pipeline.sink import SampleSink, image_name
 from pipeline.storage import Storage

@@ -22,13 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.evaluation.prompt_sets import load_prompt_set
 from jobs.evaluation.report import write_report
 from mgt.config import GenerationSettings, ModelConfig
 from mgt.sampler_config import SamplerConfig
 from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.manifest import read_metrics
+from pipeline.prompt_sets import load_prompt_set
 from pipeline.prompts import prompt_ids
 from pipeline.storage import Storage
 
