@@ -130,12 +130,12 @@ def _plan_autoscaling(config: GenerateConfig, capacity: Capacity) -> tuple[Stage
     hold, or an actor that fits no node type, is refused.
     """
     job = config.job
-    generator = _autoscaling_stage(capacity, "generator", job.generator_gpus, job.generator_cpus,
-                                   job.generator_actors, job.batch_size, job.torch_threads)
+    generator = _autoscaling_stage(capacity, StageRequest("generator", job.generator_gpus, job.generator_cpus,
+                                                          job.generator_actors, job.batch_size, job.torch_threads))
     if job.scorer is None:
         return generator, None
-    scorer = _autoscaling_stage(capacity, "scorer", job.scorer_gpus, job.scorer_cpus or job.generator_cpus,
-                                job.scorer_actors, job.scorer_batch_size, None)
+    scorer = _autoscaling_stage(capacity, StageRequest("scorer", job.scorer_gpus, job.scorer_cpus or job.generator_cpus,
+                                                       job.scorer_actors, job.scorer_batch_size, None))
     if generator.num_gpus and scorer.num_gpus and generator.max_actors and job.generator_actors is None:
         # the eager generator pool would take every GPU and leave the scorer's first actors no room
         displaced = math.ceil(scorer.min_actors * scorer.num_gpus / generator.num_gpus - 1e-9)
@@ -143,9 +143,22 @@ def _plan_autoscaling(config: GenerateConfig, capacity: Capacity) -> tuple[Stage
     return generator, scorer
 
 
-def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float | None, pool: int | str | None,
-                       batch_size: int, torch_threads: int | None) -> StagePlan:
-    """One stage's plan on an autoscaling cluster (rules in ``_plan_autoscaling``); ``cpus`` None: default share."""
+@dataclass(frozen=True)
+class StageRequest:
+    """What the flags ask of one stage's actors: ``--<stage>-gpus``, ``--<stage>-cpus`` (None: the default
+    share), ``--<stage>-actors`` (None: as many as the cluster holds), the batch size and torch threads."""
+
+    stage: str
+    gpus: float
+    cpus: float | None
+    actors: int | str | None
+    batch_size: int
+    torch_threads: int | None
+
+
+def _autoscaling_stage(capacity: Capacity, request: StageRequest) -> StagePlan:
+    """One stage's plan on an autoscaling cluster (rules in ``_plan_autoscaling``)."""
+    stage, gpus, cpus, pool = request.stage, request.gpus, request.cpus, request.actors
     hosts, shares = [], []  # (node type, actors per node), the default CPU share on each
     for node_type in capacity.node_types:
         node_cpus = node_type.resources.get("CPU", 0.0)
@@ -174,7 +187,7 @@ def _autoscaling_stage(capacity: Capacity, stage: str, gpus: float, cpus: float 
                          f"{most}: {capacity.describe()}; lower --{stage}-actors")
     if most is not None and high is not None:
         high = min(high, most)
-    return StagePlan(low, high, share, gpus, batch_size, torch_threads, eager=stage == "generator")
+    return StagePlan(low, high, share, gpus, request.batch_size, request.torch_threads, eager=stage == "generator")
 
 
 def watch_autoscaler(capacity: Capacity, generator: StagePlan, scorer: StagePlan | None,
