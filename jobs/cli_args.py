@@ -32,7 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
     """Add one flag per field of ``model``, its help the field's description and default.
 
     A ``Literal`` field gets choices, a ``bool`` ``--x/--no-x``, a list a repeatable flag, and a nested
-    model one flag whose value that model parses itself (:func:`parse_model_flag`).
+    model one flag whose value that model parses itself (:func:`parse_model_flag`). An option the model lists in
+    ``removed_options`` keeps a hidden flag, so that the model refuses it with its replacement.
     """
     group = parser.add_argument_group(title or model.__name__, (model.__doc__ or "").strip().splitlines()[0])
     for name, field in model.model_fields.items():
@@ -59,6 +60,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
         else:
             kwargs["type"] = str
         group.add_argument(flag_name(name), **kwargs)
+    for name in removed_options(model):
+        group.add_argument(flag_name(name), "--no-" + flag_name(name)[2:], dest=name, nargs="?", const=True,
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def removed_options(model: type[BaseModel]) -> dict[str, str]:
+    """Options of an earlier release that ``model`` refuses with a message (``removed_options``), by name."""
+    return getattr(model, "removed_options", {})
 
 
 def parse_model_flag(model: type[BaseModel], text: str) -> BaseModel | str:
@@ -125,10 +134,12 @@ def build_model(model: type[BaseModel], file_values: dict[str, Any], args: argpa
                 source: str = "options") -> BaseModel:
     """``model`` from the config-file values overridden by the flags that were given.
 
-    Validation errors name the flag or key as the user spelled it, with the allowed values.
+    Validation errors name the flag or key as the user spelled it, with the allowed values. A removed option
+    (:func:`removed_options`) is passed on, for the model to refuse with its replacement.
     """
-    values = {k: v for k, v in file_values.items() if k in model.model_fields}
-    values.update({k: v for k, v in vars(args).items() if k in model.model_fields})
+    accepted = {*model.model_fields, *removed_options(model)}
+    values = {k: v for k, v in file_values.items() if k in accepted}
+    values.update({k: v for k, v in vars(args).items() if k in accepted})
     try:
         return model.model_validate(values)
     except ValidationError as error:

@@ -8,9 +8,9 @@ Ray: ``RAY_ADDRESS`` when set (an existing cluster), else a local Ray on this ma
 Rerunning the same command after a crash generates only the missing and the failed samples; the same
 ``--out`` with other output-changing settings is refused, and so is an ``--out`` another live run holds.
 
-Exit codes: 0 every sample generated; 1 a crash (traceback; the attempt is recorded as failed in
-manifest.json); 2 a usage error, refused before Ray starts (one line); 3 the run finished but some samples
-failed or are missing (their errors are in metrics.parquet).
+Exit codes: 0 every sample generated; 1 a crash (traceback; the attempt is recorded as failed in the run's
+manifest); 2 a usage error, refused before Ray starts (one line); 3 the run finished but some samples failed or
+are missing (their errors are in the run's metrics table).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mgt.config import GenerationSettings, ModelConfig
 from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.redact import redact
+from pipeline.result import RunResult
 
 EXIT_FAILED_SAMPLES = 3  # finished, but some samples failed: distinct from a crash (1) and a usage error (2)
 
@@ -64,19 +65,18 @@ def run(args: argparse.Namespace) -> int:
     with ray_session() as connect:
         from pipeline.generate import run_generate  # imports Ray: after ray_session() set its environment
 
-        summary = run_generate(config, connect=connect)
-    return outcome(summary, config.job.out)
+        result = run_generate(config, connect=connect)
+    return outcome(result)
 
 
-def outcome(summary: dict, out: str) -> int:
+def outcome(result: RunResult) -> int:
     """The exit code of a finished run: 0 when every sample is there without error, else ``EXIT_FAILED_SAMPLES``
     after a line on stderr saying how many failed and where their errors are."""
-    missing = summary["expected"] - summary["rows"]
-    if not summary["errors"] and not missing:
+    if result.complete:
         return 0
-    metrics = f"{out.rstrip('/')}/metrics.parquet"
-    print(f"maskray generate: {summary['errors']} of {summary['expected']} samples failed"
-          + (f" and {missing} are missing" if missing else "")
+    metrics = result.metrics_uri
+    print(f"maskray generate: {result.errors} of {result.expected} samples failed"
+          + (f" and {result.missing} are missing" if result.missing else "")
           + f"; their errors are in {metrics} (rows whose `error` is not null, e.g. "
           f"pyarrow.dataset.dataset('{metrics}').to_table(filter=pyarrow.compute.field('error').is_valid())); "
           f"rerun the same command to retry them (--keep-failed keeps them)", file=sys.stderr)

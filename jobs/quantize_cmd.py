@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
-from jobs.evaluation.prompt_sets import FORMATS, read_prompts
 from mgt.config import ModelConfig
 from mgt.efficient.quant_config import PRESETS, SCQConfig
+from pipeline.prompt_sets import FORMATS, read_prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

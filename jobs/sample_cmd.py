@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 from jobs.cli_args import add_model_arguments, build_model, load_config_file
-from jobs.evaluation.prompt_sets import FORMATS
-from jobs.evaluation.prompt_sets import read_prompts as read_prompt_set
 from mgt.config import GenerationSettings, ModelConfig
 from mgt.editing import EditOptions
+from pipeline.prompt_sets import FORMATS
+from pipeline.prompt_sets import read_prompts as read_prompt_set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

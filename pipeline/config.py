@@ -16,18 +16,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.scoring.registry import ScorerConfig
 from mgt.config import GenerationSettings, ModelConfig
+from pipeline.sinks.registry import SinkBuilder, describe_layouts
+
+# Options of earlier releases, refused with the way forward rather than ignored (``jobs/cli_args.py`` keeps their
+# flags and keys so that they reach this message).
+REMOVED_OPTIONS = {
+    "webdataset": "--webdataset was removed in maskray 0.1.0; use --layout both (files and WebDataset tars) or "
+                  "--layout webdataset",
+}
 
 
 class JobOptions(BaseModel):
     """Input, output and Ray Data sizing of a batch generation job."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    removed_options: ClassVar[dict[str, str]] = REMOVED_OPTIONS
 
     prompts: str = Field("examples/prompts.parquet", description="Prompt shards: a Parquet file, a folder or a "
                          "glob of them, local or s3:// / gs://. Columns: prompt (required), prompt_id, seed, "
@@ -40,10 +49,7 @@ class JobOptions(BaseModel):
     num_images: int = Field(1, ge=1, description="Images per prompt for rows without a num_images value.")
     image_format: Literal["png", "webp", "jpeg"] = Field("png", description="Encoding of the image files.")
     image_quality: int = Field(95, ge=1, le=100, description="WebP/JPEG quality (PNG is lossless and ignores it).")
-    layout: Literal["files", "webdataset", "both"] = Field("files", description="Where images go: files (one "
-                                                           "file per sample under images/), webdataset (one tar "
-                                                           "per shard under webdataset/) or both.")
-    webdataset: bool = Field(False, description="Also write WebDataset tars: --layout files becomes both.")
+    layout: str = Field("files", description=f"Where images go: {describe_layouts()}.")
     shard_size: int | None = Field(None, ge=1, description="Samples per shard, the unit of completion records, "
                                    "tars and resume. Unset: samples/100 within 1..1000; a run keeps the size it "
                                    "started with.")
@@ -88,11 +94,19 @@ class JobOptions(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _webdataset_is_a_layout(cls, data: Any) -> Any:
-        """``--webdataset`` (kept for existing commands) adds tars to the files layout: ``both``."""
-        if isinstance(data, dict) and data.get("webdataset") and data.get("layout", "files") == "files":
-            return {**data, "layout": "both"}
+    def _refuse_removed_options(cls, data: Any) -> Any:
+        """An option of an earlier release (``REMOVED_OPTIONS``) is refused with its replacement."""
+        for name in REMOVED_OPTIONS:
+            if isinstance(data, dict) and name in data:
+                raise ValueError(REMOVED_OPTIONS[name])
         return data
+
+    @field_validator("layout")
+    @classmethod
+    def _check_layout(cls, value: str) -> str:
+        """A registered layout (``pipeline.sinks``); the error lists them."""
+        SinkBuilder.config_type(value)
+        return value
 
     @field_validator("generator_actors", "scorer_actors", mode="before")
     @classmethod
@@ -122,7 +136,7 @@ def pool_range(value: int | str | None) -> tuple[int, int] | None:
 # Factors of the output files: a rerun into the same --out must agree on all of them.
 HASHED_OPTIONS = ("seed", "image_format", "image_quality", "layout", "scorer", "scorer_checkpoint", "scorer_model")
 # Throughput, placement, input location and bookkeeping: they never change a written file.
-UNHASHED_OPTIONS = ("prompts", "out", "num_images", "webdataset", "fail_fast", "batch_size", "generator_actors",
+UNHASHED_OPTIONS = ("prompts", "out", "num_images", "fail_fast", "batch_size", "generator_actors",
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
                     "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds",
                     "shard_size")  # recorded in manifest.json, which refuses a different --shard-size

@@ -1,6 +1,6 @@
 """Resume and the run manifest: what is done under ``--out``, who may write there, and the final tables.
 
-A run's progress is its set of shard completion records ``_shards/<shard>.parquet`` (``pipeline.sink``,
+A run's progress is its set of shard completion records ``_shards/<shard>.parquet`` (``pipeline.sinks``,
 ``pipeline.shards``). A rerun lists them, checks each one's Parquet footer in parallel (a corrupt, empty
 or short record is reported by name and its shard redone) and generates only the shards without a good
 record: its cost grows with the number of shards, never with the samples. ``finalize`` streams the records
@@ -39,8 +39,9 @@ import pyarrow.parquet as pq
 
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.redact import redact, redact_text
+from pipeline.result import RunResult
 from pipeline.shards import Shard
-from pipeline.sink import METRICS_SCHEMA, PIECES, SHARDS, WEBDATASET
+from pipeline.sinks.datasink import METRICS_SCHEMA, SHARDS, SampleSink
 from pipeline.storage import Storage
 
 MANIFEST, METRICS = "manifest.json", "metrics.parquet"
@@ -196,20 +197,25 @@ class OutputCollision(RuntimeError):
     """Two metrics rows share a (prompt_id, sample_idx) key or an image object: one output overwrote another."""
 
 
-def finalize(storage: Storage, manifest: dict, plan: list[Shard], seconds: float) -> dict:
+def finalize(sink: SampleSink, manifest: dict, plan: list[Shard], seconds: float) -> RunResult:
     """Stream the planned shards' records into ``metrics.parquet/``, drop leftovers, close the attempt.
 
     Records are fetched ``READ_CHUNK`` at a time (concurrently) and written out every
     ``METRICS_ROWS_PER_FILE`` rows, so memory holds one part, plus 16 bytes per row for the collision check.
 
+    Args:
+        sink: the run's sink: its ``--out`` root, and its layout, which drops what writers left (``clean_up``).
+        manifest: the run's manifest, its running attempt last.
+        plan: every shard of the run.
+        seconds: this attempt's generation time.
+
     Returns:
-        The summary also stored in the manifest: ``rows`` (unique samples), ``expected``, ``errors``,
-        ``generated`` (this attempt), ``shards`` / ``shards_done``, ``stale_records`` (records of shards not in
-        this plan, ignored), ``images_per_second`` (this attempt), ``mean_score``.
+        The run's result; its ``counts()`` are also stored in the manifest.
 
     Raises:
         OutputCollision: two rows share a key or an image object (names both rows).
     """
+    storage = sink.storage
     attempt = manifest["attempts"][-1]
     planned = {shard.name for shard in plan}
     records = storage.sizes(storage.path(SHARDS), ".parquet")
@@ -243,23 +249,20 @@ def finalize(storage: Storage, manifest: dict, plan: list[Shard], seconds: float
             storage.remove(stale)
     _check_unique(storage, key_hashes, ["prompt_id", "sample_idx"], "key")
     _check_unique(storage, uri_hashes, ["image_uri", "image_offset"], "image object")
-    recorded = {Path(p).stem for p in records}
-    for shard in storage.list(storage.path(WEBDATASET), ".tar"):
-        if Path(shard).stem not in recorded:  # its writer crashed before the record: the shard is redone
-            storage.remove(shard)
-    storage.remove(storage.path(PIECES))  # rows of shards a crash left incomplete, or of retried writes
-    summary = {
-        "rows": totals["rows"], "expected": int(sum(s.samples for s in plan)), "errors": totals["errors"],
-        "generated": totals["generated"], "shards": len(plan), "shards_done": len(paths),
-        "stale_records": len(records) - len(paths), "seconds": round(seconds, 3),
-        "images_per_second": round(totals["generated"] / seconds, 3) if seconds > 0 else None,
-        "mean_score": totals["score_sum"] / totals["scored"] if totals["scored"] else None,
-    }
-    whole = summary["rows"] == summary["expected"] and not summary["errors"]
-    attempt.update(ended_at=_now(), status="complete" if whole else "incomplete", **summary)
-    manifest.update(status="complete" if whole else "incomplete", counts=summary)
+    sink.clean_up({Path(p).stem for p in records})
+    result = RunResult(
+        rows=totals["rows"], expected=int(sum(s.samples for s in plan)), errors=totals["errors"],
+        generated=totals["generated"], shards=len(plan), shards_done=len(paths),
+        stale_records=len(records) - len(paths), seconds=round(seconds, 3),
+        images_per_second=round(totals["generated"] / seconds, 3) if seconds > 0 else None,
+        mean_score=totals["score_sum"] / totals["scored"] if totals["scored"] else None,
+        metrics_uri=storage.url(METRICS), manifest_uri=storage.url(MANIFEST),
+    )
+    status = "complete" if result.complete else "incomplete"
+    attempt.update(ended_at=_now(), status=status, **result.counts())
+    manifest.update(status=status, counts=result.counts())
     _write_manifest(storage, manifest)
-    return summary
+    return result
 
 
 def read_metrics(storage: Storage, columns: list[str] | None = None) -> pa.Table:

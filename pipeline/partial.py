@@ -1,7 +1,7 @@
 """Partial shards: what a rerun keeps of a shard that has no good completion record.
 
 A shard is redone when a crash left it without a record (its written rows are *pieces* under
-``_pieces/<shard>/``, ``pipeline.sink``) or when its record holds failed samples. Either way most of its samples
+``_pieces/<shard>/``, ``pipeline.sinks.datasink``) or when its record holds failed samples. Either way most of its samples
 may already be written, and redoing them costs GPU time for images the run already has (a shard is 1,000
 samples at scale, and one unreadable ``init_image`` fails the same sample on every rerun). So a rerun keeps them:
 
@@ -9,8 +9,8 @@ samples at scale, and one unreadable ``init_image`` fails the same sample on eve
    are already whole (a crash between the last piece and the record) and drops the pieces of shards no longer
    planned. What is left are pieces of shards in flight at a crash: a few per actor, never a run's worth.
 2. In the task that reads a shard's prompt rows, ``keep_written_samples`` turns the good rows of its
-   failed-sample record into a piece (with their image bytes when the run writes WebDataset tars, read back from
-   the old tar or image file), then lists the shard's pieces and returns, per ``prompt_id``, the sample indices
+   failed-sample record into a piece (with their image bytes when the layout builds its output from them, read
+   back from where the layout put them: the old tar or image file), then lists the shard's pieces and returns, per ``prompt_id``, the sample indices
    they hold: ``pipeline.prompts.expand_samples`` leaves those out. Failed rows are not kept (unless
    ``--keep-failed``), so a failed sample is generated again and the sink's assembly prefers its good row.
 
@@ -28,8 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sink import METRICS_SCHEMA, PIECE_SCHEMA, PIECES, SHARDS, SampleSink, piece_name
-from pipeline.storage import Storage
+from pipeline.sinks.datasink import METRICS_SCHEMA, PIECE_SCHEMA, PIECES, SHARDS, SampleSink, piece_name
 
 
 def assemble_whole_pieces(sink: SampleSink, planned: dict[str, int]) -> list[str]:
@@ -52,23 +51,22 @@ def assemble_whole_pieces(sink: SampleSink, planned: dict[str, int]) -> list[str
     return partial
 
 
-def keep_written_samples(storage: Storage, shard: str, *, from_record: bool, tars: bool,
-                         keep_failed: bool) -> dict[str, list[int]]:
+def keep_written_samples(sink: SampleSink, shard: str, *, from_record: bool, keep_failed: bool) -> dict[str, list[int]]:
     """The samples of ``shard`` already written, as ``prompt_id -> sample indices``, which its rerun skips.
 
     Args:
-        storage: the ``--out`` root.
+        sink: the run's sink (its ``--out`` root and layout).
         shard: the shard's name.
         from_record: the shard's record holds failed samples: its good rows become a piece first.
-        tars: the run writes WebDataset tars, so pieces carry their image bytes.
         keep_failed: failed rows count as written (``--keep-failed``).
     """
+    storage = sink.storage
     if from_record:
         record = pq.read_table(io.BytesIO(storage.read(storage.path(SHARDS, f"{shard}.parquet"))),
                                schema=METRICS_SCHEMA)
         good = record.filter(pc.is_null(record["error"]))
         if good.num_rows:
-            piece = record_piece(storage, good, tars)
+            piece = record_piece(sink, good)
             storage.write_table(storage.path(PIECES, shard, piece_name(piece)), piece)
     paths = storage.list(storage.path(PIECES, shard), ".parquet")
     kept: dict[str, set[int]] = {}
@@ -81,21 +79,10 @@ def keep_written_samples(storage: Storage, shard: str, *, from_record: bool, tar
     return {prompt_id: sorted(samples) for prompt_id, samples in kept.items()}
 
 
-def record_piece(storage: Storage, record: pa.Table, tars: bool) -> pa.Table:
-    """Rows of a completion record as a piece: its metrics columns, plus the image bytes when ``tars``.
-
-    An image is read from its file when the record names one (layouts ``files`` and ``both``), else from its
-    byte range in the shard's old tar (layout ``webdataset``), all of a piece's images in one batched read.
-    """
-    images: list[bytes | None] = [None] * record.num_rows
-    if tars:
-        uris, offsets = record["image_uri"].to_pylist(), record["image_offset"].to_pylist()
-        sizes = record["image_bytes"].to_pylist()
-        wanted = [i for i, uri in enumerate(uris) if uri]
-        paths = [storage.strip(uris[i]) for i in wanted]
-        starts = [offsets[i] for i in wanted]
-        ends = [None if offsets[i] is None else offsets[i] + sizes[i] for i in wanted]
-        for i, data in zip(wanted, storage.read_ranges(paths, starts, ends)):
-            images[i] = data
+def record_piece(sink: SampleSink, record: pa.Table) -> pa.Table:
+    """Rows of a completion record as a piece: its metrics columns, plus the image bytes when the layout needs them
+    to assemble the shard (read back by the layout, e.g. from the image files or the shard's old tar)."""
+    layout = sink.images
+    images = layout.read_images(record) if layout.needs_image_bytes else [None] * record.num_rows
     return (record.drop_columns(["image_uri", "image_offset"])
             .append_column("image", pa.array(images, pa.binary())).select(PIECE_SCHEMA.names).cast(PIECE_SCHEMA))

@@ -92,7 +92,7 @@ def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (
     """The ``kind`` files named by ``spec`` (a file, a folder searched recursively for ``suffixes``, or a glob),
     sorted. A folder's hidden and ``_`` names (``_SUCCESS``, ``.crc`` files) are skipped.
 
-    ``maskray generate`` reads Parquet shards; the prompt-set reader (``jobs/evaluation/prompt_sets.py``)
+    ``maskray generate`` reads Parquet shards; the prompt-set reader (``pipeline/prompt_sets.py``)
     lists its formats here too, so every command finds its prompt files the same way. ``label`` names the
     input in the errors.
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.partial import keep_written_samples
 from pipeline.prompts import prompt_ids
+from pipeline.sinks.datasink import SampleSink
 from pipeline.storage import Storage
 
 MAX_DEFAULT_SHARD_SIZE = 1000
@@ -75,13 +76,13 @@ def plan_shards(files: list[str], row_samples: list[np.ndarray], shard_size: int
     return shards
 
 
-def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], out: Storage | None = None,
-                tars: bool = False, keep_failed: bool = False) -> pa.Table:
+def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], sink: SampleSink | None = None,
+                keep_failed: bool = False) -> pa.Table:
     """Shard descriptors (``name``, ``file``, ``start``, ``stop``, ``samples``, ``resume``) -> their prompt rows.
 
     Adds ``shard`` and ``shard_samples`` to each row, for the sink, and ``kept_samples``: the sample indices of
-    the row that a partial shard already holds under ``out`` (``resume`` is ``"pieces"`` or ``"record"``; see
-    ``pipeline.partial``), which ``expand_samples`` leaves out. Makes relative ``init_image`` and
+    the row that a partial shard already holds under ``sink``'s ``--out`` (``resume`` is ``"pieces"`` or
+    ``"record"``; see ``pipeline.partial``), which ``expand_samples`` leaves out. Makes relative ``init_image`` and
     ``mask_image`` values absolute (see :func:`resolve_images`). Reads only the row groups that overlap the
     range, so prompt files written with row groups of about a shard (or smaller) are read once in total.
     """
@@ -91,8 +92,8 @@ def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], out: S
                                storage, shard["file"])
         count = table.num_rows
         kept: dict[str, list[int]] = {}
-        if shard.get("resume") and out is not None:
-            kept = keep_written_samples(out, shard["name"], from_record=shard["resume"] == "record", tars=tars,
+        if shard.get("resume") and sink is not None:
+            kept = keep_written_samples(sink, shard["name"], from_record=shard["resume"] == "record",
                                         keep_failed=keep_failed)
         rows_kept = [kept.get(prompt_id, []) for prompt_id in prompt_ids(table)] if kept else [[]] * count
         tables.append(table.append_column("shard", pa.array([shard["name"]] * count, pa.string()))

@@ -43,7 +43,7 @@ from pipeline.capacity import (
     read_capacity,
 )
 from pipeline.config import GenerateConfig, JobOptions
-from pipeline.generate import StagePlan, plan_stages
+from pipeline.pools import StagePlan, plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 # The fake cluster: a head with nothing to run on, GPU workers {CPU: 1, GPU: 1} from 0 to 2 nodes.

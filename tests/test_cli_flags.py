@@ -75,3 +75,16 @@ def test_serve_scorer_accepts_a_name_or_json():
     parser = command_parser("serve")
     assert build_config(parser.parse_args(["--scorer", "clip"])).scorer.name == "clip"
     assert build_config(parser.parse_args(["--scorer", '{"name": "hps-v2"}'])).scorer.name == "hps-v2"
+
+
+@pytest.mark.parametrize("name", ["generate", "evaluate"])
+def test_the_removed_webdataset_flag_and_key_name_their_replacement(name, tmp_path, capsys):
+    from jobs.cli import main
+
+    removed = "--webdataset was removed in maskray 0.1.0; use --layout both (files and WebDataset tars) or --layout"
+    config = tmp_path / "old.yaml"
+    config.write_text("webdataset: true\n")
+    for argv in (["--webdataset"], ["--no-webdataset"], ["--config", str(config)]):
+        assert main([name, *argv]) == 2, argv
+        assert removed in capsys.readouterr().err, argv
+    assert "--webdataset" not in command_parser(name).format_help()  # hidden: refused, never offered

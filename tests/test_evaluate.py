@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from jobs.evaluation.prompt_sets import PromptSetError, load_prompt_set
 from jobs.evaluation.run import EvaluateOptions, run_evaluate, split_candidates
+from pipeline.prompt_sets import PromptSetError, load_prompt_set
 
 SETTINGS = {"steps": 3, "width": 32, "height": 32}
 
@@ -83,3 +83,13 @@ def test_end_to_end_and_rerun_generates_only_the_new_candidate(ray_local, tmp_pa
     assert all(s.equals(seeds[0]) for s in seeds) and seeds[0].nunique() == 6  # same seed per pair, all samplers
     metrics = pd.read_parquet(next((out / "runs").glob("zsampling-*/metrics.parquet")))
     assert metrics.score.notna().all()
+
+
+def test_a_layout_without_image_files_is_refused_before_anything_runs(tmp_path):
+    from mgt.config import GenerationSettings, ModelConfig
+    from pipeline.config import JobOptions
+
+    job = JobOptions(layout="webdataset", scorer="clip")
+    with pytest.raises(ValueError, match="layout webdataset does not write; use --layout both or files"):
+        run_evaluate(EvaluateOptions(out=str(tmp_path / "eval")), job, ModelConfig(), GenerationSettings())
+    assert not (tmp_path / "eval").exists()

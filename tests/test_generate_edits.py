@@ -102,7 +102,7 @@ def test_mixed_edit_table_local(ray_local, tmp_path):
     ids = write_inputs(inputs, mask_uri)
     summary = run_generate(config(str(inputs / "prompts.parquet"), str(tmp_path / "out"), steps=STEPS,
                                   num_images=NUM_IMAGES), log=lambda _: None)
-    assert (summary["rows"], summary["errors"]) == (14, 4)
+    assert (summary.rows, summary.errors) == (14, 4)
     metrics = read_metrics(Storage(str(tmp_path / "out")))
     check_run(metrics, ids, str(inputs), mask_uri, lambda path: Path(path).read_bytes())
 
@@ -112,7 +112,7 @@ def test_mixed_edit_table_local(ray_local, tmp_path):
         pq.write_table(pq.read_table(record).drop_columns(["init_image", "mask_image", "strength"]), record)
     summary = run_generate(config(str(inputs / "prompts.parquet"), str(tmp_path / "out"), steps=STEPS,
                                   num_images=NUM_IMAGES, keep_failed=True), log=lambda _: None)
-    assert (summary["rows"], summary["errors"]) == (14, 4)
+    assert (summary.rows, summary.errors) == (14, 4)
     old = read_metrics(Storage(str(tmp_path / "out")))
     assert old.num_rows == 14 and old["init_image"].null_count == old["strength"].null_count == 14
 
@@ -130,7 +130,7 @@ def test_mixed_edit_table_on_s3(ray_local, tmp_path, s3):
     fs.put(str(tmp_path / "inputs") + "/", "edits/inputs/", recursive=True)
     summary = run_generate(config("s3://edits/inputs/prompts.parquet", "s3://edits/run", steps=STEPS,
                                   num_images=NUM_IMAGES, storage_options=s3), log=lambda _: None)
-    assert (summary["rows"], summary["errors"]) == (14, 4)
+    assert (summary.rows, summary.errors) == (14, 4)
     metrics = read_metrics(Storage("s3://edits/run", s3))
     check_run(metrics, ids, "s3://edits/inputs", mask_uri, fs.cat_file)
 

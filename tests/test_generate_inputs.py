@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.evaluation.prompt_sets import read_prompts
 from pipeline.config import HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
-from pipeline.generate import plan_stages
+from pipeline.pools import plan_stages
+from pipeline.prompt_sets import read_prompts
 from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, scan_prompts
-from pipeline.sink import SampleSink, image_name
+from pipeline.sinks.base import image_name
+from pipeline.sinks.datasink import SampleSink
 from pipeline.storage import Storage
 
 SETTINGS = {"steps": 2, "width": 32, "height": 32}

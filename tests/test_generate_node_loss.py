@@ -41,8 +41,8 @@ def test_worker_node_lost_mid_run_still_exactly_once(cluster, tmp_path):
         "job": {"prompts": str(tmp_path / "prompts"), "out": str(tmp_path / "out"), "batch_size": 2,
                 "generator_gpus": 1, "shard_size": 2},
         "model": {"device": "cpu"}, "generation": {"steps": 4, "width": 32, "height": 32}})
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_generate(config, log=lambda _: None)))
+    runs: list = []
+    runner = threading.Thread(target=lambda: runs.append(run_generate(config, log=lambda _: None)))
     runner.start()
     records = tmp_path / "out" / "_shards"
     deadline, removed_at = time.monotonic() + 240, None
@@ -54,5 +54,6 @@ def test_worker_node_lost_mid_run_still_exactly_once(cluster, tmp_path):
         time.sleep(0.05)
     runner.join(timeout=600)
     assert removed_at is not None and removed_at < 12, "the node was not removed mid-run"
-    assert result["rows"] == 24 and result["errors"] == 0 and result["shards_done"] == result["shards"] == 12
+    (result,) = runs
+    assert result.rows == 24 and result.errors == 0 and result.shards_done == result.shards == 12
     check_exactly_once(pq.read_table(tmp_path / "out" / "metrics.parquet"), ids, 1)

@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline.partial import assemble_whole_pieces, keep_written_samples, record_piece
 from pipeline.prompts import expand_samples
 from pipeline.shards import read_shards
-from pipeline.sink import PIECES, SampleSink, piece_name
+from pipeline.sinks.datasink import PIECES, SampleSink, piece_name
 from pipeline.storage import Storage
 
 RUN = {"model": "m", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h", "config_hash": "c",
@@ -45,15 +45,15 @@ def test_assembly_keeps_the_good_row_of_a_sample_generated_again_and_a_partial_s
     assert record["error"].to_pylist() == [None, None, "RuntimeError: CUDA out of memory"]
 
     # the rerun's read task: the record's good rows become a piece, with their image bytes from the old tar
-    kept = keep_written_samples(out, "s", from_record=True, tars=True, keep_failed=False)
+    kept = keep_written_samples(sink, "s", from_record=True, keep_failed=False)
     assert kept == {"a": [0, 1]}
-    assert keep_written_samples(out, "s", from_record=True, tars=True, keep_failed=True) == {"a": [0, 1]}
+    assert keep_written_samples(sink, "s", from_record=True, keep_failed=True) == {"a": [0, 1]}
     prompts = pa.table({"prompt_id": ["a", "b"], "prompt": ["p", "p"], "num_images": [2, 1]})
     pq.write_table(prompts, tmp_path / "prompts.parquet")
     descriptor = pa.table({"name": ["s"], "file": [str(tmp_path / "prompts.parquet")], "start": [0], "stop": [2],
                            "samples": [3], "resume": ["record"]})
     rows = read_shards(descriptor, storage=Storage(str(tmp_path)), columns=["prompt_id", "prompt", "num_images"],
-                       out=out, tars=True)
+                       sink=sink)
     assert rows["kept_samples"].to_pylist() == [[0, 1], []]
     batch = {name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names}
     todo = expand_samples(batch, run_seed=0, num_images=1)
@@ -78,12 +78,13 @@ def test_partial_shards_over_the_s3_protocol(s3):
     assert out.exists(out.path("_shards", "s.parquet"))
 
     # the good rows' images come back from the tar by ranged reads and land in a piece
-    assert keep_written_samples(out, "s", from_record=True, tars=True, keep_failed=False) == {"a": [0, 1]}
+    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [0, 1]}
     (path,) = out.list(out.path(PIECES, "s"), ".parquet")
     assert pq.read_table(io.BytesIO(out.read(path)))["image"].to_pylist() == [b"img-a-0", b"img-a-1"]
 
     # the driver's pass: pieces of an unplanned shard go, a partial shard's stay for its task
-    orphan = record_piece(out, pq.read_table(io.BytesIO(out.read(out.path("_shards", "s.parquet")))), tars=False)
+    files = SampleSink(out, RUN, "png", layout="files")  # a layout that keeps no image bytes in its pieces
+    orphan = record_piece(files, pq.read_table(io.BytesIO(out.read(out.path("_shards", "s.parquet")))))
     out.write_table(out.path(PIECES, "gone", piece_name(orphan)), orphan)
     assert out.folders(out.path(PIECES)) == ["gone", "s"]
     assert assemble_whole_pieces(sink, {"s": 3}) == ["s"] and out.folders(out.path(PIECES)) == ["s"]
@@ -111,7 +112,7 @@ def test_a_fixed_init_image_regenerates_only_its_samples(ray_local, tmp_path):
     cfg = config(str(inputs / "prompts.parquet"), str(out), steps=4, num_images=2, shard_size=8,
                  layout="webdataset")
     first = run_generate(cfg, log=lambda _: None)
-    assert (first["rows"], first["errors"], first["shards"]) == (8, 2, 1)  # "late" has no image yet
+    assert (first.rows, first.errors, first.shards) == (8, 2, 1)  # "late" has no image yet
     (record_path,) = (out / "_shards").glob("*.parquet")
     before = pq.read_table(record_path)
     old_images = _tar_images(out / "webdataset" / f"{record_path.stem}.tar")
@@ -120,7 +121,7 @@ def test_a_fixed_init_image_regenerates_only_its_samples(ray_local, tmp_path):
     _png(inputs / "images" / "late.png", 1)  # the user adds the missing image and reruns
     lines: list[str] = []
     second = run_generate(cfg, log=lines.append)
-    assert (second["rows"], second["errors"], second["generated"]) == (8, 0, 2)
+    assert (second.rows, second.errors, second.generated) == (8, 0, 2)
     assert any("its failed samples are generated again" in line for line in lines)
     assert any("1 partly written (their written samples are kept)" in line for line in lines)
     after = pq.read_table(record_path)
@@ -145,8 +146,9 @@ def test_a_crash_s_pieces_are_assembled_or_completed(ray_local, tmp_path):
     pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"shape {i}" for i in ids]}), inputs / "prompts.parquet")
     cfg = config(str(inputs / "prompts.parquet"), str(out), steps=4, shard_size=4)
     first = run_generate(cfg, log=lambda _: None)
-    assert (first["rows"], first["errors"], first["shards"]) == (8, 0, 2)
+    assert (first.rows, first.errors, first.shards) == (8, 0, 2)
     storage = Storage(str(out))
+    sink = SampleSink(storage, {}, "png")  # the run's layout, files: its pieces carry no image bytes
     whole, half = sorted((out / "_shards").glob("*.parquet"))
     records = {path.stem: pq.read_table(path) for path in (whole, half)}
     written = {uri: os.stat(uri).st_mtime_ns for table in records.values() for uri in table["image_uri"].to_pylist()}
@@ -156,11 +158,11 @@ def test_a_crash_s_pieces_are_assembled_or_completed(ray_local, tmp_path):
     for path, rows in ((whole, records[whole.stem]), (half, records[half.stem].slice(0, 2))):
         path.unlink()
         for part in (rows.slice(0, 1), rows.slice(1)):
-            piece = record_piece(storage, part, tars=False)
+            piece = record_piece(sink, part)
             storage.write_table(storage.path(PIECES, path.stem, piece_name(piece)), piece)
     lines: list[str] = []
     second = run_generate(cfg, log=lines.append)
-    assert (second["rows"], second["errors"], second["generated"]) == (8, 0, 2)  # the half shard's other half
+    assert (second.rows, second.errors, second.generated) == (8, 0, 2)  # the half shard's other half
     assert any("1 shard(s) (4 samples) already done" in line and "1 partly written" in line for line in lines)
     check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
     assert pq.read_table(whole).drop_columns(["written_at"]).equals(records[whole.stem].drop_columns(["written_at"]))

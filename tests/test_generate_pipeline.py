@@ -20,14 +20,14 @@ def test_end_to_end_local_with_tiny_hps(ray_local, tmp_path, fixtures_dir):
 
     ids = shards(tmp_path / "prompts", count=3, per_shard=2)
     hps = fixtures_dir / "hps-tiny"
-    cfg = config(str(tmp_path / "prompts"), str(tmp_path / "out"), num_images=2, webdataset=True,
+    cfg = config(str(tmp_path / "prompts"), str(tmp_path / "out"), num_images=2, layout="both",
                  scorer="hps-v2", scorer_checkpoint=str(hps / "hps_tiny_checkpoint.pt"),
                  scorer_model=str(hps / "model_config.json"))
     summary = run_generate(cfg, log=lambda _: None)
-    assert (summary["rows"], summary["errors"], summary["generated"]) == (12, 0, 12)
+    assert (summary.rows, summary.errors, summary.generated) == (12, 0, 12)
     metrics = pq.read_table(tmp_path / "out" / "metrics.parquet")
     check_exactly_once(metrics, ids, 2)
-    assert np.isfinite(metrics["score"].to_numpy()).all() and summary["mean_score"] is not None
+    assert np.isfinite(metrics["score"].to_numpy()).all() and summary.mean_score is not None
     assert set(metrics["nfe"].to_pylist()) == {2} and metrics["error"].null_count == 12
     assert set(metrics["config_hash"].to_pylist()) == {cfg.config_hash()}
     assert len(list((tmp_path / "out" / "images").iterdir())) == 12
@@ -55,7 +55,7 @@ def test_end_to_end_on_s3(ray_local, tmp_path, s3):
     fs.put(str(tmp_path / "prompts") + "/", "bucket/prompts/", recursive=True)
     summary = run_generate(config("s3://bucket/prompts/", "s3://bucket/run", storage_options=s3,
                                   image_format="webp"), log=lambda _: None)
-    assert (summary["rows"], summary["errors"]) == (6, 0)
+    assert (summary.rows, summary.errors) == (6, 0)
     metrics = read_metrics(Storage("s3://bucket/run", s3))
     check_exactly_once(metrics, ids, 1)
     for uri in metrics["image_uri"].to_pylist():

@@ -37,8 +37,8 @@ def test_killed_generator_actor_still_exactly_once(ray_local, tmp_path):
 
     ids = shards(tmp_path / "prompts", count=2, per_shard=6, separator="-")
     cfg = config(str(tmp_path / "prompts"), str(tmp_path / "out"), steps=4, num_images=2)
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_generate(cfg, log=lambda _: None)))
+    runs: list = []
+    runner = threading.Thread(target=lambda: runs.append(run_generate(cfg, log=lambda _: None)))
     runner.start()
     parts = tmp_path / "out" / "_shards"
     killed_pid, written_at_kill = None, 0
@@ -52,7 +52,8 @@ def test_killed_generator_actor_still_exactly_once(ray_local, tmp_path):
         time.sleep(0.05)
     runner.join(timeout=180)
     assert killed_pid is not None and written_at_kill < 12, "the generator was not killed mid-run"
-    assert result["rows"] == 24 and result["errors"] == 0 and result["shards_done"] == result["shards"]
+    (result,) = runs
+    assert result.rows == 24 and result.errors == 0 and result.shards_done == result.shards
     check_exactly_once(pq.read_table(tmp_path / "out" / "metrics.parquet"), ids, 2)
     assert [p.pid for p in _generator_processes()] != [killed_pid]
 
@@ -81,7 +82,7 @@ def test_driver_crash_then_rerun_then_lost_and_corrupt_records(ray_local, tmp_pa
 
     cfg = config(str(tmp_path / "prompts"), str(out), steps=4)  # no --shard-size: the run keeps its own
     summary = run_generate(cfg, log=lambda _: None)
-    assert (summary["rows"], summary["shards"], summary["generated"]) == (18, 9, 18 - len(done) - len(in_pieces))
+    assert (summary.rows, summary.shards, summary.generated) == (18, 9, 18 - len(done) - len(in_pieces))
     check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
     after = {p.name: p.read_bytes() for p in records.glob("*.parquet")}
     assert all(after[name] == blob for name, blob in before.items())  # written shards were not redone
@@ -94,7 +95,7 @@ def test_driver_crash_then_rerun_then_lost_and_corrupt_records(ray_local, tmp_pa
     (records / corrupt).write_bytes(b"PAR1 truncated")
     lines: list[str] = []
     summary = run_generate(cfg, log=lines.append)
-    assert (summary["rows"], summary["generated"]) == (18, 4)  # the two shards of 2 samples, nothing else
+    assert (summary.rows, summary.generated) == (18, 4)  # the two shards of 2 samples, nothing else
     assert any(corrupt in line and "unreadable" in line for line in lines)
     assert all((records / name).read_bytes() == after[name] for name in kept)
     assert _keys((records / lost).read_bytes()) == _keys(after[lost])

@@ -14,7 +14,8 @@ import pytest
 
 from pipeline import manifest
 from pipeline.shards import default_shard_size, plan_shards
-from pipeline.sink import METRICS_SCHEMA, SampleSink, image_name
+from pipeline.sinks.base import image_name
+from pipeline.sinks.datasink import METRICS_SCHEMA, SampleSink
 from pipeline.storage import Storage
 
 RUN = {"model": "m", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h", "config_hash": "c",
@@ -113,8 +114,10 @@ def test_finalize_writes_a_dataset_of_parts_and_fails_loudly_on_a_shared_object(
     monkeypatch.setattr(manifest, "METRICS_ROWS_PER_FILE", 3)
     record = {"attempts": [{"attempt": 0}]}
     out.write_atomic(out.path("metrics.parquet", "part-00009.parquet"), b"left from an earlier finalize")
-    summary = manifest.finalize(out, record, plan, 1.0)
-    assert (summary["rows"], summary["expected"], summary["shards_done"]) == (6, 6, 3)
+    sink = SampleSink(out, {}, "png")
+    summary = manifest.finalize(sink, record, plan, 1.0)
+    assert (summary.rows, summary.expected, summary.shards_done) == (6, 6, 3)
+    assert summary.complete and summary.metrics_uri == f"{out.uri}/metrics.parquet"
     parts = sorted(p.name for p in (tmp_path / "out" / "metrics.parquet").iterdir())
     assert parts == ["part-00000.parquet", "part-00001.parquet"]  # 4 + 2 rows; the stale part is gone
     assert pq.read_table(tmp_path / "out" / "metrics.parquet").num_rows == 6
@@ -122,7 +125,7 @@ def test_finalize_writes_a_dataset_of_parts_and_fails_loudly_on_a_shared_object(
 
     _record(out, plan[2].name, [("p4", 0), ("p5", 0)], uris=[f"{out.uri}/images/p0_0.png"] * 2)
     with pytest.raises(manifest.OutputCollision, match=r"image_uri='.*p0_0.png'.*\('p0', 0\).*\('p4', 0\)"):
-        manifest.finalize(out, record, plan, 1.0)
+        manifest.finalize(sink, record, plan, 1.0)
 
 
 def test_a_run_keeps_its_shard_size_and_refuses_another():
@@ -134,4 +137,8 @@ def test_a_run_keeps_its_shard_size_and_refuses_another():
     assert manifest.shard_size(None, JobOptions(), 10**6, default_shard_size) == 1000
     with pytest.raises(manifest.RunConfigMismatch, match="shards of 50 samples.*rerun with --shard-size 50"):
         manifest.shard_size(recorded, JobOptions(shard_size=20), 10**6, default_shard_size)
-    assert JobOptions(webdataset=True).layout == "both" and JobOptions(layout="webdataset").layout == "webdataset"
+    assert JobOptions(layout="webdataset").layout == "webdataset"
+    with pytest.raises(ValueError, match=r"--webdataset was removed in maskray 0\.1\.0; use --layout both"):
+        JobOptions(webdataset=True)
+    with pytest.raises(ValueError, match="unknown layout 'tars'; known layouts: both, files, webdataset"):
+        JobOptions(layout="tars")

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from jobs.evaluation.prompt_sets import PromptSetError, load_prompt_set, read_prompts
+from pipeline.prompt_sets import PromptSetError, load_prompt_set, read_prompts
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 

@@ -22,14 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.evaluation.prompt_sets import load_prompt_set
 from jobs.evaluation.report import write_report
 from mgt.config import GenerationSettings, ModelConfig
 from mgt.sampling.sampler_config import SamplerConfig
 from mgt.validation import describe_validation_error
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.manifest import read_metrics
+from pipeline.prompt_sets import load_prompt_set
 from pipeline.prompts import prompt_ids
+from pipeline.sinks.registry import SinkBuilder, serves_files
 from pipeline.storage import Storage
 
 
@@ -121,8 +122,9 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
 
     if job.scorer is None:
         raise ValueError("evaluation needs a scorer: pass --scorer (hps-v2, hps-v2.1, clip or a plugin's scorer)")
-    if job.layout == "webdataset":
-        raise ValueError("the evaluation report reads images as files; use --layout files or both")
+    if not serves_files(job.layout):
+        raise ValueError(f"the evaluation report reads images as files, which layout {job.layout} does not write; "
+                         f"use --layout {' or '.join(n for n in SinkBuilder.names() if serves_files(n))}")
     specs = {sampler_name(s): s for s in [options.baseline, *options.candidates]}  # run name -> what the user wrote
     samplers = {name: SamplerConfig.from_spec(spec) for name, spec in specs.items()}
     baseline, candidates = sampler_name(options.baseline), [sampler_name(c) for c in options.candidates]
@@ -145,9 +147,8 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
         log(f"maskray evaluate: sampler {name} -> {run_job.out}")
         run = run_generate(config, log=log, connect=None if connected or connect is None else connect)
         connected = True
-        if run["errors"] or run["rows"] < run["expected"]:
-            failed[name] = {"errors": run["errors"], "missing": run["expected"] - run["rows"],
-                            "metrics": f"{run_job.out}/metrics.parquet"}
+        if not run.complete:
+            failed[name] = {"errors": run.errors, "missing": run.missing, "metrics": run.metrics_uri}
         metrics = read_metrics(Storage(run_job.out, job.storage_options)).to_pandas()
         frames.append(metrics.assign(sampler=name))
     scores = pd.concat(frames, ignore_index=True).merge(categories, on="prompt_id", how="left")

@@ -62,10 +62,11 @@ def ray_pipeline(prompts: list[str], batch_size: int, settings: dict, actors: in
 
     from pipeline import manifest
     from pipeline.config import GenerateConfig
-    from pipeline.generate import build_dataset, plan_stages, run_constants
+    from pipeline.generate import Stages, WorkPlan, build_dataset, run_constants
+    from pipeline.pools import plan_stages
     from pipeline.prompts import scan_prompts
     from pipeline.shards import default_shard_size, plan_shards
-    from pipeline.sink import SampleSink
+    from pipeline.sinks.datasink import SampleSink
     from pipeline.storage import Storage
 
     pq.write_table(pa.table({"prompt_id": [f"p{i:05d}" for i in range(len(prompts))], "prompt": prompts}),
@@ -93,13 +94,14 @@ def ray_pipeline(prompts: list[str], batch_size: int, settings: dict, actors: in
     record = manifest.start_attempt(out, config, None, [source.uri], 0, size)
     begun = time.perf_counter()
     watcher.start()
-    ds = build_dataset(config, plan, scan.columns, source, generator, scorer)
-    ds.write_datasink(SampleSink(out, run_constants(config, 0), "png", "files", size))
+    ds = build_dataset(config, WorkPlan(source, scan.columns, plan, plan, size), Stages(generator, scorer))
+    sink = SampleSink(out, run_constants(config, 0), "png", "files", size)
+    ds.write_datasink(sink)
     total = time.perf_counter() - begun
     time.sleep(0.1)
     stop.set()
     watcher.join()
-    summary = manifest.finalize(out, record, plan, total)
+    summary = manifest.finalize(sink, record, plan, total)
     metrics = pq.read_table(root / "out" / "metrics.parquet")
     times = sorted(seen.values())
     first, last = times[0][0], times[-1][0]
@@ -109,10 +111,10 @@ def ray_pipeline(prompts: list[str], batch_size: int, settings: dict, actors: in
     generated = re.search(r"MapBatches\(Generator\).*?Output size bytes per block:.*?(\d+) total", stats, re.S)
     return {"ray_up_s": ray_up, "first_record_s": first - begun, "seconds": total,
             "steady_images_per_s": steady_rows / (last - first) if last > first else float("nan"),
-            "rows": summary["rows"], "errors": summary["errors"], "actors": generator.actors,
+            "rows": summary.rows, "errors": summary.errors, "actors": generator.actors,
             "threads": generator.torch_threads or 1,
             "image_bytes": float(np.mean(metrics["image_bytes"].to_numpy())),
-            "store_bytes_per_image": int(generated.group(1)) / summary["rows"] if generated else float("nan"),
+            "store_bytes_per_image": int(generated.group(1)) / summary.rows if generated else float("nan"),
             "gen_seconds_per_image": float(np.mean(metrics["gen_seconds"].to_numpy())), "stats": stats}
 
 

@@ -172,7 +172,7 @@ def _prefill_shards(config, stage: type, shards: list, columns: list[str]) -> No
     from pipeline.generate import run_constants
     from pipeline.prompts import expand_samples
     from pipeline.shards import read_shards
-    from pipeline.sink import SampleSink
+    from pipeline.sinks.datasink import SampleSink
     from pipeline.storage import Storage
 
     job = config.job
@@ -232,22 +232,22 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         quiet = lambda _: None  # noqa: E731
         with InFlight(out) as watch:
             fresh = None if args.prefill else run_generate(config, log=quiet, generator_stage=stage)
-        assert args.prefill or fresh["rows"] == args.samples, fresh
+        assert args.prefill or fresh.rows == args.samples, fresh
         steady = None if args.prefill else steady_rate(out)
         rerun = run_generate(config, log=quiet, generator_stage=stage)
-        assert rerun["rows"] == args.samples and rerun["generated"] == 0, rerun
+        assert rerun.rows == args.samples and rerun.generated == 0, rerun
         records = out.list(out.path("_shards"), ".parquet")
         for path in records[:: max(1, len(records) // args.delete_shards)][: args.delete_shards]:
             out.fs.rm(path)
         redo = run_generate(config, log=quiet, generator_stage=stage)
-        assert redo["rows"] == args.samples, redo
+        assert redo.rows == args.samples, redo
         ray.shutdown()
     finally:
         if server is not None:
             server.terminate()
             server.wait()
-    shard_size = -(-rerun["expected"] // rerun["shards"])
-    generate = None if args.prefill else fresh["timings"]["generate_seconds"]
+    shard_size = -(-rerun.expected // rerun.shards)
+    generate = None if args.prefill else fresh.timings["generate_seconds"]
     result = {
         "samples": args.samples, "storage": args.storage, "records": len(records), "shard_size": shard_size,
         "batch_size": args.batch_size, "actors": args.actors, "delay": args.delay,
@@ -255,13 +255,13 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         "samples_per_second": round(args.samples / generate, 2) if generate else None,
         "seconds_per_sample": generate / args.samples if generate else None,
         "ideal_samples_per_second": round(args.actors * args.batch_size / args.delay, 2) if args.delay else None,
-        "ray_start_seconds": round(ray_start, 3), "resume_seconds": rerun["timings"]["resume_seconds"],
-        "resume_seconds_fresh": None if args.prefill else fresh["timings"]["resume_seconds"],
-        "finalize_seconds": (rerun if args.prefill else fresh)["timings"]["finalize_seconds"],
-        "finalize_seconds_rerun": rerun["timings"]["finalize_seconds"],
-        "regenerated_after_deleting": redo["generated"], "deleted_shards": args.delete_shards,
+        "ray_start_seconds": round(ray_start, 3), "resume_seconds": rerun.timings["resume_seconds"],
+        "resume_seconds_fresh": None if args.prefill else fresh.timings["resume_seconds"],
+        "finalize_seconds": (rerun if args.prefill else fresh).timings["finalize_seconds"],
+        "finalize_seconds_rerun": rerun.timings["finalize_seconds"],
+        "regenerated_after_deleting": redo.generated, "deleted_shards": args.delete_shards,
         "regenerated_after_crash": None if args.prefill else watch.most * shard_size,
-        "shards_in_flight_max": watch.most, "regenerate_seconds": redo["timings"]["generate_seconds"],
+        "shards_in_flight_max": watch.most, "regenerate_seconds": redo.timings["generate_seconds"],
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
     }

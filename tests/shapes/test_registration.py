@@ -63,7 +63,7 @@ def test_generate_on_ray_with_the_shapes_model_and_scorer(ray_local, tmp_path):
         "model": {"model": "shapes-meissonic"},
         "generation": {"steps": 2}})
     summary = run_generate(config, log=lambda _: None)
-    assert (summary["rows"], summary["errors"]) == (4, 0)
+    assert (summary.rows, summary.errors) == (4, 0)
     metrics = pq.read_table(tmp_path / "out" / "metrics.parquet")
     scores = metrics["score"].to_numpy()
     assert np.all((scores >= 0) & (scores <= 1)), scores

@@ -1,38 +1,27 @@
-"""``SampleSink``: the Ray Data ``Datasink`` that writes images, WebDataset shards and shard completion records.
-
-Layout under ``--out`` (local folder or object-store prefix), for a run cut into shards (``pipeline.shards``)::
-
-    images/<slug>-<sha256>_<sample_idx>.<ext>   one file per sample (layout files or both)
-    webdataset/<shard>.tar                      one WebDataset tar per shard (layout webdataset or both)
-    _shards/<shard>.parquet                     metrics rows of one whole shard: its completion record
-    _pieces/<shard>/<rows hash>-<n>.parquet     rows of a shard written so far (removed once the shard is whole)
-    metrics.parquet/, manifest.json             written by ``pipeline.manifest.finalize`` at the end
+"""``SampleSink``: the Ray Data ``Datasink`` that writes shard completion records, and images through the layout.
 
 Ray Data hands a write task whatever rows arrive (a block may hold the end of one shard and the start of
-the next), so every write task writes its rows' images, then one *piece* per shard it touched, then lists
-that shard's pieces. The task whose piece brings the listed count to the shard's size assembles the shard:
-it reads the pieces, writes the tar, then the record (atomically), then drops the pieces. Whichever piece
-lands last, its writer lists after every other piece is on storage, so some writer always sees the whole
-shard (a retried task only adds duplicate rows, which assembly drops). A record on storage therefore
-means the shard's images and tar are complete: resume trusts records, and a rerun completes the shards a crash
-left in pieces around the rows they hold (``pipeline.partial``). When a sample is written twice, once failed and
-once good (a failure generated again), assembly keeps the good row.
+the next), so every write task hands its rows' images to the layout (``pipeline.sinks.base``), then writes one
+*piece* per shard it touched, then lists that shard's pieces. The task whose piece brings the listed count to the
+shard's size assembles the shard: it reads the pieces, lets the layout write its shard-level output (a tar), then
+writes the record (atomically), then drops the pieces. Whichever piece lands last, its writer lists after every
+other piece is on storage, so some writer always sees the whole shard (a retried task only adds duplicate rows,
+which assembly drops). A record on storage therefore means the shard's images are complete: resume trusts
+records, and a rerun completes the shards a crash left in pieces around the rows they hold (``pipeline.partial``).
+When a sample is written twice, once failed and once good (a failure generated again), assembly keeps the good row.
 
 Names derive from content keys, never from Ray's write UUID or task index (docs/ray-notes.md §4), so a
-retried task or a rerun overwrites instead of duplicating. ``prompt_id`` is user data: ``image_name`` slugs it for reading and
-appends its full SHA-256, so ``../x`` or ``a/b`` can never leave ``images/`` and two ids never share a name.
+retried task or a rerun overwrites instead of duplicating. ``prompt_id`` is user data: ``image_name`` slugs it for
+reading and appends its full SHA-256, so ``../x`` or ``a/b`` can never leave ``images/`` and two ids never share a
+name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import re
-import tarfile
 import time
 from collections.abc import Iterable
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -41,17 +30,15 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
+from pipeline.sinks.base import ShardImages, image_name
+from pipeline.sinks.registry import build_sink
 from pipeline.storage import Storage
 
-IMAGES, SHARDS, PIECES, WEBDATASET = "images", "_shards", "_pieces", "webdataset"
-EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
-SLUG_CHARS = 48
-UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-Layout = Literal["files", "webdataset", "both"]
+SHARDS, PIECES = "_shards", "_pieces"
 
 # The metrics table, one row per (prompt_id, sample_idx); null score when no scorer ran, null error when OK.
-# ``image_uri`` is the image file, or the shard's tar in the webdataset layout, where ``image_offset`` and
-# ``image_bytes`` locate the image inside it (a ranged read). ``init_image``, ``mask_image`` and ``strength``
+# ``image_uri`` and ``image_offset`` locate the image as the layout says (``pipeline.sinks.files``: the image
+# file; ``webdataset``: the shard's tar, the image at ``image_offset`` for ``image_bytes``). ``init_image``, ``mask_image`` and ``strength``
 # are the edit inputs of the row (resolved URIs; null for a plain generation and in records of older runs,
 # which read back with these columns null).
 METRICS_SCHEMA = pa.schema([
@@ -64,22 +51,10 @@ METRICS_SCHEMA = pa.schema([
     ("gen_seconds", pa.float64()), ("error", pa.string()), ("attempt", pa.int64()),
     ("written_at", pa.timestamp("ms", tz="UTC")),
 ])
-# A piece: the metrics columns known before assembly, plus the encoded image when a tar is to be built.
+# A piece: the metrics columns known before assembly, plus the encoded image when the layout needs it.
 PIECE_SCHEMA = pa.schema([f for f in METRICS_SCHEMA if f.name not in ("image_uri", "image_offset")]
                          + [pa.field("image", pa.binary())])
 RUN_COLUMNS = ("model", "quantization", "sampler", "sampler_hash", "config_hash", "scorer", "attempt")
-
-
-def image_name(prompt_id: str, sample_idx: int, image_format: str) -> str:
-    """A file name that stays inside ``images/`` whatever ``prompt_id`` holds, distinct for distinct ids.
-
-    The id's first 48 characters, runs outside ``[A-Za-z0-9._-]`` replaced by ``-`` and no leading dots,
-    give a readable slug; the full SHA-256 of the id (64 hex digits, no truncation) keeps distinct ids
-    distinct even when they share a long prefix (URLs) or differ only in characters the slug drops.
-    """
-    slug = UNSAFE.sub("-", prompt_id[:SLUG_CHARS]).strip(".-") or "prompt"
-    digest = hashlib.sha256(prompt_id.encode()).hexdigest()
-    return f"{slug}-{digest}_{int(sample_idx)}.{EXTENSIONS[image_format]}"
 
 
 def rows_id(prompt_ids: Iterable[str], sample_idx: Iterable[int]) -> str:
@@ -94,13 +69,14 @@ def piece_name(piece: pa.Table) -> str:
 
 
 class SampleSink(Datasink[int]):
-    """Writes each block's images and pieces, and assembles every shard it completes.
+    """Writes each block's images (through the layout) and pieces, and assembles every shard it completes.
 
     Args:
         storage: the ``--out`` root.
         run: constant metrics columns of this run (``RUN_COLUMNS``).
         image_format: ``png``, ``webp`` or ``jpeg`` (the file extension).
-        layout: ``files`` (one image file per sample), ``webdataset`` (one tar per shard) or ``both``.
+        layout: the ``--layout`` name: ``files``, ``webdataset``, ``both`` or another registered layout
+            (``pipeline.sinks.registry``).
         rows_per_write: rows Ray Data gathers for one write task (the shard size: about one piece per shard
             and per task, instead of one per generator batch).
 
@@ -108,24 +84,15 @@ class SampleSink(Datasink[int]):
     and scorer's columns.
     """
 
-    def __init__(self, storage: Storage, run: dict, image_format: str, layout: Layout = "files",
+    def __init__(self, storage: Storage, run: dict, image_format: str, layout: str = "files",
                  rows_per_write: int | None = None):
-        if layout not in ("files", "webdataset", "both"):
-            raise ValueError(f"unknown layout {layout!r}; choose files, webdataset or both")
-        self.storage, self.run, self.image_format, self.layout = storage, dict(run), image_format, layout
+        self.storage, self.run, self.image_format = storage, dict(run), image_format
+        self.images = build_sink(layout, storage, image_format)
         self.rows_per_write = rows_per_write
 
     @property
     def min_rows_per_write(self) -> int | None:
         return self.rows_per_write
-
-    @property
-    def files(self) -> bool:
-        return self.layout in ("files", "both")
-
-    @property
-    def tars(self) -> bool:
-        return self.layout in ("webdataset", "both")
 
     def get_name(self) -> str:
         return "SampleSink"
@@ -153,20 +120,19 @@ class SampleSink(Datasink[int]):
         return completed
 
     def _write_piece(self, shard: str, table: pa.Table) -> None:
-        """The rows' image files (layout files/both), then their piece."""
+        """The rows' images (the layout's ``write_samples``), then their piece."""
         columns = {name: table[name].to_pylist() for name in table.column_names}
         count = table.num_rows
         ids, samples, images = columns["prompt_id"], columns["sample_idx"], columns["image"]
         errors = [e or None for e in columns["error"]]
-        if self.files:
-            for i in range(count):
-                if images[i] and not errors[i]:
-                    name = image_name(ids[i], samples[i], self.image_format)
-                    self.storage.write_atomic(self.storage.path(IMAGES, name), images[i])
+        names = [image_name(p, i, self.image_format) for p, i in zip(ids, samples)]
+        self.images.write_samples(ShardImages(names, images, [bool(b) and not e for b, e in zip(images, errors)],
+                                              columns))
         scores = columns.get("score") or [None] * count
         edits = {name: [v if isinstance(v, str) and v else None for v in columns.get(name) or [None] * count]
                  for name in ("init_image", "mask_image")}
         strengths = columns.get("strength") or [None] * count
+        keep_images = self.images.needs_image_bytes
         piece = {
             "prompt_id": ids, "sample_idx": samples, "prompt": columns["prompt"],
             "negative_prompt": [n or None for n in columns["negative_prompt"]], "seed": columns["seed"],
@@ -176,7 +142,7 @@ class SampleSink(Datasink[int]):
             "score": [None if s is None or np.isnan(s) else float(s) for s in scores],
             "nfe": columns["nfe"], "gen_seconds": columns["gen_seconds"], "error": errors,
             "written_at": [int(time.time() * 1000)] * count,
-            "image": [b if self.tars and not e else None for b, e in zip(images, errors)],
+            "image": [b if keep_images and not e else None for b, e in zip(images, errors)],
         }
         table = pa.table(piece, PIECE_SCHEMA)
         self.storage.write_table(self.storage.path(PIECES, shard, piece_name(table)), table)
@@ -187,7 +153,8 @@ class SampleSink(Datasink[int]):
         return sum(int(name.rsplit("-", 1)[1].split(".")[0]) for name in names)
 
     def assemble(self, shard: str, expected: int) -> bool:
-        """Merge the shard's pieces into its tar (if any) and its record; False if the pieces are not whole.
+        """Merge the shard's pieces into the layout's shard output (if any) and its record; False if the pieces
+        are not whole.
 
         Two writers may both see a whole shard; both write the same record, and the one that finds the
         pieces already gone leaves it to the other.
@@ -205,22 +172,22 @@ class SampleSink(Datasink[int]):
         columns = {name: table[name].to_pylist() for name in table.column_names}
         names = [image_name(p, i, self.image_format) for p, i in zip(columns["prompt_id"], columns["sample_idx"])]
         ok = [size > 0 and not error for size, error in zip(columns["image_bytes"], columns["error"])]
-        uris: list[str | None] = [self.storage.url(IMAGES, n) if good else None for n, good in zip(names, ok)]
-        offsets: list[int | None] = [None] * table.num_rows
-        if self.tars:
-            tar, tar_offsets = _tar(names, columns["image"], ok, columns)
-            self.storage.write_atomic(self.storage.path(WEBDATASET, f"{shard}.tar"), tar)
-            if not self.files:
-                tar_uri = self.storage.url(WEBDATASET, f"{shard}.tar")
-                uris = [tar_uri if good else None for good in ok]
-                offsets = [o if good else None for o, good in zip(tar_offsets, ok)]
+        images = columns.pop("image")
+        located = self.images.assemble(shard, ShardImages(names, images, ok, columns))
         record = table.drop_columns(["image"])
         index = record.schema.get_field_index("image_bytes")
-        record = record.add_column(index, "image_offset", pa.array(offsets, pa.int64()))
-        record = record.add_column(index, "image_uri", pa.array(uris, pa.string())).select(METRICS_SCHEMA.names)
+        record = record.add_column(index, "image_offset", pa.array(located.offsets, pa.int64()))
+        record = record.add_column(index, "image_uri", pa.array(located.uris, pa.string()))
+        record = record.select(METRICS_SCHEMA.names)
         self.storage.write_table(self.storage.path(SHARDS, f"{shard}.parquet"), record.cast(METRICS_SCHEMA))
         self.storage.remove(self.storage.path(PIECES, shard))
         return True
+
+    def clean_up(self, recorded: set[str]) -> None:
+        """At ``finalize``: drop the layout's output of shards without a record, then every piece (rows of shards a
+        crash left incomplete, or of retried writes)."""
+        self.images.clean_up(recorded)
+        self.storage.remove(self.storage.path(PIECES))
 
 
 def first_per_key(table: pa.Table) -> pa.Table:
@@ -231,40 +198,3 @@ def first_per_key(table: pa.Table) -> pa.Table:
     ids, samples = table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()
     keep = [i for i in range(len(ids)) if i == 0 or (ids[i], samples[i]) != (ids[i - 1], samples[i - 1])]
     return table.take(keep)
-
-
-def _tar(names: list[str], images: list[bytes | None], ok: list[bool],
-         metrics: dict[str, list]) -> tuple[bytes, list[int]]:
-    """A WebDataset shard: per sample ``<key>.<ext>`` (when it has an image) and ``<key>.json``.
-
-    The key is the image name without its slug (``<sha256 of prompt_id>_<sample_idx>``): unique, free of
-    dots (WebDataset splits keys at the first dot) and short enough for a plain ustar header.
-
-    Returns the tar and, per sample, the byte offset of its image data inside it (-1 without image).
-    """
-    chunks, offsets, position = [], [], 0
-    for i, name in enumerate(names):
-        key, ext = name.rsplit("-", 1)[1].rsplit(".", 1)
-        record = {k: v[i] for k, v in metrics.items() if k not in ("written_at", "image")}
-        members = [(f"{key}.{ext}", images[i])] if ok[i] else []
-        members.append((f"{key}.json", json.dumps(record, default=str).encode()))
-        offsets.append(position + tarfile.BLOCKSIZE if ok[i] else -1)
-        for member, data in members:
-            padding = -len(data) % tarfile.BLOCKSIZE
-            chunks += [_ustar_header(member, len(data)), data, b"\0" * padding]
-            position += tarfile.BLOCKSIZE + len(data) + padding
-    chunks.append(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
-    return b"".join(chunks), offsets
-
-
-def _ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte POSIX ustar header of a regular file (``tarfile.addfile`` spends ~0.5 ms per member in
-    pure-Python copies and field packing, which made tars 80 % of a write task's time)."""
-    header = bytearray(tarfile.BLOCKSIZE)
-    header[0:100] = name.encode().ljust(100, b"\0")
-    header[100:148] = b"0000644\0" + b"0000000\0" * 2 + b"%011o\0" % size + b"%011o\0" % int(time.time())
-    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
-    header[156:157] = tarfile.REGTYPE
-    header[257:265] = tarfile.POSIX_MAGIC
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
