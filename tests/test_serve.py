@@ -197,6 +197,47 @@ def test_errors_quote_only_a_prefix_of_the_input(server):
         assert len(message) < 400 and "(50002 characters)" in message, message
 
 
+def assert_openai_error(response: requests.Response, status: int) -> dict:
+    """The ``error`` of ``response``, checked to be OpenAI's shape with ``status``."""
+    assert response.status_code == status, response.text[:500]
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def echoes(message: str, value: str, longest: int = 80) -> bool:
+    """True if ``message`` holds more than ``longest`` consecutive characters of ``value``."""
+    return any(value[i:i + longest + 1] in message for i in range(len(value) - longest))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("size", "9" * 60_000),
+    ("size", "64x" + "6 " * 30_000),
+    ("sampler", "z" * 60_000),
+    ("sampler", "zsampling:" + "zsampling.num_steps=1 " * 2_000),
+    ("sampler", "noise:noise.amplitude=" + "1" * 900),
+    ("sampler", {"zsampling": {"num_steps": int("9" * 1000)}}),
+    ("k" * 60_000, 1),
+])
+def test_errors_quote_at_most_80_characters_of_any_input(server, field, value):
+    response = _post(server, {"prompt": "x", **SMALL, field: value})
+    error = assert_openai_error(response, 422)
+    text = value if isinstance(value, str) else json.dumps(value)
+    assert len(response.content) < 1500 and not echoes(response.text, text) and not echoes(response.text, field)
+    assert error["param"] is None or error["param"].startswith(field[:80])  # None: the engine refused the sampler
+
+
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    missing = assert_openai_error(requests.get(f"{server}/v1/nowhere/" + "x" * 5000, headers=headers, timeout=10), 404)
+    assert missing["code"] == "not_found" and "/v1/images/generations" in missing["message"]
+    assert not echoes(missing["message"], "x" * 5000)
+    wrong_method = requests.get(f"{server}/v1/images/generations", headers=headers, timeout=10)
+    error = assert_openai_error(wrong_method, 405)
+    assert error["code"] == "method_not_allowed" and "POST" in error["message"]
+    assert wrong_method.headers["Allow"] == "POST"
+
+
 def test_settings_the_engine_refuses_get_a_json_422(server):
     from openai import OpenAI, UnprocessableEntityError
 
