@@ -267,6 +267,35 @@ def test_compute_budget_refuses_costly_requests_naming_the_limit(server):
     assert _post(server, {"prompt": "x", "n": 10, "size": "64x64", "steps": 16}).status_code == 200
 
 
+def test_the_budget_counts_model_calls_of_the_sampler_asked_for(server):
+    # 3 x 2048 x 2048 x 8 steps is within the budget, but Masked Z-Sampling makes 3T-2 = 22 calls of 8 steps
+    response = _post(server, {"prompt": "x", "n": 3, "size": "2048x2048", "steps": 8, "sampler": "zsampling"})
+    error = assert_openai_error(response, 422)
+    assert 3 * 2048 * 2048 * 8 <= ServeConfig().max_pixel_steps < 3 * 2048 * 2048 * 22
+    assert error["code"] == "over_budget" and f"3 x 2048 x 2048 x 22 = {3 * 2048 * 2048 * 22:,}" in error["message"]
+
+
+@pytest.mark.parametrize("sampler, strength, calls", [
+    ("vanilla", None, 8),
+    ("zsampling", None, 22),  # T + 2 lambda, lambda = T - 1
+    ("zsampling:zsampling.num_steps=3", None, 14),
+    ("zsampling+noise", 0.5, 10),  # steps 4..7 run, zigzag on 4..6
+    ("zsampling:zsampling.num_steps=3", 0.75, 8),  # steps 2..7 run, zigzag on 2 only
+])
+def test_model_calls_are_the_nfe_the_engine_counts(tiny_meissonic, one_torch_thread, sampler, strength, calls):
+    from PIL import Image
+
+    from jobs.serve.budget import model_calls
+    from mgt.config import GenerationSettings
+    from mgt.editing import Edit
+
+    settings = GenerationSettings(steps=8, width=32, height=32, sampler=sampler)
+    edit = None if strength is None else Edit(Image.new("RGB", (32, 32), (90, 20, 200)), None, strength)
+    output = settings.generate(tiny_meissonic, ["a red circle"], [0], edits=None if edit is None else [edit])
+    start_step = 0 if edit is None else edit.start_step(settings.steps)
+    assert model_calls(settings, start_step) == output.nfe == calls
+
+
 def test_burst_beyond_the_queue_gets_429_not_500_and_server_recovers(server):
     body = {"prompt": "burst", "seed": 0, "size": "64x64", "steps": 8}
     # 4 held + 6 queued; Serve may turn away a few more than that when requests arrive together

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.generator import encode_image
+from jobs.serve.budget import model_calls
 from jobs.serve.config import ServeConfig
 from jobs.serve.edit_images import ImageFieldError, read_edit
 from jobs.serve.errors import QUOTE_CHARS, clip, clip_echoes, error_response, quote
@@ -240,11 +241,11 @@ class ImagesAPI:
         if refused:
             return refused
         settings = self._settings(body, width, height)
-        return (self._check_budget(body.n, width, height, settings.steps, "steps")
-                or await self._run(body, settings, None))
+        return self._check_budget(body, settings) or await self._run(body, settings, None)
 
     @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_ERRORS,
-              form_limits={"max_part_size": MAX_FORM_FIELD_BYTES}, summary="Edit an image: inpaint where the mask is transparent, or img2img without a mask (OpenAI "
+              form_limits={"max_part_size": MAX_FORM_FIELD_BYTES},
+              summary="Edit an image: inpaint where the mask is transparent, or img2img without a mask (OpenAI "
               "Images API multipart form, plus seed/sampler/steps/guidance/negative_prompt/strength).")
     async def edit(self, body: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")]):
         refused = self._check_model(body)
@@ -265,11 +266,10 @@ class ImagesAPI:
             return refused
         settings = self._settings(body, width, height)
         try:
-            steps_run = settings.steps - edit.start_step(settings.steps)
+            start_step = edit.start_step(settings.steps)
         except ValueError as error:
             return error_response(422, f"strength: {error}", "invalid_request_error", "strength", "invalid_value")
-        return (self._check_budget(body.n, width, height, steps_run, "steps run (int(steps x strength))")
-                or await self._run(body, settings, edit))
+        return self._check_budget(body, settings, start_step) or await self._run(body, settings, edit)
 
     def _check_model(self, body: ImageGenerationRequest) -> JSONResponse | None:
         """None if ``body.model`` is unset or the served model, else the 404."""
@@ -295,16 +295,25 @@ class ImagesAPI:
             sampler=body.sampler or SamplerConfig(),
         )
 
-    def _check_budget(self, n: int, width: int, height: int, steps: int, steps_name: str) -> JSONResponse | None:
-        """None if n x width x height x ``steps`` (the steps that actually run) is within max_pixel_steps, else
-        the 422 naming the limit and the request's cost."""
-        cost = n * width * height * steps
+    def _check_budget(self, body: ImageGenerationRequest, settings: GenerationSettings,
+                      start_step: int = 0) -> JSONResponse | None:
+        """None if n x width x height x model calls (those of the sampler asked for, from ``start_step`` on) is
+        within max_pixel_steps, else the 422 naming the limit and the request's cost (or the engine's refusal of
+        the sampler's steps)."""
+        try:
+            calls = model_calls(settings, start_step)
+        except ValueError as error:
+            return error_response(422, f"the model refused these settings: {_cause(error, body)}",
+                                  "invalid_request_error", "sampler", "invalid_value")
+        cost = body.n * settings.width * settings.height * calls
         if cost <= self.config.max_pixel_steps:
             return None
-        return error_response(422, f"this request costs n x width x height x {steps_name} = {n} x {width} x "
-                              f"{height} x {steps} = {cost:,} pixel-steps, over this server's budget of "
-                              f"{self.config.max_pixel_steps:,} (max_pixel_steps); ask for fewer images, fewer "
-                              "steps or a smaller size", "invalid_request_error", code="over_budget")
+        return error_response(422, f"this request costs n x width x height x model calls = {body.n} x "
+                              f"{settings.width} x {settings.height} x {calls} = {cost:,}, over this server's budget "
+                              f"of {self.config.max_pixel_steps:,} (max_pixel_steps); a model call is one step that "
+                              "runs, and Masked Z-Sampling adds two per zigzag step (3T-2 calls for T steps); ask "
+                              "for fewer images, fewer steps, a smaller size or fewer zigzag steps",
+                              "invalid_request_error", code="over_budget")
 
     async def _run(self, body: ImageGenerationRequest, settings: GenerationSettings,
                    edit: Edit | None) -> ImagesResponse | JSONResponse:
