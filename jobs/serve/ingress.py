@@ -3,8 +3,7 @@
 Every failure is a JSON body in OpenAI's error shape with a status a client can act on: 401 for a missing or
 wrong bearer token and 413 for a body over ``max_request_bytes`` (both before the body is parsed), 422 for a bad
 field or an unusable image or mask file (naming it), for settings the engine refuses or for a request over
-the compute budget, 404 for an unknown
-model, 429 (or 503) with ``Retry-After`` when the generator's queue is full, 504 when a request outlives
+the compute budget (in model calls, see ``budget``), 404 for an unknown model, 429 (or 503) with ``Retry-After`` when the generator's queue is full, 504 when a request outlives
 ``request_timeout_s``, and 500 only for a fault of the server. A full queue never surfaces as a 500: Serve
 raises ``BackPressureError`` in this replica's handle call, and it is turned into the 429 here rather than into
 Serve's plain-text default. A body FastAPI cannot read (a broken multipart form, a form field over
