@@ -7,6 +7,7 @@ only. Every Ray process of the cluster is found by its temp dir and stopped afte
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def shared_cluster():
             ray.shutdown()
             left = stop_session(head, str(temp))
     assert not left, f"processes of the shared cluster survived: {sorted(left)} (logs in {temp})"
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _serve(cluster: dict, log: Path, *flags: str, api_key: str | None = None) -> subprocess.Popen:
