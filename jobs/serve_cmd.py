@@ -4,8 +4,11 @@ The model flags come from :class:`mgt.config.ModelConfig` and the serving flags 
 :class:`jobs.serve.config.ServeConfig`, so ``--help`` shows the same defaults and text as the YAML keys.
 Precedence: flag > ``--config`` file (the ServeConfig keys, ``model:`` as a mapping or a name) > default.
 
-A non-loopback ``--host`` needs an API key (or ``--allow-unauthenticated``, warned about); SIGTERM and Ctrl-C
-(SIGINT) shut Serve and the Ray processes this command started down before it exits.
+A non-loopback ``--host`` needs an API key (or ``--allow-unauthenticated``, warned about). On a cluster whose
+Serve already runs, its proxy's live address is what serves: one other than ``--host``/``--port`` is refused unless
+``--use-running-proxy`` is given, and then the key rule applies to that address. SIGTERM and Ctrl-C (SIGINT) delete
+this command's application; Serve itself is shut down only if this command started it, so other applications of
+a shared cluster keep running.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--port", type=int, default=8000, help="HTTP port.")
     server.add_argument("--address", default="local", help="Ray cluster to join: 'local' starts one in this "
                         "process, 'auto' joins the running one, or ray://HOST:PORT.")
-    server.add_argument("--app-name", default="maskray", help="Serve application name.")
+    server.add_argument("--app-name", default="maskray", help="Serve application name (deleted on exit).")
+    server.add_argument("--use-running-proxy", action="store_true", help="On a cluster whose Serve proxy already "
+                        "listens on another address than --host/--port, deploy onto it anyway (an API key is then "
+                        "required unless that address is loopback).")
     server.add_argument("--config", help="YAML file with any ServeConfig key (flags override it).")
     add_model_arguments(parser, ModelConfig, "model")
     add_model_arguments(parser, ServeConfig, "serving", skip=("model", "backpressure_status"))
@@ -79,24 +85,75 @@ def check_auth(config: ServeConfig, host: str, environ: Mapping[str, str]) -> Se
     return config
 
 
+def proxy_url(live: Mapping) -> str:
+    """The base URL of a proxy from its HTTP options (``host``, ``port``, ``root_path``, ``ssl_certfile``)."""
+    scheme = "https" if live.get("ssl_certfile") else "http"
+    return f"{scheme}://{live['host']}:{live['port']}{live.get('root_path') or ''}"
+
+
+def check_running_proxy(host: str, port: int, live: Mapping, use_running_proxy: bool) -> str:
+    """The host that will serve on a cluster whose Serve already runs with the HTTP options ``live``.
+
+    ``serve.start`` keeps a running proxy's options whatever it is asked (Ray only logs "The new HTTP config is
+    ignored"), so an endpoint asked for on loopback would answer on the live address, perhaps every interface.
+
+    Raises:
+        ValueError: the live proxy is not at ``host``:``port`` and ``use_running_proxy`` is off, or there is no
+            proxy to deploy onto; the message names the live address.
+    """
+    if live["host"] is None:
+        raise ValueError("this cluster's Serve runs no HTTP proxy (its http_options host is unset); start Serve with "
+                         "one, or use another cluster")
+    if (live["host"], live["port"]) == (host, port) or use_running_proxy:
+        return live["host"]
+    raise ValueError(f"this cluster's Serve proxy already listens on {proxy_url(live)}, not {host}:{port} as asked, "
+                     "and a running proxy keeps its address; pass --host/--port of that address, or "
+                     "--use-running-proxy to deploy onto it anyway (with an API key unless it is loopback)")
+
+
+def running_http_options() -> dict | None:
+    """The HTTP options of the Serve instance running on the connected cluster, or None if Serve is not running.
+
+    Read from the Serve controller (``ServeControllerClient.http_config``, what ``serve.start`` compares new
+    options against); Ray 2.60 has no public call for it, and ``serve.status()`` leaves it out.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.http_config.model_dump()
+
+
 def run(args: argparse.Namespace) -> int:
-    config = check_auth(build_config(args), args.host, os.environ)
+    requested = build_config(args)
+    config = check_auth(requested, args.host, os.environ)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
 
     from jobs.serve.app import build_application
 
-    ray.init(address=args.address, include_dashboard=False)
+    # The replicas read the key from their own environment; on a cluster started elsewhere (`ray start`, KubeRay)
+    # that is the node's, so this process's key travels in the job's runtime_env, which Serve gives the replicas.
+    key = os.environ.get(config.api_key_env)
+    ray.init(address=args.address, include_dashboard=False,
+             runtime_env={"env_vars": {config.api_key_env: key}} if key else None)
     # After ray.init, SIGTERM went through Ray's C++ failure-signal handler, which aborted the process (exit 134)
     # a few seconds into the shutdown below and left Ray processes behind; now it stops the server as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    started_serve = deployed = False
     try:
-        # The proxy's own timeout backs up the ingress's 504, a little later so the JSON answer wins.
-        serve.start(http_options={"host": args.host, "port": args.port,
-                                  "request_timeout_s": config.request_timeout_s + 30})
+        live = running_http_options()
+        if live is None:
+            # The proxy's own timeout backs up the ingress's 504, a little later so the JSON answer wins.
+            live = {"host": args.host, "port": args.port, "request_timeout_s": config.request_timeout_s + 30}
+            serve.start(http_options=live)
+            started_serve = True
+        else:
+            live_host = check_running_proxy(args.host, args.port, live, args.use_running_proxy)
+            config = check_auth(requested, live_host, os.environ)
+        deployed = True
         serve.run(build_application(config), name=args.app_name, route_prefix="/")
-        base = f"http://{args.host}:{args.port}"
+        base = proxy_url(live)
         print(f"serving {config.model_id} at {base}/v1/images/generations (docs {base}/docs); Ctrl-C or SIGTERM "
               "stops", flush=True)
         while True:
@@ -105,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
         print("stopping", flush=True)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM must not cut the shutdown short
-        serve.shutdown()
+        if started_serve:
+            serve.shutdown()
+        elif deployed:  # a shared Serve: its other applications stay
+            serve.delete(args.app_name)
         ray.shutdown()
     return 0

@@ -89,3 +89,36 @@ def test_dockerfile_pins_agree_with_pyproject():
     assert args["TORCH_VERSION"] == pins["torch"] and args["TORCHVISION_VERSION"] == pins["torchvision"]
     assert "pip install" in dockerfile and "HF_HOME" in dockerfile and "COPY" in dockerfile
     assert ".git" in (ROOT / ".dockerignore").read_text()
+
+
+def dockerfile_instructions(build_args: dict[str, str]) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` of infra/Dockerfile with ``${NAME}`` expanded as ``docker build --build-arg``
+    does: an ARG declared before FROM is seen by FROM only, and below FROM only by a re-declared ARG."""
+    text = re.sub(r"\\\n", "", (ROOT / "infra" / "Dockerfile").read_text())
+    before_from, stage, instructions = {}, None, []
+    for line in (line.strip() for line in text.splitlines()):
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word == "ARG":
+            name, _, default = rest.partition("=")
+            inherited = before_from.get(name, "") if stage is not None else ""
+            (before_from if stage is None else stage)[name] = build_args.get(name, default or inherited)
+            continue
+        scope = before_from if word == "FROM" else stage
+        instructions.append((word, re.sub(r"\$\{(\w+)\}", lambda match, scope=scope: scope.get(match[1], ""), rest)))
+        if word == "FROM":
+            stage = {}
+    return instructions
+
+
+@pytest.mark.parametrize("build_args, tag", [({}, "cu128"), ({"CUDA_TAG": "cu121"}, "cu121")])
+def test_dockerfile_installs_torch_built_for_its_cuda_tag(build_args, tag):
+    instructions = dockerfile_instructions(build_args)
+    (base,) = [text for word, text in instructions if word == "FROM"]
+    assert base.endswith(f"-{tag}"), base
+    (torch_install,) = [text for word, text in instructions if word == "RUN" and "torch==" in text]
+    assert f'--index-url "https://download.pytorch.org/whl/{tag}"' in torch_install, torch_install
+    assert "torchvision==" in torch_install
+    (check,) = [text for word, text in instructions if word == "RUN" and "torch.version.cuda" in text]
+    assert f"== '{tag}'" in check and check.index("pip install --no-cache-dir .") < check.index("torch.version.cuda")

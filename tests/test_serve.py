@@ -197,6 +197,47 @@ def test_errors_quote_only_a_prefix_of_the_input(server):
         assert len(message) < 400 and "(50002 characters)" in message, message
 
 
+def assert_openai_error(response: requests.Response, status: int) -> dict:
+    """The ``error`` of ``response``, checked to be OpenAI's shape with ``status``."""
+    assert response.status_code == status, response.text[:500]
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def echoes(message: str, value: str, longest: int = 80) -> bool:
+    """True if ``message`` holds more than ``longest`` consecutive characters of ``value``."""
+    return any(value[i:i + longest + 1] in message for i in range(len(value) - longest))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("size", "9" * 60_000),
+    ("size", "64x" + "6 " * 30_000),
+    ("sampler", "z" * 60_000),
+    ("sampler", "zsampling:" + "zsampling.num_steps=1 " * 2_000),
+    ("sampler", "noise:noise.amplitude=" + "1" * 900),
+    ("sampler", {"zsampling": {"num_steps": int("9" * 1000)}}),
+    ("k" * 60_000, 1),
+])
+def test_errors_quote_at_most_80_characters_of_any_input(server, field, value):
+    response = _post(server, {"prompt": "x", **SMALL, field: value})
+    error = assert_openai_error(response, 422)
+    text = value if isinstance(value, str) else json.dumps(value)
+    assert len(response.content) < 1500 and not echoes(response.text, text) and not echoes(response.text, field)
+    assert error["param"] is None or error["param"].startswith(field[:80])  # None: the engine refused the sampler
+
+
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    missing = assert_openai_error(requests.get(f"{server}/v1/nowhere/" + "x" * 5000, headers=headers, timeout=10), 404)
+    assert missing["code"] == "not_found" and "/v1/images/generations" in missing["message"]
+    assert not echoes(missing["message"], "x" * 5000)
+    wrong_method = requests.get(f"{server}/v1/images/generations", headers=headers, timeout=10)
+    error = assert_openai_error(wrong_method, 405)
+    assert error["code"] == "method_not_allowed" and "POST" in error["message"]
+    assert wrong_method.headers["Allow"] == "POST"
+
+
 def test_settings_the_engine_refuses_get_a_json_422(server):
     from openai import OpenAI, UnprocessableEntityError
 
@@ -224,6 +265,35 @@ def test_compute_budget_refuses_costly_requests_naming_the_limit(server):
     budget = ServeConfig().max_pixel_steps
     assert 10 * 64 * 64 * 16 <= budget and 4 * 1024 * 1024 * 64 <= budget
     assert _post(server, {"prompt": "x", "n": 10, "size": "64x64", "steps": 16}).status_code == 200
+
+
+def test_the_budget_counts_model_calls_of_the_sampler_asked_for(server):
+    # 3 x 2048 x 2048 x 8 steps is within the budget, but Masked Z-Sampling makes 3T-2 = 22 calls of 8 steps
+    response = _post(server, {"prompt": "x", "n": 3, "size": "2048x2048", "steps": 8, "sampler": "zsampling"})
+    error = assert_openai_error(response, 422)
+    assert 3 * 2048 * 2048 * 8 <= ServeConfig().max_pixel_steps < 3 * 2048 * 2048 * 22
+    assert error["code"] == "over_budget" and f"3 x 2048 x 2048 x 22 = {3 * 2048 * 2048 * 22:,}" in error["message"]
+
+
+@pytest.mark.parametrize("sampler, strength, calls", [
+    ("vanilla", None, 8),
+    ("zsampling", None, 22),  # T + 2 lambda, lambda = T - 1
+    ("zsampling:zsampling.num_steps=3", None, 14),
+    ("zsampling+noise", 0.5, 10),  # steps 4..7 run, zigzag on 4..6
+    ("zsampling:zsampling.num_steps=3", 0.75, 8),  # steps 2..7 run, zigzag on 2 only
+])
+def test_model_calls_are_the_nfe_the_engine_counts(tiny_meissonic, one_torch_thread, sampler, strength, calls):
+    from PIL import Image
+
+    from jobs.serve.budget import model_calls
+    from mgt.config import GenerationSettings
+    from mgt.editing import Edit
+
+    settings = GenerationSettings(steps=8, width=32, height=32, sampler=sampler)
+    edit = None if strength is None else Edit(Image.new("RGB", (32, 32), (90, 20, 200)), None, strength)
+    output = settings.generate(tiny_meissonic, ["a red circle"], [0], edits=None if edit is None else [edit])
+    start_step = 0 if edit is None else edit.start_step(settings.steps)
+    assert model_calls(settings, start_step) == output.nfe == calls
 
 
 def test_burst_beyond_the_queue_gets_429_not_500_and_server_recovers(server):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from test_serve import API_KEY, MAX_EDIT_BODY, server  # noqa: F401  (the module's Serve app on loopback)
+from test_serve import API_KEY, MAX_EDIT_BODY, assert_openai_error, server  # noqa: F401  (the module's Serve app)
 
 from jobs.serve.deployments import load_model
 from mgt.config import GenerationSettings, ModelConfig
@@ -186,6 +186,17 @@ def test_openai_client_sees_422_401_and_413(server, client):  # noqa: F811
     error = capped.value.response.json()["error"]
     assert capped.value.status_code == 413 and error["code"] == "request_too_large"
     assert "max_edit_request_bytes" in error["message"] and str(MAX_EDIT_BODY) in error["message"]
+
+
+def test_unreadable_forms_get_openai_errors(server):  # noqa: F811
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "multipart/form-data; boundary=xyz"}
+    broken = requests.post(f"{server}/v1/images/edits", data=b"--xyz\r\nnot a part header", headers=headers,
+                           timeout=30)
+    error = assert_openai_error(broken, 400)
+    assert error["code"] == "invalid_multipart" and "multipart" in error["message"]
+    long_field = _edit(server, {"image": png(picture())}, {"prompt": "p" * (MAX_EDIT_BODY // 2)})
+    error = assert_openai_error(long_field, 400)
+    assert error["code"] == "invalid_multipart" and "KB" in error["message"]
 
 
 def test_the_budget_counts_the_steps_an_edit_runs(client):

@@ -66,9 +66,10 @@ class ServeConfig(BaseModel):
                                         "in bytes (it carries the image and mask files: a 1024x1024 PNG is about "
                                         "1-3 MB); a longer one gets a 413 before it is read or parsed.")
     max_pixel_steps: int = Field(4 * 1024 * 1024 * 64, ge=1, description="Compute budget of one request: n x "
-                                 "width x height x steps (for an edit, the steps that run); a costlier request gets "
-                                 "a 422. The default allows 4 images of 1024x1024 at 64 steps (Meissonic's "
-                                 "defaults).")
+                                 "width x height x model calls (NFE: one per step that runs, an edit's last "
+                                 "int(steps x strength); Masked Z-Sampling adds two per zigzag step, 3T-2 in all); "
+                                 "a costlier request gets a 422. The default allows 4 images of 1024x1024 at 64 "
+                                 "vanilla steps (Meissonic's defaults).")
 
     @field_validator("model", mode="before")
     @classmethod

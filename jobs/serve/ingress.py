@@ -3,11 +3,12 @@
 Every failure is a JSON body in OpenAI's error shape with a status a client can act on: 401 for a missing or
 wrong bearer token and 413 for a body over ``max_request_bytes`` (both before the body is parsed), 422 for a bad
 field or an unusable image or mask file (naming it), for settings the engine refuses or for a request over
-the compute budget, 404 for an unknown
-model, 429 (or 503) with ``Retry-After`` when the generator's queue is full, 504 when a request outlives
+the compute budget (in model calls, see ``budget``), 404 for an unknown model, 429 (or 503) with ``Retry-After`` when the generator's queue is full, 504 when a request outlives
 ``request_timeout_s``, and 500 only for a fault of the server. A full queue never surfaces as a 500: Serve
 raises ``BackPressureError`` in this replica's handle call, and it is turned into the 429 here rather than into
-Serve's plain-text default. An error message quotes at most a short prefix of what the client sent.
+Serve's plain-text default. A body FastAPI cannot read (a broken multipart form, a form field over
+``MAX_FORM_FIELD_BYTES``) is a 400, an unknown path a 404 and a wrong method a 405, in the same shape. An error
+message quotes at most 80 characters of anything the client sent (see ``errors``).
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at run time.
 """
@@ -15,6 +16,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the route signatur
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -29,11 +31,14 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.generator import encode_image
+from jobs.serve.budget import model_calls
 from jobs.serve.config import ServeConfig
 from jobs.serve.edit_images import ImageFieldError, read_edit
+from jobs.serve.errors import QUOTE_CHARS, clip, clip_echoes, error_response, quote
 from jobs.serve.openai_schema import (
     ErrorResponse,
     ImageData,
@@ -55,23 +60,11 @@ app = FastAPI(
     "the samplers of arXiv 2411.10781. Send `Authorization: Bearer <key>` when the server has an API key.",
     version="1",
 )
-_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 429, 500, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
 PUBLIC_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}  # no key needed
 EDITS_PATH = "/v1/images/edits"  # its body carries image files: capped by max_edit_request_bytes
-QUOTE_CHARS = 80  # of a client's value quoted in an error message
-
-
-def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """An OpenAI-shaped error body (``{"error": {"message", "type", "param", "code"}}``)."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def quote(value) -> str:
-    """``repr(value)``, cut to a short prefix that says how long the whole was: errors never echo a big input."""
-    text = repr(value)
-    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
+MAX_FORM_FIELD_BYTES = 64 * 1024  # a text field of the edits form (a prompt is at most 2000 characters)
+ROUTES = "POST /v1/images/generations, POST /v1/images/edits, GET /v1/models (documented at /docs)"
 
 
 @app.exception_handler(Exception)
@@ -81,15 +74,39 @@ async def _server_error(_: Request, error: Exception) -> JSONResponse:
                           "server_error", code="internal_error")
 
 
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own refusals (unknown path, wrong method, unreadable body) in OpenAI's shape."""
+    path = clip(request.url.path)
+    if error.status_code == 404:
+        return error_response(404, f"no route {path}; this server answers {ROUTES}", "invalid_request_error",
+                              code="not_found")
+    if error.status_code == 405:
+        allowed = (error.headers or {}).get("Allow", "")
+        return error_response(405, f"{request.method} is not allowed on {path}; use {allowed}",
+                              "invalid_request_error", code="method_not_allowed", headers=error.headers)
+    if error.status_code == 400:
+        form = "multipart" in request.headers.get("content-type", "")
+        advice = (f"send a multipart/form-data body with the image file and text fields of at most "
+                  f"{MAX_FORM_FIELD_BYTES // 1024} KB each" if form else "send a JSON body")
+        return error_response(400, f"the request body cannot be read ({clip(str(error.detail))}); {advice}",
+                              "invalid_request_error", code="invalid_multipart" if form else "invalid_body")
+    return error_response(error.status_code, clip(str(error.detail)), "invalid_request_error",
+                          headers=error.headers)
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
     problems, params = [], []
     for item in error.errors():
-        path = [str(part) for part in item["loc"] if part != "body"]
+        path = [clip(str(part)) for part in item["loc"] if part != "body"]
         param = ".".join(path) or "body"
         params.append(param)
-        got = f" (got {quote(item['input'])})" if "input" in item and path else ""
-        problems.append(f"{param}: {item['msg']}{got}")
+        given = item.get("input")
+        # a validator may quote its input whole (the engine's sampler-spec errors do)
+        message = clip_echoes(item["msg"], given if isinstance(given, str) else repr(given))
+        got = f" (got {quote(given)})" if "input" in item and path else ""
+        problems.append(f"{param}: {message}{got}")
     return error_response(422, "; ".join(problems), "invalid_request_error", params[0], "invalid_value")
 
 
@@ -98,9 +115,11 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(encode_image(image, "png")).decode("ascii")
 
 
-def _cause(error: Exception) -> str:
-    """The message of the exception a deployment raised (Ray wraps it in one holding the remote traceback)."""
-    message = str(getattr(error, "cause", error))
+def _cause(error: Exception, body: ImageGenerationRequest) -> str:
+    """The message of the exception a deployment raised (Ray wraps it in one holding the remote traceback),
+    quoting at most ``QUOTE_CHARS`` characters of the request's ``body``."""
+    sent = json.dumps(body.model_dump(mode="json", exclude={"image", "mask"}))
+    message = clip_echoes(str(getattr(error, "cause", error)), sent)
     return message if len(message) <= 4 * QUOTE_CHARS else message[:4 * QUOTE_CHARS] + "..."
 
 
@@ -221,10 +240,10 @@ class ImagesAPI:
         if refused:
             return refused
         settings = self._settings(body, width, height)
-        return (self._check_budget(body.n, width, height, settings.steps, "steps")
-                or await self._run(body, settings, None))
+        return self._check_budget(body, settings) or await self._run(body, settings, None)
 
     @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_ERRORS,
+              form_limits={"max_part_size": MAX_FORM_FIELD_BYTES},
               summary="Edit an image: inpaint where the mask is transparent, or img2img without a mask (OpenAI "
               "Images API multipart form, plus seed/sampler/steps/guidance/negative_prompt/strength).")
     async def edit(self, body: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")]):
@@ -246,11 +265,10 @@ class ImagesAPI:
             return refused
         settings = self._settings(body, width, height)
         try:
-            steps_run = settings.steps - edit.start_step(settings.steps)
+            start_step = edit.start_step(settings.steps)
         except ValueError as error:
             return error_response(422, f"strength: {error}", "invalid_request_error", "strength", "invalid_value")
-        return (self._check_budget(body.n, width, height, steps_run, "steps run (int(steps x strength))")
-                or await self._run(body, settings, edit))
+        return self._check_budget(body, settings, start_step) or await self._run(body, settings, edit)
 
     def _check_model(self, body: ImageGenerationRequest) -> JSONResponse | None:
         """None if ``body.model`` is unset or the served model, else the 404."""
@@ -276,16 +294,25 @@ class ImagesAPI:
             sampler=body.sampler or SamplerConfig(),
         )
 
-    def _check_budget(self, n: int, width: int, height: int, steps: int, steps_name: str) -> JSONResponse | None:
-        """None if n x width x height x ``steps`` (the steps that actually run) is within max_pixel_steps, else
-        the 422 naming the limit and the request's cost."""
-        cost = n * width * height * steps
+    def _check_budget(self, body: ImageGenerationRequest, settings: GenerationSettings,
+                      start_step: int = 0) -> JSONResponse | None:
+        """None if n x width x height x model calls (those of the sampler asked for, from ``start_step`` on) is
+        within max_pixel_steps, else the 422 naming the limit and the request's cost (or the engine's refusal of
+        the sampler's steps)."""
+        try:
+            calls = model_calls(settings, start_step)
+        except ValueError as error:
+            return error_response(422, f"the model refused these settings: {_cause(error, body)}",
+                                  "invalid_request_error", "sampler", "invalid_value")
+        cost = body.n * settings.width * settings.height * calls
         if cost <= self.config.max_pixel_steps:
             return None
-        return error_response(422, f"this request costs n x width x height x {steps_name} = {n} x {width} x "
-                              f"{height} x {steps} = {cost:,} pixel-steps, over this server's budget of "
-                              f"{self.config.max_pixel_steps:,} (max_pixel_steps); ask for fewer images, fewer "
-                              "steps or a smaller size", "invalid_request_error", code="over_budget")
+        return error_response(422, f"this request costs n x width x height x model calls = {body.n} x "
+                              f"{settings.width} x {settings.height} x {calls} = {cost:,}, over this server's budget "
+                              f"of {self.config.max_pixel_steps:,} (max_pixel_steps); a model call is one step that "
+                              "runs, and Masked Z-Sampling adds two per zigzag step (3T-2 calls for T steps); ask "
+                              "for fewer images, fewer steps, a smaller size or fewer zigzag steps",
+                              "invalid_request_error", code="over_budget")
 
     async def _run(self, body: ImageGenerationRequest, settings: GenerationSettings,
                    edit: Edit | None) -> ImagesResponse | JSONResponse:
@@ -309,7 +336,7 @@ class ImagesAPI:
                                   "service_unavailable", code="model_unavailable",
                                   headers={"Retry-After": str(self.config.retry_after_s)})
         except ValueError as error:  # the engine refused these settings (ImageGenerator.generate checks them first)
-            return error_response(422, f"the model refused these settings: {_cause(error)}", "invalid_request_error",
+            return error_response(422, f"the model refused these settings: {_cause(error, body)}", "invalid_request_error",
                                   code="invalid_value")
         except TimeoutError:
             return error_response(504, f"no answer within request_timeout_s={self.config.request_timeout_s} s; "

@@ -26,6 +26,7 @@ MAX_SIDE = 2048  # pixels; Meissonic is trained at 1024
 MAX_STEPS = 256
 MAX_GUIDANCE = 50.0
 MAX_SEED = 2**53  # exact in every JSON parser; seeds seed..seed+n-1 stay valid torch seeds
+MAX_SAMPLER_SPEC_CHARS = 1000  # a spec with every override is a few hundred; the engine's errors quote it whole
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _SETTINGS = GenerationSettings.model_fields
 
@@ -65,17 +66,22 @@ class ImageGenerationRequest(BaseModel):
     def _size_shape(cls, value: str | None) -> str | None:
         if value is None or value == "auto":
             return None
-        match = _SIZE.match(value)
+        match = _SIZE.match(value)  # the messages leave the value out: the error handler quotes a prefix of it
         if not match:
-            raise ValueError(f"size {value!r} is not 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto'")
+            raise ValueError("size is not 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto'")
         if not all(1 <= int(side) <= MAX_SIDE for side in match.groups()):
-            raise ValueError(f"size {value!r} is out of bounds: each side must be 1..{MAX_SIDE} pixels")
+            raise ValueError(f"size is out of bounds: each side must be 1..{MAX_SIDE} pixels")
         return value
 
     @field_validator("sampler", mode="before")
     @classmethod
     def _sampler_spec(cls, value):
-        return SamplerConfig.from_spec(value) if isinstance(value, str) else value  # a mapping: checked per field
+        if not isinstance(value, str):
+            return value  # a mapping: checked per field
+        if len(value) > MAX_SAMPLER_SPEC_CHARS:
+            raise ValueError(f"a sampler spec is at most {MAX_SAMPLER_SPEC_CHARS} characters; send a preset name "
+                             "with a few overrides, or a mapping of SamplerConfig fields")
+        return SamplerConfig.from_spec(value)
 
     def dimensions(self) -> tuple[int, int] | None:
         """``(width, height)`` from ``size``, or None for the model's default."""
