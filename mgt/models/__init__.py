@@ -1,0 +1,1 @@
+"""The model families' transformers and VQ models."""
