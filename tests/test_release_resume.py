@@ -8,7 +8,6 @@ prompts, two shards of three, tiny-meissonic at 32x32 and 2 steps, one output fo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import tarfile
@@ -21,12 +20,6 @@ from generate_helpers import config
 RELEASE = Path(__file__).resolve().parent / "fixtures" / "release-0.1.0"
 LAYOUTS = ("files", "webdataset", "both")
 STABLE = ["prompt_id", "sample_idx", "prompt", "seed", "shard", "image_bytes", "sampler_hash", "config_hash", "nfe"]
-
-
-def _counts(result, *names: str) -> tuple:
-    """``names`` of a run's result (a dict before the typed run result, a dataclass after)."""
-    values = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
-    return tuple(values[name] for name in names)
 
 
 def _release_config(out: Path, layout: str):
@@ -66,7 +59,7 @@ def test_release_output_resumes_with_nothing_regenerated(ray_local, tmp_path, la
     before = pq.read_table(RELEASE / f"out-{layout}" / "metrics.parquet").select(STABLE).sort_by("prompt_id")
     images = _images(out)
     result = run_generate(_release_config(out, layout), log=lambda _: None)
-    assert _counts(result, "rows", "generated", "errors") == (6, 0, 0)
+    assert (result.rows, result.generated, result.errors) == (6, 0, 0)
     assert pq.read_table(out / "metrics.parquet").select(STABLE).sort_by("prompt_id").equals(before)
     assert _images(out) == images
 
@@ -87,6 +80,6 @@ def test_release_shard_regenerates_to_the_same_bytes(ray_local, tmp_path, layout
     for tar in (out / "webdataset").glob(f"{lost.stem}.tar"):
         tar.unlink()
     result = run_generate(_release_config(out, layout), log=lambda _: None)
-    assert _counts(result, "rows", "generated") == (6, 3)
+    assert (result.rows, result.generated) == (6, 3)
     assert pq.read_table(out / "metrics.parquet").select(STABLE).sort_by("prompt_id").equals(before)
     assert _images(out) == images
