@@ -7,7 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 class TrainShapesConfig(BaseModel):
     """Settings of ``maskray train-shapes``; the defaults reproduce the base run of the shipped model, which
-    ``--init-from`` lesson stages continue (README, "The shapes benchmark"; the scorer: ``threads=1``)."""
+    ``--init-from`` lesson stages continue (docs/shapes.md, "Reproduce the shipped weights"; the scorer:
+    ``threads=1``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
