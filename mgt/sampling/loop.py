@@ -16,6 +16,7 @@ import torch
 
 from mgt.sampling import schedules
 from mgt.sampling.differential_sampling import DifferentialSampling
+from mgt.sampling.halton import grid_order
 from mgt.sampling.noise_regularization import NoiseRegularization
 from mgt.sampling.sampler_config import SamplerConfig
 from mgt.sampling.z_sampling import MaskedZSampling
@@ -115,6 +116,34 @@ def remask_lowest_confidence(
     return out
 
 
+def halton_priorities(height: int, width: int, generators: Sequence[torch.Generator],
+                      device: torch.device | str) -> torch.Tensor:
+    """`(B, h*w)` float32 rank scores for ``order="halton"``: the Halton order of the grid (see
+    :mod:`mgt.sampling.halton`) rolled by an offset drawn from each sample's generator before the loop (as the
+    reference ``HaltonSampler``'s ``randomize``), earlier cells scoring higher."""
+    base = grid_order(height, width)
+    length = base.numel()
+    scores = torch.empty(len(generators), length)
+    for b, generator in enumerate(generators):
+        offset = int(torch.randint(0, length, (1,), generator=generator, device=generator.device))
+        scores[b, torch.roll(base, offset)] = -torch.arange(length, dtype=torch.float32)
+    return scores.to(device)
+
+
+def remask_in_order(drawn: torch.Tensor, priorities: torch.Tensor, unknown: torch.Tensor,
+                    num_to_mask: Sequence[int], mask_token_id: int, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Re-mask the ``num_to_mask[b]`` newly drawn tokens of lowest ``priorities`` (a fixed order, no noise);
+    known tokens, and an edit's ``kept`` ones, are never re-masked."""
+    scores = torch.where(unknown, priorities, torch.finfo(priorities.dtype).max)
+    if kept is not None:
+        scores = scores.masked_fill(kept, torch.inf)
+    out = drawn.clone()
+    for b in range(drawn.shape[0]):
+        cutoff = torch.kthvalue(scores[b], num_to_mask[b] + 1).values
+        out[b][scores[b] < cutoff] = mask_token_id
+    return out
+
+
 def vanilla_step(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -189,7 +218,8 @@ def sample(
 
     Per step: forward + CFG -> noise regularization on the guided logits -> softmax -> differential sampling
     on the probabilities -> multinomial draw (at ``sampler.token_temperature``) -> re-mask the lowest
-    confidences (``log p`` of the untempered draw distribution). Masked Z-Sampling wraps a
+    confidences (``log p`` of the untempered draw distribution), or with ``sampler.order == "halton"`` the drawn
+    tokens latest in the sample's Halton order. Masked Z-Sampling wraps a
     step with an inversion pass, a re-mask and a re-denoise at the same step. ``predict(tokens, t, s)``
     gets the step value ``t = T-1-i`` that the reference pipeline passes and the step's CFG scale ``s``
     (``guidance`` through ``sampler.guidance_schedule``; ``s_inv`` for the inversion pass).
@@ -207,6 +237,7 @@ def sample(
     zsampling = MaskedZSampling.from_config(sampler.zsampling) if sampler.zsampling else None
     zigzag_steps = zsampling.zigzag_steps(num_steps) if zsampling else 0
     temperatures = gumbel_temperatures(sampler, num_steps)
+    priorities = halton_priorities(height, width, generators, device) if sampler.order == "halton" else None
     if init is None:
         tokens = torch.full((batch, height * width), mask_token_id, dtype=torch.long, device=device)
     else:
@@ -233,6 +264,8 @@ def sample(
                             current)
         if i == num_steps - 1:
             return drawn
+        if priorities is not None:
+            return remask_in_order(drawn, priorities, unknown, num_to_mask, mask_token_id, kept)
         token_probs = dist.gather(-1, drawn[..., None])[..., 0]
         return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
                                         mask_token_id, kept)

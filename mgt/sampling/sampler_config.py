@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mgt.validation import describe_validation_error
 
 TECHNIQUES = ("noise", "differential", "zsampling")
-HASHED_WHEN_SET = ("token_temperature",)  # see SamplerConfig.config_hash
+HASHED_WHEN_SET = ("token_temperature", "order")  # see SamplerConfig.config_hash
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
            "noise+differential", "all")
 
@@ -73,8 +73,8 @@ class SamplerConfig(BaseModel):
     or ``+``-joined techniques (``noise``, ``differential``, ``zsampling``, in any order), keys are dotted
     field paths and values are JSON (bare words are strings), e.g.
     ``zsampling+noise:noise.amplitude=1.5,zsampling.inversion_cfg=0.5`` or
-    ``vanilla:mask_schedule=arccos,gumbel_temperature=[3,0]``. Naming a field of a technique turns it on;
-    ``noise=null`` turns it off.
+    ``vanilla:mask_schedule=arccos,gumbel_temperature=[3,0]`` or ``vanilla:order=halton``. Naming a field of a
+    technique turns it on; ``noise=null`` turns it off.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,6 +94,11 @@ class SamplerConfig(BaseModel):
         1.0, ge=0, description="Temperature tau of the token draw: tokens are drawn from p**(1/tau) renormalised, "
         "so 1 is the reference's multinomial and 0 the argmax; the re-masking confidence keeps log p of the "
         "untempered distribution (docs/samplers.md §2).")
+    order: Literal["confidence", "halton"] = Field(
+        "confidence", description="Which drawn tokens stay revealed at each step: those of highest confidence "
+        "(log p + Gumbel, the reference samplers), or the first cells of the token grid's 2-D Halton sequence "
+        "(arXiv 2503.17076), rolled by a random offset per sample, so each step's new tokens spread evenly over "
+        "the image; the Gumbel temperature is then unused.")
     guidance_schedule: Literal["constant", "linear"] = Field(
         "constant", description="CFG scale per step: constant s (Meissonic), or MaskGIT's linear ramp "
         "1 + (s - 1) * i/(T-1) from the plain conditional to s.")
