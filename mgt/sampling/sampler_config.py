@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mgt.validation import describe_validation_error
 
 TECHNIQUES = ("noise", "differential", "zsampling")
-HASHED_WHEN_SET = ("token_temperature", "order")  # see SamplerConfig.config_hash
+HASHED_WHEN_SET = ("token_temperature", "order", "softmax_temperature", "gumbel_noise")  # see SamplerConfig.config_hash
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
            "noise+differential", "all")
 
@@ -79,8 +79,10 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mask_schedule: Literal["cosine", "linear", "arccos", "power"] = Field(
-        "cosine", description="Fraction of tokens still masked after each step, as a function of progress."
+    mask_schedule: Literal["cosine", "linear", "arccos", "power", "arccos_maskgit"] = Field(
+        "cosine", description="Fraction of tokens still masked after each step, as a function of progress; "
+        "arccos_maskgit reveals MaskGIT v1.0's counts round(v_i / sum(v) * N) of v = arccos(linspace(1, 0, T)) "
+        "(at least 1, the remainder at the last step) instead of clipping an arccos ratio."
     )
     mask_schedule_power: float = Field(
         2.0, gt=0, description="Exponent p of the 'power' mask schedule (1 - r**p); ignored by the others."
@@ -90,6 +92,12 @@ class SamplerConfig(BaseModel):
         description="Start and end of the Gumbel-noise temperature on the re-masking confidence, annealed "
         "linearly over the steps (Meissonic/aMUSEd: 2 -> 0).",
     )
+    gumbel_noise: Literal["torch", "numpy"] = Field(
+        "torch", description="Source of the Gumbel noise: torch, from each sample's generator (diffusers), or "
+        "numpy, float64 np.random.RandomState(the generator's seed).gumbel as the MaskGIT reference draws it.")
+    softmax_temperature: float = Field(
+        1.0, gt=0, description="Multiplies the guided logits before the softmax, for the draw and the confidence "
+        "alike (MaskGIT's sm_temp); 1 leaves them as they are.")
     token_temperature: float = Field(
         1.0, ge=0, description="Temperature tau of the token draw: tokens are drawn from p**(1/tau) renormalised, "
         "so 1 is the reference's multinomial and 0 the argmax; the re-masking confidence keeps log p of the "
@@ -124,6 +132,14 @@ class SamplerConfig(BaseModel):
         for key, value in _parse_overrides(overrides, spec):
             _merge(values, _nest(key.split("."), value))
         return _validate(values, spec)
+
+    def with_defaults(self, values: dict[str, Any]) -> SamplerConfig:
+        """This config with ``values`` (a model family's sampler defaults) in the fields it leaves at the engine's
+        default: MaskGIT samples as its reference unless a field says otherwise (which is why a field cannot be
+        set back to the engine's default on such a family: name another value)."""
+        fields = type(self).model_fields
+        unset = {name: value for name, value in values.items() if getattr(self, name) == fields[name].default}
+        return _validate({**self.model_dump(), **unset}, values) if unset else self
 
     def config_hash(self) -> str:
         """A short stable hash of every field: all of them change the pixels.
