@@ -134,6 +134,25 @@ def detect_family(model_dir: Path) -> ModelFamily:
                          "package that registers its family under the maskray.families entry points")
 
 
+def model_family(spec: str) -> ModelFamily | None:
+    """The family of model ``spec`` when the driver can tell without loading weights: a registered name (built or
+    fetched once into the cache, as the workers would), a local folder, or a hub id (its
+    ``transformer/config.json`` alone); None for an object-store URI or a model that cannot be reached here,
+    which the workers then check where they load it."""
+    from mgt.hub import loading
+    from mgt.hub.checkpoints import fetch_hub
+
+    try:
+        if spec in loading.MODELS or Path(spec).expanduser().is_dir():
+            return detect_family(loading.resolve_model_path(spec))
+        if loading._is_hub_id(spec):
+            config = fetch_hub(spec, None, filename="transformer/config.json", what=f"model {spec!r}")
+            return detect_family(config.parent.parent)
+    except (FileNotFoundError, ModelLoadError):
+        return None
+    return None
+
+
 def family_of(transformer: object) -> ModelFamily:
     """The family whose transformer class is ``transformer``'s class or its nearest base class."""
     mro = type(transformer).__mro__
