@@ -111,3 +111,42 @@ def test_editing_on_the_token_grid_keeps_the_unmasked_codes(tiny_maskgit):
     assert torch.equal(out.tokens[0][outside], source[outside])
     assert not torch.equal(out.tokens[0][~outside], source[~outside])
     assert out.images.shape == (2, 64, 64, 3)
+
+
+def test_weight_only_quantization_runs_and_the_rest_is_refused_in_one_line(tiny_maskgit):
+    quantized = load_pipeline("tiny-maskgit", quant="w8a16")
+    out = quantized.generate(["tench"], [1], decode=False)
+    assert out.tokens.shape == (1, 16, 16) and out.tokens.max() < 64
+    with pytest.raises(ValueError, match="use a weight-only preset"):
+        load_pipeline("tiny-maskgit", quant="w8a8")
+    with pytest.raises(ValueError, match="TomeMGT needs a Meissonic transformer"):
+        load_pipeline("tiny-maskgit", tome=0.5)
+
+
+def test_cli_sample_writes_the_class_image(tmp_path):
+    from jobs.cli import main
+
+    assert main(["sample", "--model", "tiny-maskgit", "--prompt", "golden retriever", "--out", str(tmp_path)]) == 0
+    (image,) = tmp_path.glob("*.png")
+    assert Image.open(image).size == (64, 64) and "golden-retriever" in image.name
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_unknown_classes_and_negative_prompts_are_refused_before_ray(tmp_path, capsys, command):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from jobs.cli import main
+
+    prompts = tmp_path / "classes.parquet"
+    pq.write_table(pa.table({"prompt": ["golden retriever", "hot dgo"]}), prompts)
+    extra = ["--scorer", "clip"] if command == "evaluate" else []
+    args = [command, "--model", "tiny-maskgit", "--prompts", str(prompts), "--out", str(tmp_path / "out"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "'hot dgo' is no ImageNet class" in err and "closest: 'hotdog'" in err, err
+    pq.write_table(pa.table({"prompt": ["tench"]}), prompts)
+    assert main([*args, "--negative-prompt", "blurry"]) == 2
+    assert "takes none" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "out" / "runs").exists()
