@@ -150,3 +150,17 @@ def test_unknown_classes_and_negative_prompts_are_refused_before_ray(tmp_path, c
     assert main([*args, "--negative-prompt", "blurry"]) == 2
     assert "takes none" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "out" / "runs").exists()
+
+
+def test_outpainting_extends_the_image_to_the_models_grid(tiny_maskgit, tmp_path):
+    from mgt.editing import EditOptions, image_tokens
+
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    source.save(tmp_path / "narrow.png")
+    edit = EditOptions(init_image=str(tmp_path / "narrow.png"), outpaint=(16, 0, 0, 0)).load(
+        tiny_maskgit.vae_scale_factor)
+    out = tiny_maskgit.generate(["volcano"], [4], edits=[edit])
+    assert out.images.shape == (1, 64, 64, 3)
+    kept = ~torch.from_numpy(np.asarray(edit.mask.resize((16, 16), Image.NEAREST)) > 127)
+    assert 0 < kept.sum() < 256
+    assert torch.equal(out.tokens[0][kept], image_tokens(tiny_maskgit.vqvae, [edit.image], MASKGIT)[0][kept])
