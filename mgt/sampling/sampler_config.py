@@ -12,12 +12,15 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from mgt.validation import describe_validation_error
 
 TECHNIQUES = ("noise", "differential", "zsampling")
-HASHED_WHEN_SET = ("token_temperature", "order", "softmax_temperature", "gumbel_noise")  # see SamplerConfig.config_hash
+# Fields added after runs were recorded: hashed only away from their default (SamplerConfig.config_hash); those
+# added after release 0.1.0 are also left out of a dump at their default, so run config hashes stay too.
+DUMPED_WHEN_SET = ("order", "softmax_temperature", "gumbel_noise")
+HASHED_WHEN_SET = ("token_temperature", *DUMPED_WHEN_SET)
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
            "noise+differential", "all")
 
@@ -133,6 +136,15 @@ class SamplerConfig(BaseModel):
             _merge(values, _nest(key.split("."), value))
         return _validate(values, spec)
 
+    @model_serializer(mode="wrap")
+    def _leave_out_later_defaults(self, handler) -> dict[str, Any]:
+        """The fields, minus those of :data:`DUMPED_WHEN_SET` at their default (a run's config hash covers the dump)."""
+        values = handler(self)
+        for name in DUMPED_WHEN_SET:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                values.pop(name, None)
+        return values
+
     def with_defaults(self, values: dict[str, Any]) -> SamplerConfig:
         """This config with ``values`` (a model family's sampler defaults) in the fields it leaves at the engine's
         default: MaskGIT samples as its reference unless a field says otherwise (which is why a field cannot be
@@ -149,7 +161,7 @@ class SamplerConfig(BaseModel):
         """
         values = self.model_dump(mode="json")
         for name in HASHED_WHEN_SET:
-            if values[name] == type(self).model_fields[name].default:
+            if name in values and values[name] == type(self).model_fields[name].default:
                 del values[name]
         payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
