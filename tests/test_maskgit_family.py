@@ -164,3 +164,27 @@ def test_outpainting_extends_the_image_to_the_models_grid(tiny_maskgit, tmp_path
     kept = ~torch.from_numpy(np.asarray(edit.mask.resize((16, 16), Image.NEAREST)) > 127)
     assert 0 < kept.sum() < 256
     assert torch.equal(out.tokens[0][kept], image_tokens(tiny_maskgit.vqvae, [edit.image], MASKGIT)[0][kept])
+
+
+def test_released_checkpoint_layouts_load_into_a_hub_folder(fixtures_dir, tmp_path):
+    """The trainer's ``.pth`` (DDP-prefixed keys inside ``model_state_dict``) and Lightning's ``last.ckpt`` (with its
+    training loss), read with ``weights_only=True``, become a folder that loads as the maskgit family."""
+    from mgt.models.maskgit import write_released_model
+
+    source = fixtures_dir / "maskgit-tiny-256style"
+    ref = json.loads((source / "config.json").read_text())["transformer"]
+    state = load_file(source / "transformer.safetensors")
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in state.items()}, "iter": 3}, tmp_path / "m.pth")
+    vq_folder = fixtures_dir / "maskgit-tiny-vqgan"
+    vq = json.loads((vq_folder / "config.json").read_text())
+    vq_state = {k: v.float() for k, v in load_file(vq_folder / "vqgan.safetensors").items()}
+    torch.save({"state_dict": {**vq_state, "loss.logvar": torch.zeros(())}, "global_step": 7}, tmp_path / "last.ckpt")
+    config = dict(hidden_dim=ref["hidden_dim"], codebook_size=ref["codebook_size"], depth=ref["depth"],
+                  heads=ref["heads"], mlp_dim=ref["mlp_dim"], num_classes=ref["nclass"])
+    write_released_model(tmp_path / "model", tmp_path / "m.pth", tmp_path / "last.ckpt", ref["f_factor"], config,
+                         {key: vq[key] for key in ("ddconfig", "n_embed", "embed_dim")})
+    pipe = load_pipeline(tmp_path / "model")
+    assert pipe.family == "maskgit" and pipe.defaults.steps == 8
+    assert torch.equal(pipe.transformer.bias, state["bias"])
+    out = pipe.generate(["3"], [1])
+    assert out.images.shape[1:] == (16 * pipe.vae_scale_factor,) * 2 + (3,)

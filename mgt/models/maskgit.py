@@ -222,21 +222,26 @@ def tiny_maskgit_transformer(tokens_per_side: int = 16, codebook: int = 64) -> M
                               heads=2, mlp_dim=64, dropout=0.0, num_classes=1000)
 
 
-def write_released_model(folder: Path, checkpoint: Path, vqgan_checkpoint: Path, tokens_per_side: int) -> None:
+def write_released_model(folder: Path, checkpoint: Path, vqgan_checkpoint: Path, tokens_per_side: int,
+                         transformer_config: Mapping[str, Any] | None = None,
+                         vqgan_config: Mapping[str, Any] | None = None) -> None:
     """A hub-layout MaskGIT folder (``transformer/ vqvae/ model_index.json``) from the reference's released files.
 
     Args:
         checkpoint: ``MaskGIT_ImageNet_{256,512}.pth`` (read with ``torch.load(weights_only=True)``).
         vqgan_checkpoint: the Lightning ``last.ckpt`` of the taming VQGAN (its ``loss.*`` entries are dropped).
         tokens_per_side: 16 (256 px) or 32 (512 px).
+        transformer_config: other :class:`MaskGitTransformer` arguments; None: the released model's.
+        vqgan_config: ``{"ddconfig", "n_embed", "embed_dim"}`` of the VQGAN; None: the released VQGAN's.
     """
     from mgt.models.tiny import write_model
 
     state = reference_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    transformer = MaskGitTransformer(tokens_per_side=tokens_per_side, dropout=0.0)
+    transformer = MaskGitTransformer(tokens_per_side=tokens_per_side, **{"dropout": 0.0, **(transformer_config or {})})
     transformer.load_state_dict(state, strict=True)
+    vq = vqgan_config or {"ddconfig": VQGAN_DDCONFIG, "n_embed": VQGAN_CODES, "embed_dim": VQGAN_EMBED_DIM}
     vq_state = torch.load(vqgan_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    vqvae = vqgan.load_taming_vqgan(VQGAN_DDCONFIG, VQGAN_CODES, VQGAN_EMBED_DIM, vq_state)
+    vqvae = vqgan.load_taming_vqgan(vq["ddconfig"], vq["n_embed"], vq["embed_dim"], vq_state)
     write_model(folder, transformer, vqvae, MASKGIT)
 
 
