@@ -59,7 +59,8 @@ class GenerationOutput:
 class MGTPipeline:
     """A loaded model: transformer, VQ decoder, conditioner (text encoder, for Meissonic and aMUSEd) and defaults.
 
-    ``family`` is the name of the model's family (``meissonic``, ``amused``; :mod:`mgt.models.families`).
+    ``family`` is the name of the model's family (``meissonic``, ``amused``, ``maskgit``;
+    :mod:`mgt.models.families`).
     """
 
     family: str

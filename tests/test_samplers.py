@@ -363,7 +363,7 @@ def test_every_preset_end_to_end_and_batch_invariant_on_tiny_meissonic(tiny_meis
     assert torch.equal(alone.tokens[0], batch.tokens[2])
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, "vanilla:order=halton"])
 def test_every_preset_end_to_end_on_tiny_amused(tiny_amused, preset):
     out = tiny_amused.generate(["a red circle", "a blue square"], [1, 2], steps=4,
                                sampler=SamplerConfig.from_spec(preset))
