@@ -212,11 +212,12 @@ def mask_counts(sampler: SamplerConfig, unknown: torch.Tensor, step_index: int, 
     """
     schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
     length = unknown.shape[1]
-    if sampler.mask_schedule == "arccos_maskgit":  # reveal the step's count of the reference, what remains at most
-        return [max(0, n - schedules.maskgit_counts(num_steps, round(length * (1.0 if start_ratio is None else
-                                                                                float(start_ratio[b]))))[step_index])
-                for b, n in enumerate(unknown.sum(-1).tolist())]
     counts = []
+    if sampler.mask_schedule == "arccos_maskgit":  # the step reveals the reference's count, at most what is left
+        for b, n in enumerate(unknown.sum(-1).tolist()):
+            share = 1.0 if start_ratio is None else float(start_ratio[b])
+            counts.append(max(0, n - schedules.maskgit_counts(num_steps, round(length * share))[step_index]))
+        return counts
     for b, n in enumerate(unknown.sum(-1).tolist()):
         scaled = schedule if start_ratio is None else _scaled(schedule, start_ratio[b])
         counts.append(schedules.num_to_mask(scaled, step_index, num_steps, length, n))
