@@ -25,7 +25,8 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     model: str = Field("tiny-meissonic", description="Registered name (random-weight tiny-meissonic, "
-                       "tiny-monetico, tiny-amused, or a model a plugin registers under maskray.models), "
+                       "tiny-monetico, tiny-amused, tiny-maskgit; maskgit-256 and maskgit-512, built once from "
+                       "llvictorll/Maskgit-pytorch; or a model a plugin registers under maskray.models), "
                        "local folder in the hub layout, s3:// or gs:// URI, or hub id such as MeissonFlow/Meissonic.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights and activations precision of the "
                                                    "transformer and text encoder (sampling math is always fp32).")

@@ -155,26 +155,29 @@ def outpaint_canvas(image: Image.Image, padding: Sequence[int], multiple: int,
     return Image.fromarray(canvas), Image.fromarray(mask, mode="L")
 
 
-def image_tokens(vqvae, images: Sequence[Image.Image]) -> torch.Tensor:
+def image_tokens(vqvae, images: Sequence[Image.Image], family=None) -> torch.Tensor:
     """`(B, h, w)` VQ token ids of same-size images, preprocessed and quantized as the reference pipeline does.
 
-    Images are encoded one at a time: a convolution over another batch size may take another kernel, and a
-    token would then depend on its batch-mates.
+    ``family`` (a :class:`mgt.models.families.ModelFamily`; default: Meissonic's) gives the pixel range and the
+    quantizer. Images are encoded one at a time: a convolution over another batch size may take another
+    kernel, and a token would then depend on its batch-mates.
     """
     import torch
     from diffusers.image_processor import VaeImageProcessor
 
-    # Pixels in [0, 1], not [-1, 1]: the aMUSEd pipelines build their processor with do_normalize=False.
+    from mgt.models.families import get_family
+
+    family = family or get_family("meissonic")
+    # Pixels in [0, 1] for aMUSEd and Meissonic (their pipelines build the processor with do_normalize=False),
+    # in [-1, 1] for a family whose VQ model takes those (MaskGIT's VQGAN).
     processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vqvae.config.block_out_channels) - 1),
-                                  do_normalize=False)
+                                  do_normalize=family.pixel_range == (-1.0, 1.0))
     if vqvae.dtype == torch.float16 and vqvae.config.force_upcast:  # as diffusers' needs_upcasting
         vqvae = vqvae.float()
     out = []
     for image in images:
         pixels = processor.preprocess(image.convert("RGB")).to(dtype=vqvae.dtype, device=vqvae.device)
-        latents = vqvae.encode(pixels).latents
-        _, _, h, w = latents.shape
-        out.append(vqvae.quantize(latents)[2][2].reshape(h, w))
+        out.append(family.image_tokens(vqvae, pixels)[0])
     return torch.stack(out)
 
 

@@ -14,7 +14,7 @@ import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from mgt.editing import Edit
 from mgt.efficient import options as efficient
 from mgt.efficient.quant_config import check_compile
 from mgt.hub import loading
-from mgt.models.families import Conditioner, ModelFamily, detect_family
+from mgt.models.families import Conditioner, ModelFamily, detect_family, get_family
 from mgt.sampling import loop as sampling
 from mgt.sampling import schedules
 from mgt.sampling.sampler_config import SamplerConfig
@@ -42,6 +42,9 @@ class ModelDefaults:
     negative_prompt: str
     width: int
     height: int
+    # SamplerConfig fields this family samples with when a sampler leaves them at the engine's default
+    # (MaskGIT: the reference's count schedule, CFG ramp and Gumbel noise); see SamplerConfig.with_defaults.
+    sampler: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -56,7 +59,8 @@ class GenerationOutput:
 class MGTPipeline:
     """A loaded model: transformer, VQ decoder, conditioner (text encoder, for Meissonic and aMUSEd) and defaults.
 
-    ``family`` is the name of the model's family (``meissonic``, ``amused``; :mod:`mgt.models.families`).
+    ``family`` is the name of the model's family (``meissonic``, ``amused``, ``maskgit``;
+    :mod:`mgt.models.families`).
     """
 
     family: str
@@ -122,7 +126,8 @@ class MGTPipeline:
             seeds: B seeds, one generator each: a sample depends only on (prompt, seed, settings).
             negative_prompts: one per prompt, one for all, or None for the family default.
             steps, guidance, width, height: None means the model's defaults. CFG runs when guidance > 1.
-            sampler: the sampling configuration; None is vanilla.
+            sampler: the sampling configuration; None is vanilla. Fields it leaves at the engine's defaults take
+                the family's (``defaults.sampler``: MaskGIT samples as its reference).
             decode: False returns tokens only.
             on_step: called with the step index after each step (progress bars); once per step of each
                 group of samples that start at the same step.
@@ -138,7 +143,10 @@ class MGTPipeline:
         first_edit = next((e for e in edits if e is not None), None)
         width = (first_edit.image.width if first_edit else d.width) if width is None else int(width)
         height = (first_edit.image.height if first_edit else d.height) if height is None else int(height)
-        sampler = sampler or SamplerConfig()
+        sampler = (sampler or SamplerConfig()).with_defaults(d.sampler)
+        family = get_family(self.family)
+        family.check_prompts(prompts, negative_prompts if isinstance(negative_prompts, str) else
+                             next((n for n in negative_prompts or () if n), None))
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         if not prompts:
@@ -204,7 +212,7 @@ class MGTPipeline:
         if not rows:
             return init, start_steps, start_ratio
         schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
-        encoded = editing.image_tokens(self.vqvae, [edits[b].image for b in rows]).cpu()
+        encoded = editing.image_tokens(self.vqvae, [edits[b].image for b in rows], get_family(self.family)).cpu()
         for b, image_tokens in zip(rows, encoded):
             edit = edits[b]
             start_steps[b] = edit.start_step(steps)
@@ -244,7 +252,8 @@ class MGTPipeline:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
-        """VQ-decode `(B, h, w)` token ids to `(B, H, W, 3)` uint8 images (fp16 VQ upcast, as diffusers).
+        """VQ-decode `(B, h, w)` token ids to `(B, H, W, 3)` uint8 images (fp16 VQ upcast, as diffusers), from
+        the family's pixel range (Meissonic and aMUSEd decode to [0, 1], MaskGIT's VQGAN to [-1, 1]).
 
         Decodes ``micro_batch`` images per call, as the transformer runs: convolutions over another batch
         size may take another kernel and move a pixel by one level, so an image would depend on its batch.
@@ -253,10 +262,12 @@ class MGTPipeline:
         if vq.dtype == torch.float16 and vq.config.force_upcast:
             vq = vq.float()
         batch, h, w = tokens.shape
+        low, high = get_family(self.family).pixel_range
         pixels = torch.cat([
             vq.decode(tokens[rows].to(vq.device), force_not_quantize=True,
-                      shape=(rows.stop - rows.start, h, w, vq.config.latent_channels)).sample.clip(0, 1)
+                      shape=(rows.stop - rows.start, h, w, vq.config.latent_channels)).sample.clip(low, high)
             for rows in self.micro_batches(batch)])
+        pixels = (pixels - low) / (high - low)  # exact for (0, 1)
         return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
 

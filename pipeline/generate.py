@@ -11,13 +11,14 @@ Tiny prompt shards are coalesced by the reader, so the sample rows are repartiti
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import ray
 
 from actors.generator import Generator
 from actors.scoring_stage import ScoringStage
+from mgt.models.families import model_family
 from pipeline import manifest as run_manifest
 from pipeline.capacity import pool_usage, read_capacity
 from pipeline.config import UNHASHED_MODEL_FIELDS, GenerateConfig
@@ -119,6 +120,20 @@ def run_constants(config: GenerateConfig, attempt: int) -> dict:
             "config_hash": config.config_hash(), "scorer": config.job.scorer, "attempt": attempt}
 
 
+def prompt_check(config: GenerateConfig) -> Callable[[Sequence[str], str | None], None] | None:
+    """The model family's prompt check with the run's ``--negative-prompt``, for the scan before Ray starts
+    (None when the driver cannot tell the family; the workers then refuse a bad prompt per row)."""
+    family = model_family(config.model.model)
+    if family is None:
+        return None
+    negative = config.generation.negative_prompt
+
+    def check(prompts: Sequence[str], row_negative: str | None) -> None:
+        family.check_prompts(prompts, negative or row_negative)
+
+    return check
+
+
 def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
                  connect: Callable[[], None] | None = None, generator_stage: type = Generator) -> RunResult:
     """Generate every shard of ``config.job.prompts`` that has no good completion record under ``config.job.out``.
@@ -142,7 +157,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     begun = time.perf_counter()
     prompts = Storage(job.prompts, job.storage_options)
     out = Storage(job.out, job.storage_options)
-    scan = scan_prompts(job.prompts, prompts, job.num_images)
+    scan = scan_prompts(job.prompts, prompts, job.num_images, prompt_check(config))
     with RunLease(out, job.lock_stale_seconds, job.force, log) as lease:
         existing = run_manifest.check_out(out, config)
         size = run_manifest.shard_size(existing, job, scan.samples, default_shard_size)

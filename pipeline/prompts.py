@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -122,12 +123,15 @@ def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (
     return sorted(files)
 
 
-def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
+def scan_prompts(spec: str, storage: Storage, num_images: int,
+                 check_prompts: Callable[[Sequence[str], str | None], None] | None = None) -> PromptScan:
     """Check every shard named by ``spec`` before any work starts.
 
     Reads every file's schema (its footer), then only the input columns, to check that the files agree on
     columns and types, nulls, the ``num_images`` and ``seed`` ranges and the uniqueness of ``prompt_id``
-    (given or derived).
+    (given or derived). ``check_prompts(prompts, negative_prompt)`` is the model family's check (MaskGIT's
+    prompts are ImageNet classes and it takes no negative prompt), run over every prompt and the first
+    non-empty negative prompt of the rows.
 
     Raises:
         PromptInputError: with the file, column, offending values and the fix.
@@ -157,6 +161,12 @@ def scan_prompts(spec: str, storage: Storage, num_images: int) -> PromptScan:
             rows = _null_rows(table[name])
             raise PromptInputError(f"--prompts {spec!r}: {table[name].null_count} null {name!r} value(s) (rows "
                                    f"{rows} in file order); fill them ('' is an unconditional prompt) or drop them")
+    if check_prompts is not None:
+        negatives = table["negative_prompt"].to_pylist() if "negative_prompt" in present else []
+        try:
+            check_prompts(table["prompt"].to_pylist(), next((n for n in negatives if n), None))
+        except ValueError as error:
+            raise PromptInputError(f"--prompts {spec!r}: {error}") from None
     for file, part in zip(files, tables):
         _check_range(part, "num_images", 1, MAX_NUM_IMAGES, file,
                      "give 1 to 10,000 images per row (null for --num-images); for more, repeat the row "

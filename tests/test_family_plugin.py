@@ -56,7 +56,7 @@ def test_a_family_registered_by_entry_points_loads_and_samples(tmp_path):
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["families"] == ["amused", "labels", "meissonic"]
+    assert report["families"] == ["amused", "labels", "maskgit", "meissonic"]
     assert report["family"] == report["of_transformer"] == "labels"
     assert report["images"] == [3, 32, 32, 3] and report["nfe"] == 4 and report["masked_left"] == 0
     assert report["labels_matter"] and report["seeds_matter"]  # the label conditioning reaches the transformer
@@ -75,7 +75,7 @@ def test_a_config_without_a_known_class_name_names_the_known_ones(tmp_path, fixt
     config = folder / "transformer" / "config.json"
     config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "_class_name"}))
     with pytest.raises(ModelLoadError, match=r"no _class_name; add the one of its family \(amused: UVit2DModel; "
-                                             r"meissonic: Transformer2DModel\)"):
+                                             r"maskgit: MaskTransformer; meissonic: Transformer2DModel\)"):
         detect_family(folder)
     config.write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     with pytest.raises(ModelLoadError, match="'PixArtTransformer2DModel' is no known model family's"):

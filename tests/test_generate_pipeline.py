@@ -84,3 +84,21 @@ def test_refusals_leave_out_untouched(tmp_path):
     with pytest.raises(RunConfigMismatch, match=r"generation.steps: 16 -> 2.*choose a new --out"):
         run_generate(config(str(good), str(out)), log=lambda _: None)
     assert [p.name for p in out.iterdir()] == ["manifest.json"]
+
+
+def test_maskgit_classes_end_to_end_and_resume(ray_local, tmp_path):
+    from pipeline.config import GenerateConfig
+    from pipeline.generate import run_generate
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "imagenet_classes.parquet"
+    cfg = GenerateConfig.model_validate({"job": {"prompts": str(examples), "out": str(tmp_path / "out"),
+                                                 "num_images": 2, "batch_size": 4},
+                                         "model": {"model": "tiny-maskgit"}, "generation": {"steps": 4}})
+    first = run_generate(cfg, log=lambda _: None)
+    classes = pq.read_table(examples)["prompt"].to_pylist()
+    assert (first.rows, first.errors, first.generated) == (2 * len(classes), 0, 2 * len(classes))
+    metrics = pq.read_table(tmp_path / "out" / "metrics.parquet")
+    assert sorted(set(metrics["prompt"].to_pylist())) == sorted(classes) and set(metrics["nfe"].to_pylist()) == {4}
+    assert {Image.open(uri).size for uri in metrics["image_uri"].to_pylist()} == {(64, 64)}
+    again = run_generate(cfg, log=lambda _: None)
+    assert again.generated == 0 and again.errors == 0

@@ -243,6 +243,41 @@ def test_linear_guidance_schedule_ramps_to_the_scale():
     assert schedules.guidance_scale("constant", 9.0, 0, 5) == 9.0
 
 
+def test_halton_order_reveals_the_grid_in_each_samples_rolled_halton_order():
+    from mgt.sampling.halton import grid_order
+
+    predict, _ = stand_in([1])
+    seen = []
+
+    def recording(tokens, step_value, scale):
+        seen.append(tokens.clone().flatten())
+        return predict(tokens, step_value, scale)
+
+    generator = torch.Generator().manual_seed(5)
+    sampling.sample(recording, (1, SIDE, SIDE), 4, [generator], MASK, SamplerConfig.from_spec("vanilla:order=halton"),
+                    guidance=GUIDANCE)
+    offset = int(torch.randint(0, SIDE * SIDE, (1,), generator=torch.Generator().manual_seed(5)))
+    order = torch.roll(grid_order(SIDE, SIDE), offset)
+    for before in seen[1:]:  # after each step the known cells are a prefix of the order
+        known = int((before != MASK).sum())
+        assert 0 < known < SIDE * SIDE and set((before != MASK).nonzero()[:, 0].tolist()) == set(order[:known].tolist())
+
+
+def test_halton_order_covers_grids_beyond_the_references_points():
+    from mgt.sampling.halton import grid_order
+
+    for rows, cols in ((64, 64), (8, 12), (128, 96)):
+        assert sorted(grid_order(rows, cols).tolist()) == list(range(rows * cols))
+
+
+@pytest.mark.parametrize("preset", ["vanilla", "zsampling+noise", "differential"])
+def test_halton_order_is_batch_invariant_under_every_technique(preset):
+    spec = f"{preset}:order=halton"
+    batch = run(spec, prompts=(1, 2), seeds=(10, 20))[0].tokens
+    assert torch.equal(run(spec, prompts=(2,), seeds=(20,))[0].tokens[0], batch[1])
+    assert not torch.equal(batch, run(preset, prompts=(1, 2), seeds=(10, 20))[0].tokens)
+
+
 # ------------------------------------------------------------------------------------------ configuration
 
 def test_presets_and_the_compact_cli_form():
@@ -264,6 +299,8 @@ def test_a_field_added_later_leaves_the_recorded_hashes_alone():
     assert SamplerConfig().config_hash() == "258948728ac1"
     assert SamplerConfig.from_spec("zsampling+noise").config_hash() == "b40ab65a02fe"
     assert SamplerConfig.from_spec("vanilla:token_temperature=0.5").config_hash() != "258948728ac1"
+    assert SamplerConfig.from_spec("vanilla:order=confidence").config_hash() == "258948728ac1"
+    assert SamplerConfig.from_spec("vanilla:order=halton").config_hash() != "258948728ac1"
 
 
 def test_mapping_json_and_yaml_forms_agree():
@@ -326,12 +363,22 @@ def test_every_preset_end_to_end_and_batch_invariant_on_tiny_meissonic(tiny_meis
     assert torch.equal(alone.tokens[0], batch.tokens[2])
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, "vanilla:order=halton"])
 def test_every_preset_end_to_end_on_tiny_amused(tiny_amused, preset):
     out = tiny_amused.generate(["a red circle", "a blue square"], [1, 2], steps=4,
                                sampler=SamplerConfig.from_spec(preset))
     assert out.nfe == (10 if "zsampling" in preset or preset == "all" else 4)
     assert out.images.shape == (2, 64, 64, 3) and not (out.tokens == tiny_amused.mask_token_id).any()
+
+
+def test_halton_order_end_to_end_and_batch_invariant_on_tiny_meissonic(tiny_meissonic):
+    prompts, seeds, spec = ["a red circle", "two blue squares"], [3, 4], SamplerConfig.from_spec("vanilla:order=halton")
+    batch = tiny_meissonic.generate(prompts, seeds, steps=5, sampler=spec, decode=False)
+    assert not (batch.tokens == tiny_meissonic.mask_token_id).any() and batch.nfe == 5
+    alone = tiny_meissonic.generate(prompts[1:], seeds[1:], steps=5, sampler=spec, decode=False)
+    assert torch.equal(alone.tokens[0], batch.tokens[1])
+    vanilla = tiny_meissonic.generate(prompts, seeds, steps=5, decode=False)
+    assert not torch.equal(vanilla.tokens, batch.tokens)
 
 
 def test_zero_strength_is_token_exact_with_vanilla_on_tiny_meissonic(tiny_meissonic):

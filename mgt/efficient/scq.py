@@ -27,6 +27,7 @@ from optimum.quanto.nn import QModuleMixin
 
 from mgt.efficient.quant_config import SCQConfig, get_preset
 from mgt.efficient.quantization import CFGCalibration, activation_scales, quantize_transformer, reset_activation_scales
+from mgt.models.text import TextConditioner
 
 # progress(stage, done, total): stage is "generate", "calibrate", "qat" or "recalibrate".
 Progress = Callable[[str, int, int], None]
@@ -216,6 +217,9 @@ def quantize_pipeline(pipe, preset: str, prompts: Sequence[str] | None = None, c
     """
     batches = []
     if get_preset(preset).calibrate:
+        if not isinstance(pipe.conditioner, TextConditioner):
+            raise ValueError(f"{preset} calibrates the activations on text conditioning (CLIP states, micro-conditions)"
+                             f"; a {pipe.family} model is conditioned otherwise: use a weight-only preset (w8a16, w4a16)")
         batches = self_distillation_batches(pipe, prompts or DEFAULT_CALIBRATION_PROMPTS, config, progress)
     return apply_preset(pipe.transformer, preset, batches, config, progress)
 

@@ -36,6 +36,9 @@ MODELS = Registry("model", "maskray.models", {
     "tiny-meissonic": "mgt.models.tiny:build_tiny_meissonic",
     "tiny-monetico": "mgt.models.tiny:build_tiny_monetico",
     "tiny-amused": "mgt.models.tiny:build_tiny_amused",
+    "tiny-maskgit": "mgt.models.tiny:build_tiny_maskgit",
+    "maskgit-256": "mgt.models.maskgit:build_maskgit_256",  # downloads llvictorll/Maskgit-pytorch
+    "maskgit-512": "mgt.models.maskgit:build_maskgit_512",
 })
 
 

@@ -2,8 +2,8 @@
 
 A family (:class:`ModelFamily`) is one module holding its transformer class and its row: the
 ``transformer/config.json`` ``_class_name`` its checkpoints carry, its default settings, how prompts become
-its conditioning, and its tiny random transformer. Meissonic (with Monetico) and aMUSEd ship with maskray
-(:mod:`mgt.models.meissonic`, :mod:`mgt.models.amused`); another package adds a family with an entry point
+its conditioning, and its tiny random transformer. Meissonic (with Monetico), aMUSEd and MaskGIT ship with maskray
+(:mod:`mgt.models.meissonic`, :mod:`mgt.models.amused`, :mod:`mgt.models.maskgit`); another package adds a family with an entry point
 in the ``maskray.families`` group, whose value is the module attribute holding its :class:`ModelFamily`::
 
     [project.entry-points."maskray.families"]
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,6 +26,17 @@ from mgt.hub.registry import Registry
 
 if TYPE_CHECKING:
     import torch
+
+
+def any_prompt(prompts: Sequence[str], negative_prompt: str | None = None) -> None:
+    """A text family takes any prompt and negative prompt."""
+
+
+def vq_model_tokens(vqvae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """`(B, h, w)` codes of `(B, 3, H, W)` pixels by the diffusers ``VQModel``'s own encoder and quantizer."""
+    latents = vqvae.encode(pixels).latents
+    batch, _, rows, cols = latents.shape
+    return vqvae.quantize(latents)[2][2].reshape(batch, rows, cols)
 
 
 class Conditioner(Protocol):
@@ -59,6 +70,11 @@ class ModelFamily:
         tiny_transformer: ``() -> transformer`` with a few thousand random weights, for tests and demos.
         model_index: the family's entries of ``model_index.json`` (its reference pipeline, scheduler and
             transformer class names), written by :func:`mgt.models.tiny.write_model`.
+        pixel_range: the range of the VQ model's pixels, in and out: (0, 1) for Meissonic and aMUSEd, whose
+            pipelines skip the [-1, 1] normalisation, (-1, 1) for taming VQGANs (MaskGIT).
+        image_tokens: ``(vqvae, pixels (B, 3, H, W) in pixel_range) -> codes (B, h, w)``, for editing.
+        check_prompts: ``(prompts, negative_prompt) -> None``, raising a ValueError for a prompt the family
+            cannot condition on (run before a job starts: MaskGIT's prompts are ImageNet classes).
     """
 
     name: str
@@ -69,6 +85,9 @@ class ModelFamily:
     subfolders: tuple[str, ...]
     tiny_transformer: Callable[[], Any]
     model_index: Mapping[str, Any]
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+    image_tokens: Callable[[Any, torch.Tensor], torch.Tensor] = field(default=vq_model_tokens)
+    check_prompts: Callable[..., None] = field(default=any_prompt)
 
     def recognises(self, class_name: str) -> bool:
         return class_name in self.class_names or class_name == self.transformer.__name__
@@ -77,6 +96,7 @@ class ModelFamily:
 FAMILIES = Registry("model family", "maskray.families", plural="model families", builtins={
     "meissonic": "mgt.models.meissonic:MEISSONIC",
     "amused": "mgt.models.amused:AMUSED",
+    "maskgit": "mgt.models.maskgit:MASKGIT",
 })
 
 
@@ -112,6 +132,25 @@ def detect_family(model_dir: Path) -> ModelFamily:
         raise ModelLoadError(f"{path} has no _class_name; add the one of its family ({known})")
     raise ModelLoadError(f"{path}: _class_name {class_name!r} is no known model family's ({known}); install the "
                          "package that registers its family under the maskray.families entry points")
+
+
+def model_family(spec: str) -> ModelFamily | None:
+    """The family of model ``spec`` when the driver can tell without loading weights: a registered name (built or
+    fetched once into the cache, as the workers would), a local folder, or a hub id (its
+    ``transformer/config.json`` alone); None for an object-store URI or a model that cannot be reached here,
+    which the workers then check where they load it."""
+    from mgt.hub import loading
+    from mgt.hub.checkpoints import fetch_hub
+
+    try:
+        if spec in loading.MODELS or Path(spec).expanduser().is_dir():
+            return detect_family(loading.resolve_model_path(spec))
+        if loading._is_hub_id(spec):
+            config = fetch_hub(spec, None, filename="transformer/config.json", what=f"model {spec!r}")
+            return detect_family(config.parent.parent)
+    except (FileNotFoundError, ModelLoadError):
+        return None
+    return None
 
 
 def family_of(transformer: object) -> ModelFamily:

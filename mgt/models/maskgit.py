@@ -13,12 +13,19 @@ transposed embedding plus a per-position bias, cut to the image positions and th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from mgt.models import vqgan
+from mgt.models.class_labels import ClassConditioner, check_class_prompts
+from mgt.models.families import ModelFamily
 
 
 class _PreNorm(nn.Module):
@@ -119,12 +126,17 @@ class MaskGitTransformer(ModelMixin, ConfigMixin):
         return self.config.codebook_size
 
     @property
+    def token_grid_multiple(self) -> int:
+        """Token-grid sides must be a multiple of this: 1 (the grid is fixed anyway, ``tokens_per_side``)."""
+        return 1
+
+    @property
     def no_class_id(self) -> int:
         """The embedding id that replaces the class token when the label is dropped (guidance's unconditional)."""
         return self.config.codebook_size + 1 + self.config.num_classes
 
     def forward(self, token_ids: torch.Tensor, class_labels: torch.Tensor,
-                drop_label: torch.Tensor | None = None) -> torch.Tensor:
+                drop_label: torch.Tensor | None = None, timestep: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `(batch, codebook_size + 1, height, width)` for token ids `(batch, height, width)`.
 
         Args:
@@ -132,6 +144,7 @@ class MaskGitTransformer(ModelMixin, ConfigMixin):
             class_labels (`torch.LongTensor` of shape `(batch,)`): ImageNet class ids in ``[0, num_classes)``.
             drop_label (`torch.BoolTensor` of shape `(batch,)`, *optional*): True where the label is replaced by
                 the "no class" token (the unconditional half of classifier-free guidance). None drops none.
+            timestep: accepted and ignored (MaskGIT has no timestep input), so every MGT is called alike.
 
         Returns:
             `torch.Tensor` of shape `(batch, codebook_size + 1, side, side)`: one logit per code *and* for the
@@ -166,3 +179,99 @@ def reference_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
         raise ValueError("not a MaskGIT checkpoint: expected a state dict or {'model_state_dict': state dict}, "
                          f"got keys {sorted(checkpoint)[:5]}")
     return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+# The reference README's settings (valeoai/Maskgit-pytorch v1.0). Its CFG mixes (1 + w) c - w u, which is the
+# engine's u + s (c - u) at s = 1 + w: "CFG 3" (256) is guidance 4, "CFG 2.8" (512) is guidance 3.8; its
+# linear ramp w_i = w i/(T-1) is guidance_schedule "linear". Gumbel: r_temp, annealed linearly to 0.
+REFERENCE_SETTINGS = {
+    256: dict(steps=8, guidance=4.0, gumbel_temperature=(4.5, 0.0)),
+    512: dict(steps=15, guidance=3.8, gumbel_temperature=(7.0, 0.0)),
+}
+# What every MaskGIT run samples with unless the sampler sets the field: the reference's confidence sampler.
+REFERENCE_SAMPLER = {"mask_schedule": "arccos_maskgit", "guidance_schedule": "linear", "gumbel_noise": "numpy"}
+# The released ImageNet VQGAN of llvictorll/Maskgit-pytorch (pretrained_maskgit/VQGAN/model.yaml).
+VQGAN_DDCONFIG = {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                  "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.0}
+VQGAN_CODES, VQGAN_EMBED_DIM = 1024, 256
+RELEASED_REPO = "llvictorll/Maskgit-pytorch"
+RELEASED_FILES = {256: "pretrained_maskgit/MaskGIT/MaskGIT_ImageNet_256.pth",
+                  512: "pretrained_maskgit/MaskGIT/MaskGIT_ImageNet_512.pth"}
+RELEASED_VQGAN = "pretrained_maskgit/VQGAN/last.ckpt"
+
+
+def maskgit_defaults(transformer: MaskGitTransformer, vq_scale: int) -> dict[str, Any]:
+    """The reference README's settings for the grid: 16x16 tokens (256 px) or 32x32 and more (512 px)."""
+    side = transformer.config.tokens_per_side
+    settings = REFERENCE_SETTINGS[512 if side >= 32 else 256]
+    sampler = dict(REFERENCE_SAMPLER, gumbel_temperature=settings["gumbel_temperature"])
+    return dict(steps=settings["steps"], guidance=settings["guidance"], negative_prompt="", width=side * vq_scale,
+                height=side * vq_scale, sampler=sampler)
+
+
+def load_class_conditioner(model_dir: Path, dtype: torch.dtype, device: torch.device,
+                           variant: str | None) -> ClassConditioner:
+    """Class labels: the number of classes comes from the transformer's config."""
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    return ClassConditioner(config.get("num_classes", 1000))
+
+
+def tiny_maskgit_transformer(tokens_per_side: int = 16, codebook: int = 64) -> MaskGitTransformer:
+    """A random MaskGIT over a 16x16 grid (256-style) with all 1000 ImageNet classes, small enough for CPU tests."""
+    return MaskGitTransformer(tokens_per_side=tokens_per_side, hidden_dim=32, codebook_size=codebook, depth=2,
+                              heads=2, mlp_dim=64, dropout=0.0, num_classes=1000)
+
+
+def write_released_model(folder: Path, checkpoint: Path, vqgan_checkpoint: Path, tokens_per_side: int,
+                         transformer_config: Mapping[str, Any] | None = None,
+                         vqgan_config: Mapping[str, Any] | None = None) -> None:
+    """A hub-layout MaskGIT folder (``transformer/ vqvae/ model_index.json``) from the reference's released files.
+
+    Args:
+        checkpoint: ``MaskGIT_ImageNet_{256,512}.pth`` (read with ``torch.load(weights_only=True)``).
+        vqgan_checkpoint: the Lightning ``last.ckpt`` of the taming VQGAN (its ``loss.*`` entries are dropped).
+        tokens_per_side: 16 (256 px) or 32 (512 px).
+        transformer_config: other :class:`MaskGitTransformer` arguments; None: the released model's.
+        vqgan_config: ``{"ddconfig", "n_embed", "embed_dim"}`` of the VQGAN; None: the released VQGAN's.
+    """
+    from mgt.models.tiny import write_model
+
+    state = reference_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    transformer = MaskGitTransformer(tokens_per_side=tokens_per_side, **{"dropout": 0.0, **(transformer_config or {})})
+    transformer.load_state_dict(state, strict=True)
+    vq = vqgan_config or {"ddconfig": VQGAN_DDCONFIG, "n_embed": VQGAN_CODES, "embed_dim": VQGAN_EMBED_DIM}
+    vq_state = torch.load(vqgan_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    vqvae = vqgan.load_taming_vqgan(vq["ddconfig"], vq["n_embed"], vq["embed_dim"], vq_state)
+    write_model(folder, transformer, vqvae, MASKGIT)
+
+
+def build_released(folder: Path, resolution: int) -> None:
+    """Download the released MaskGIT-``resolution`` and the VQGAN from the hub and write them into ``folder``."""
+    from mgt.hub.checkpoints import fetch_hub
+
+    files = [fetch_hub(RELEASED_REPO, None, filename=name, what=f"{RELEASED_REPO}/{name}")
+             for name in (RELEASED_FILES[resolution], RELEASED_VQGAN)]
+    write_released_model(folder, *files, tokens_per_side=resolution // 16)
+
+
+def build_maskgit_256(folder: Path) -> None:
+    build_released(folder, 256)
+
+
+def build_maskgit_512(folder: Path) -> None:
+    build_released(folder, 512)
+
+
+MASKGIT = ModelFamily(
+    name="maskgit",
+    transformer=MaskGitTransformer,
+    class_names=("MaskTransformer",),  # the reference's class (Network/transformer.py)
+    defaults=maskgit_defaults,
+    load_conditioner=load_class_conditioner,
+    subfolders=(),
+    tiny_transformer=tiny_maskgit_transformer,
+    model_index={"_class_name": "MaskGIT", "transformer": ["transformer", "MaskTransformer"]},
+    pixel_range=(-1.0, 1.0),
+    image_tokens=vqgan.image_tokens,  # taming's distance: codes equal the reference's
+    check_prompts=check_class_prompts,
+)

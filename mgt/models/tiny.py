@@ -3,7 +3,7 @@
 ``tiny-meissonic`` (1024-style: the transformer down-samples), ``tiny-monetico`` (512-style: it does
 not) and ``tiny-amused`` (diffusers ``UVit2DModel``) are complete models: transformer, VQ, CLIP text
 encoder, a CLIP tokenizer written here (byte-level BPE over single characters), scheduler config and
-``model_index.json``. Weights are seeded, so every machine builds the same model. ``mgt.hub.loading``
+``model_index.json``; ``tiny-maskgit`` (class-conditional) has only the transformer and the VQ. Weights are seeded, so every machine builds the same model. ``mgt.hub.loading``
 registers them by name (``tiny-meissonic`` ...) and imports this module only when one is first built.
 """
 
@@ -79,32 +79,34 @@ def write_model(folder: Path, transformer: torch.nn.Module, vqvae: VQModel, fami
         config["_class_name"] = family.class_names[0]
         path.write_text(json.dumps(config, indent=2, sort_keys=True))
     vqvae.save_pretrained(folder / "vqvae")
-    tokenizer = write_tokenizer(folder / "tokenizer", words)
-    torch.manual_seed(seed + 1)
-    write_text_encoder(folder / "text_encoder", len(tokenizer))
-    mask_id = transformer.config.vocab_size - 1
-    scheduler_class = family.model_index["scheduler"][1]
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": scheduler_class, "mask_token_id": mask_id, "masking_schedule": "cosine"}, indent=2))
-    index = {"_class_name": family.model_index["_class_name"], "scheduler": family.model_index["scheduler"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
-             "transformer": family.model_index["transformer"],
-             "vqvae": ["diffusers", "VQModel"]}
+    index = {"_class_name": family.model_index["_class_name"]}
+    if "scheduler" in family.model_index:
+        (folder / "scheduler").mkdir(exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": family.model_index["scheduler"][1], "mask_token_id": transformer.config.vocab_size - 1,
+             "masking_schedule": "cosine"}, indent=2))
+        index["scheduler"] = family.model_index["scheduler"]
+    if "text_encoder" in family.subfolders:  # a text-conditioned family: a CLIP tokenizer and text encoder
+        tokenizer = write_tokenizer(folder / "tokenizer", words)
+        torch.manual_seed(seed + 1)
+        write_text_encoder(folder / "text_encoder", len(tokenizer))
+        index.update(text_encoder=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer=["transformers", "CLIPTokenizer"])
+    index.update(transformer=family.model_index["transformer"], vqvae=["diffusers", "VQModel"])
     if defaults:
         index["_maskray_defaults"] = defaults
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_tiny(folder: Path, family: str, seed: int = 0, **options) -> None:
+def build_tiny(folder: Path, family: str, seed: int = 0, defaults: dict | None = None, **options) -> None:
     """Write the tiny model of ``family`` (its ``tiny_transformer(**options)``) into ``folder``."""
     family = get_family(family)
     torch.manual_seed(seed)
     transformer = family.tiny_transformer(**options)
     _perturb(transformer)  # zero-initialised gates would make the blocks no-ops
     vqvae = tiny_vqvae()
-    write_model(folder, transformer, vqvae, family, defaults=dict(TINY_DEFAULTS), seed=seed)
+    write_model(folder, transformer, vqvae, family, defaults=dict(TINY_DEFAULTS) if defaults is None else defaults,
+                seed=seed)
 
 
 @torch.no_grad()
@@ -124,3 +126,8 @@ def build_tiny_monetico(folder: Path) -> None:
 
 def build_tiny_amused(folder: Path) -> None:
     build_tiny(folder, "amused")
+
+
+def build_tiny_maskgit(folder: Path) -> None:
+    """MaskGIT-256-style: a 16x16 grid (64 px through the tiny VQ), the reference's 256 settings (8 steps)."""
+    build_tiny(folder, "maskgit", defaults={})

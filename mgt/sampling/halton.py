@@ -47,6 +47,20 @@ def halton_order(rows: int, cols: int, num_points: int = REFERENCE_POINTS) -> to
     return torch.tensor(list(seen), dtype=torch.long)
 
 
+def grid_order(rows: int, cols: int) -> torch.Tensor:
+    """`(rows*cols,)` int64 flat (row-major) positions of the grid in Halton order, for any grid size.
+
+    The reference's 10,000 points when they cover the grid (so its order), else twice as many until they do.
+    """
+    points = REFERENCE_POINTS
+    while True:
+        try:
+            cells = halton_order(rows, cols, points)
+            return cells[:, 0] * cols + cells[:, 1]
+        except ValueError:
+            points *= 2
+
+
 def revealed_count(step_index: int, num_steps: int, num_tokens: int) -> int:
     """How many tokens (a prefix of the Halton order) are known after step ``step_index`` of ``num_steps``.
 

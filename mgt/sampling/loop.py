@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mgt.sampling import schedules
 from mgt.sampling.differential_sampling import DifferentialSampling
+from mgt.sampling.halton import grid_order
 from mgt.sampling.noise_regularization import NoiseRegularization
 from mgt.sampling.sampler_config import SamplerConfig
 from mgt.sampling.z_sampling import MaskedZSampling
@@ -23,6 +25,7 @@ from mgt.sampling.z_sampling import MaskedZSampling
 # predict(tokens (B, h, w), step_value, guidance) -> (B, h*w, codebook) float32 logits, classifier-free
 # guided with scale `guidance` (see apply_guidance), token-major.
 Predictor = Callable[[torch.Tensor, int, float], torch.Tensor]
+REMASKED = -1  # what a step writes at the positions it re-masks before they become the mask token
 
 
 @dataclass
@@ -91,6 +94,7 @@ def remask_lowest_confidence(
     generators: Sequence[torch.Generator],
     mask_token_id: int,
     kept: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-mask the ``num_to_mask[b]`` drawn tokens of lowest annealed-Gumbel confidence.
 
@@ -102,16 +106,70 @@ def remask_lowest_confidence(
         drawn: `(B, L)` tokens after the draw.
         token_probs: `(B, L)` float32 probability of each drawn token.
         unknown: `(B, L)` bool, positions that were masked before the draw.
+        noise: `(B, L)` float64 annealed Gumbel noise drawn elsewhere (:func:`numpy_gumbel_noise`) instead of
+            ``temperature`` times the generators' Gumbel; known tokens then get ``+inf``.
     """
     token_probs = torch.where(unknown, token_probs, torch.finfo(token_probs.dtype).max)
     log_probs = torch.log(token_probs.clamp(1e-20))
     out = drawn.clone()
     for b, generator in enumerate(generators):
-        confidence = log_probs[b] + temperature * gumbel_noise(drawn.shape[1], generator, drawn.device)
+        if noise is None:
+            confidence = log_probs[b] + temperature * gumbel_noise(drawn.shape[1], generator, drawn.device)
+        else:  # float64, as the MaskGIT reference adds its numpy noise
+            confidence = (log_probs[b] + noise[b].to(drawn.device)).masked_fill_(~unknown[b], torch.inf)
         if kept is not None:
             confidence.masked_fill_(kept[b], torch.inf)
         cutoff = torch.kthvalue(confidence, num_to_mask[b] + 1).values  # == sort(confidence)[num_to_mask]
         out[b][confidence < cutoff] = mask_token_id
+    return out
+
+
+def numpy_streams(generators: Sequence[torch.Generator]) -> list[np.random.RandomState]:
+    """Each sample's numpy stream, ``RandomState(generator.initial_seed())``, as MaskGIT's reference seeds numpy
+    with the seed it gives torch (a seed beyond 32 bits is split into two 32-bit words)."""
+    seeds = [generator.initial_seed() for generator in generators]
+    return [np.random.RandomState(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32]) for seed in seeds]
+
+
+def numpy_gumbel_noise(streams: Sequence[np.random.RandomState], length: int, sampler: SamplerConfig,
+                       step_index: int, num_steps: int) -> torch.Tensor:
+    """`(B, L)` float64 Gumbel noise of step ``i`` annealed linearly from ``gumbel_temperature[0]`` to ``[1]``,
+    ``start * g * (1 - i/(T-1)) + end * g * i/(T-1)``: with end 0 the reference's ``r_temp * g * (1 - i/(T-1))``
+    bit for bit (``np.random.gumbel(size=(1, N))`` per sample and step)."""
+    start, end = sampler.gumbel_temperature
+    progress = step_index / (num_steps - 1)
+    rows = []
+    for stream in streams:
+        g = stream.gumbel(size=(1, length))[0]
+        rows.append(start * g * (1 - progress) + end * g * progress)
+    return torch.from_numpy(np.stack(rows))
+
+
+def halton_priorities(height: int, width: int, generators: Sequence[torch.Generator],
+                      device: torch.device | str) -> torch.Tensor:
+    """`(B, h*w)` float32 rank scores for ``order="halton"``: the Halton order of the grid (see
+    :mod:`mgt.sampling.halton`) rolled by an offset drawn from each sample's generator before the loop (as the
+    reference ``HaltonSampler``'s ``randomize``), earlier cells scoring higher."""
+    base = grid_order(height, width)
+    length = base.numel()
+    scores = torch.empty(len(generators), length)
+    for b, generator in enumerate(generators):
+        offset = int(torch.randint(0, length, (1,), generator=generator, device=generator.device))
+        scores[b, torch.roll(base, offset)] = -torch.arange(length, dtype=torch.float32)
+    return scores.to(device)
+
+
+def remask_in_order(drawn: torch.Tensor, priorities: torch.Tensor, unknown: torch.Tensor,
+                    num_to_mask: Sequence[int], mask_token_id: int, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Re-mask the ``num_to_mask[b]`` newly drawn tokens of lowest ``priorities`` (a fixed order, no noise);
+    known tokens, and an edit's ``kept`` ones, are never re-masked."""
+    scores = torch.where(unknown, priorities, torch.finfo(priorities.dtype).max)
+    if kept is not None:
+        scores = scores.masked_fill(kept, torch.inf)
+    out = drawn.clone()
+    for b in range(drawn.shape[0]):
+        cutoff = torch.kthvalue(scores[b], num_to_mask[b] + 1).values
+        out[b][scores[b] < cutoff] = mask_token_id
     return out
 
 
@@ -155,6 +213,11 @@ def mask_counts(sampler: SamplerConfig, unknown: torch.Tensor, step_index: int, 
     schedule = schedules.get_schedule(sampler.mask_schedule, sampler.mask_schedule_power)
     length = unknown.shape[1]
     counts = []
+    if sampler.mask_schedule == "arccos_maskgit":  # the step reveals the reference's count, at most what is left
+        for b, n in enumerate(unknown.sum(-1).tolist()):
+            share = 1.0 if start_ratio is None else float(start_ratio[b])
+            counts.append(max(0, n - schedules.maskgit_counts(num_steps, round(length * share))[step_index]))
+        return counts
     for b, n in enumerate(unknown.sum(-1).tolist()):
         scaled = schedule if start_ratio is None else _scaled(schedule, start_ratio[b])
         counts.append(schedules.num_to_mask(scaled, step_index, num_steps, length, n))
@@ -189,7 +252,8 @@ def sample(
 
     Per step: forward + CFG -> noise regularization on the guided logits -> softmax -> differential sampling
     on the probabilities -> multinomial draw (at ``sampler.token_temperature``) -> re-mask the lowest
-    confidences (``log p`` of the untempered draw distribution). Masked Z-Sampling wraps a
+    confidences (``log p`` of the untempered draw distribution), or with ``sampler.order == "halton"`` the drawn
+    tokens latest in the sample's Halton order. Masked Z-Sampling wraps a
     step with an inversion pass, a re-mask and a re-denoise at the same step. ``predict(tokens, t, s)``
     gets the step value ``t = T-1-i`` that the reference pipeline passes and the step's CFG scale ``s``
     (``guidance`` through ``sampler.guidance_schedule``; ``s_inv`` for the inversion pass).
@@ -207,21 +271,27 @@ def sample(
     zsampling = MaskedZSampling.from_config(sampler.zsampling) if sampler.zsampling else None
     zigzag_steps = zsampling.zigzag_steps(num_steps) if zsampling else 0
     temperatures = gumbel_temperatures(sampler, num_steps)
+    priorities = halton_priorities(height, width, generators, device) if sampler.order == "halton" else None
     if init is None:
         tokens = torch.full((batch, height * width), mask_token_id, dtype=torch.long, device=device)
     else:
         tokens = init.reshape(batch, height * width).to(device)
     editable = tokens == mask_token_id  # the positions a step or Z-Sampling may re-mask; the rest is kept
     kept = None if bool(editable.all()) else ~editable
+    streams = numpy_streams(generators) if sampler.gumbel_noise == "numpy" else None
     probs = None  # the softmax buffer, reused by every step
     nfe = 0
 
-    def step(current: torch.Tensor, i: int, num_to_mask: list[int]) -> torch.Tensor:
+    def step(current: torch.Tensor, unknown: torch.Tensor, i: int,
+             num_to_mask: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens after step ``i`` and which of them are still unknown (a drawn mask token, which MaskGIT's
+        softmax allows, counts as known, as in its reference)."""
         nonlocal probs, nfe
         scale = schedules.guidance_scale(sampler.guidance_schedule, guidance, i, num_steps)
         logits = predict(current.view(batch, height, width), num_steps - 1 - i, scale)
         nfe += 1
-        unknown = current == mask_token_id
+        if sampler.softmax_temperature != 1.0:
+            logits = logits * sampler.softmax_temperature
         if noise is not None:  # differential sampling ranks every position, so then all of them get noise
             noise.perturb_(logits, None if differential else unknown, i, num_steps, generators)
         probs = torch.softmax(logits, dim=-1, out=probs)
@@ -232,22 +302,32 @@ def sample(
         drawn = torch.where(unknown, draw_tokens(tempered(dist, sampler.token_temperature), current, generators),
                             current)
         if i == num_steps - 1:
-            return drawn
-        token_probs = dist.gather(-1, drawn[..., None])[..., 0]
-        return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
-                                        mask_token_id, kept)
+            return drawn, torch.zeros_like(unknown)
+        # re-masked positions get -1 first, so a drawn mask token is told apart from a re-masked position
+        if priorities is not None:
+            out = remask_in_order(drawn, priorities, unknown, num_to_mask, REMASKED, kept)
+        else:
+            token_probs = dist.gather(-1, drawn[..., None])[..., 0]
+            gumbel = None if streams is None else numpy_gumbel_noise(streams, current.shape[1], sampler, i, num_steps)
+            out = remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
+                                           REMASKED, kept, gumbel)
+        remasked = out == REMASKED
+        return out.masked_fill_(remasked, mask_token_id), remasked
 
+    unknown = editable
     for i in range(start_step, num_steps):
-        num_to_mask = mask_counts(sampler, tokens == mask_token_id, i, num_steps, start_ratio)
+        num_to_mask = mask_counts(sampler, unknown, i, num_steps, start_ratio)
         if i < zigzag_steps:  # Z-Sampling: the inversion pass at t_{i+1} and s_inv runs with no technique;
             # the re-denoise keeps the vanilla step's mask count, so the mask schedule is unchanged
-            forward = step(tokens, i, num_to_mask)
+            forward, _ = step(tokens, unknown, i, num_to_mask)
             inversion = predict(forward.view(batch, height, width), num_steps - 2 - i, zsampling.inversion_cfg)
             nfe += 1
-            tokens = step(zsampling.remask(tokens, forward, inversion, generators, mask_token_id, editable), i,
-                          num_to_mask)
+            tokens = zsampling.remask(tokens, forward, inversion, generators, mask_token_id, editable)
+            tokens, unknown = step(tokens, tokens == mask_token_id, i, num_to_mask)
         else:
-            tokens = step(tokens, i, num_to_mask)
+            tokens, unknown = step(tokens, unknown, i, num_to_mask)
         if on_step is not None:
             on_step(i)
+    # A mask token drawn and kept (MaskGIT's softmax includes it) ends as the last code, as its reference clamps.
+    tokens = tokens.clamp(max=mask_token_id - 1)
     return SamplingResult(tokens=tokens.view(batch, height, width), nfe=nfe)

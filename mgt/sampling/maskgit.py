@@ -39,6 +39,7 @@ import torch
 
 from mgt.models.maskgit import MaskGitTransformer
 from mgt.sampling.halton import halton_order, revealed_count
+from mgt.sampling.schedules import maskgit_counts
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,7 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.T
 def confidence_schedule(steps: int, num_tokens: int, revision: Literal["v1.0", "v2.0"]) -> list[int]:
     """Tokens revealed at each step (v1.0) or known after each step (v2.0, before ``max(t, i + 1)``)."""
     if revision == "v1.0":
-        share = torch.arccos(torch.linspace(1, 0, steps)) / (math.pi * 0.5)
-        counts = ((share / share.sum()) * num_tokens).round()
-        counts[counts == 0] = 1
-        counts[-1] += num_tokens - counts.sum()
-        return counts.int().tolist()
+        return maskgit_counts(steps, num_tokens)
     share = 1 - (torch.arccos(torch.linspace(0, 1, steps)) / (math.pi * 0.5))
     return (share * num_tokens).int().tolist()
 

@@ -12,12 +12,15 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from mgt.validation import describe_validation_error
 
 TECHNIQUES = ("noise", "differential", "zsampling")
-HASHED_WHEN_SET = ("token_temperature",)  # see SamplerConfig.config_hash
+# Fields added after runs were recorded: hashed only away from their default (SamplerConfig.config_hash); those
+# added after release 0.1.0 are also left out of a dump at their default, so run config hashes stay too.
+DUMPED_WHEN_SET = ("order", "softmax_temperature", "gumbel_noise")
+HASHED_WHEN_SET = ("token_temperature", *DUMPED_WHEN_SET)
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
            "noise+differential", "all")
 
@@ -73,14 +76,16 @@ class SamplerConfig(BaseModel):
     or ``+``-joined techniques (``noise``, ``differential``, ``zsampling``, in any order), keys are dotted
     field paths and values are JSON (bare words are strings), e.g.
     ``zsampling+noise:noise.amplitude=1.5,zsampling.inversion_cfg=0.5`` or
-    ``vanilla:mask_schedule=arccos,gumbel_temperature=[3,0]``. Naming a field of a technique turns it on;
-    ``noise=null`` turns it off.
+    ``vanilla:mask_schedule=arccos,gumbel_temperature=[3,0]`` or ``vanilla:order=halton``. Naming a field of a
+    technique turns it on; ``noise=null`` turns it off.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mask_schedule: Literal["cosine", "linear", "arccos", "power"] = Field(
-        "cosine", description="Fraction of tokens still masked after each step, as a function of progress."
+    mask_schedule: Literal["cosine", "linear", "arccos", "power", "arccos_maskgit"] = Field(
+        "cosine", description="Fraction of tokens still masked after each step, as a function of progress; "
+        "arccos_maskgit reveals MaskGIT v1.0's counts round(v_i / sum(v) * N) of v = arccos(linspace(1, 0, T)) "
+        "(at least 1, the remainder at the last step) instead of clipping an arccos ratio."
     )
     mask_schedule_power: float = Field(
         2.0, gt=0, description="Exponent p of the 'power' mask schedule (1 - r**p); ignored by the others."
@@ -90,10 +95,21 @@ class SamplerConfig(BaseModel):
         description="Start and end of the Gumbel-noise temperature on the re-masking confidence, annealed "
         "linearly over the steps (Meissonic/aMUSEd: 2 -> 0).",
     )
+    gumbel_noise: Literal["torch", "numpy"] = Field(
+        "torch", description="Source of the Gumbel noise: torch, from each sample's generator (diffusers), or "
+        "numpy, float64 np.random.RandomState(the generator's seed).gumbel as the MaskGIT reference draws it.")
+    softmax_temperature: float = Field(
+        1.0, gt=0, description="Multiplies the guided logits before the softmax, for the draw and the confidence "
+        "alike (MaskGIT's sm_temp); 1 leaves them as they are.")
     token_temperature: float = Field(
         1.0, ge=0, description="Temperature tau of the token draw: tokens are drawn from p**(1/tau) renormalised, "
         "so 1 is the reference's multinomial and 0 the argmax; the re-masking confidence keeps log p of the "
         "untempered distribution (docs/samplers.md §2).")
+    order: Literal["confidence", "halton"] = Field(
+        "confidence", description="Which drawn tokens stay revealed at each step: those of highest confidence "
+        "(log p + Gumbel, the reference samplers), or the first cells of the token grid's 2-D Halton sequence "
+        "(arXiv 2503.17076), rolled by a random offset per sample, so each step's new tokens spread evenly over "
+        "the image; the Gumbel temperature is then unused.")
     guidance_schedule: Literal["constant", "linear"] = Field(
         "constant", description="CFG scale per step: constant s (Meissonic), or MaskGIT's linear ramp "
         "1 + (s - 1) * i/(T-1) from the plain conditional to s.")
@@ -120,6 +136,23 @@ class SamplerConfig(BaseModel):
             _merge(values, _nest(key.split("."), value))
         return _validate(values, spec)
 
+    @model_serializer(mode="wrap")
+    def _leave_out_later_defaults(self, handler) -> dict[str, Any]:
+        """The fields, minus those of :data:`DUMPED_WHEN_SET` at their default (a run's config hash covers the dump)."""
+        values = handler(self)
+        for name in DUMPED_WHEN_SET:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                values.pop(name, None)
+        return values
+
+    def with_defaults(self, values: dict[str, Any]) -> SamplerConfig:
+        """This config with ``values`` (a model family's sampler defaults) in the fields it leaves at the engine's
+        default: MaskGIT samples as its reference unless a field says otherwise (which is why a field cannot be
+        set back to the engine's default on such a family: name another value)."""
+        fields = type(self).model_fields
+        unset = {name: value for name, value in values.items() if getattr(self, name) == fields[name].default}
+        return _validate({**self.model_dump(), **unset}, values) if unset else self
+
     def config_hash(self) -> str:
         """A short stable hash of every field: all of them change the pixels.
 
@@ -128,7 +161,7 @@ class SamplerConfig(BaseModel):
         """
         values = self.model_dump(mode="json")
         for name in HASHED_WHEN_SET:
-            if values[name] == type(self).model_fields[name].default:
+            if name in values and values[name] == type(self).model_fields[name].default:
                 del values[name]
         payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

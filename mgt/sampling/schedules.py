@@ -38,9 +38,22 @@ def power(p: float) -> MaskSchedule:
     return schedule
 
 
+def maskgit_counts(num_steps: int, num_tokens: int) -> list[int]:
+    """Tokens MaskGIT v1.0 reveals at each step (``arccos_maskgit``): ``round(v_i / sum(v) * N)`` of
+    ``v = arccos(linspace(1, 0, T)) / (pi/2)``, zeros raised to 1, the remainder added to the last step, in the
+    reference's float32 arithmetic (valeoai/Maskgit-pytorch v1.0, ``Trainer/vit.py``, ``adap_sche``)."""
+    share = torch.arccos(torch.linspace(1, 0, num_steps)) / (math.pi * 0.5)
+    counts = ((share / share.sum()) * num_tokens).round()
+    counts[counts == 0] = 1
+    counts[-1] += num_tokens - counts.sum()
+    return counts.int().tolist()
+
+
 def get_schedule(name: str, power_exponent: float = 2.0) -> MaskSchedule:
-    """The schedule called ``name`` (``cosine``, ``linear``, ``arccos`` or ``power``)."""
-    schedules: dict[str, MaskSchedule] = {"cosine": cosine, "linear": linear, "arccos": arccos}
+    """The schedule called ``name`` (``cosine``, ``linear``, ``arccos``, ``arccos_maskgit`` or ``power``); the
+    ratio of ``arccos_maskgit`` is arccos's (its per-step counts are :func:`maskgit_counts`)."""
+    schedules: dict[str, MaskSchedule] = {"cosine": cosine, "linear": linear, "arccos": arccos,
+                                          "arccos_maskgit": arccos}
     if name == "power":
         return power(power_exponent)
     if name not in schedules:
