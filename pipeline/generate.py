@@ -29,6 +29,7 @@ from pipeline.redact import secret_values
 from pipeline.result import RunResult
 from pipeline.shards import Shard, default_shard_size, plan_shards, read_shards
 from pipeline.sinks.datasink import SampleSink
+from pipeline.sinks.registry import SinkBuilder
 from pipeline.storage import Storage
 
 
@@ -145,7 +146,8 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     scan = scan_prompts(job.prompts, prompts, job.num_images)
     with RunLease(out, job.lock_stale_seconds, job.force, log) as lease:
         existing = run_manifest.check_out(out, config)
-        size = run_manifest.shard_size(existing, job, scan.samples, default_shard_size)
+        most = SinkBuilder.config_type(job.layout).default_max_shard_size
+        size = run_manifest.shard_size(existing, job, scan.samples, lambda n: default_shard_size(n, most))
         plan = plan_shards(scan.files, scan.row_samples, size)
         before_ray = time.perf_counter()
         if connect is not None:

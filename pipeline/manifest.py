@@ -261,6 +261,7 @@ def finalize(sink: SampleSink, manifest: dict, plan: list[Shard], seconds: float
     status = "complete" if result.complete else "incomplete"
     attempt.update(ended_at=_now(), status=status, **result.counts())
     manifest.update(status=status, counts=result.counts())
+    sink.finish(manifest)
     _write_manifest(storage, manifest)
     return result
 

@@ -46,9 +46,10 @@ class Shard:
     samples: int
 
 
-def default_shard_size(samples: int) -> int:
-    """``ceil(samples / 100)`` within [1, 1000] (see the module docstring)."""
-    return int(min(MAX_DEFAULT_SHARD_SIZE, max(1, -(-samples // SHARDS_PER_RUN))))
+def default_shard_size(samples: int, most: int = MAX_DEFAULT_SHARD_SIZE) -> int:
+    """``ceil(samples / 100)`` within [1, ``most``] (see the module docstring; the layout's
+    ``default_max_shard_size`` gives ``most``: 500 for Parquet files of about 0.5 GB)."""
+    return int(min(most, max(1, -(-samples // SHARDS_PER_RUN))))
 
 
 def plan_shards(files: list[str], row_samples: list[np.ndarray], shard_size: int) -> list[Shard]:

@@ -140,5 +140,5 @@ def test_a_run_keeps_its_shard_size_and_refuses_another():
     assert JobOptions(layout="webdataset").layout == "webdataset"
     with pytest.raises(ValueError, match=r"--webdataset was removed in maskray 0\.1\.0; use --layout both"):
         JobOptions(webdataset=True)
-    with pytest.raises(ValueError, match="unknown layout 'tars'; known layouts: both, files, webdataset"):
+    with pytest.raises(ValueError, match="unknown layout 'tars'; known layouts: both, files, parquet, webdataset"):
         JobOptions(layout="tars")

@@ -189,6 +189,10 @@ class SampleSink(Datasink[int]):
         self.images.clean_up(recorded)
         self.storage.remove(self.storage.path(PIECES))
 
+    def finish(self, manifest: dict) -> None:
+        """At ``finalize``, once the counts are in ``manifest``: the layout's run-level files."""
+        self.images.finish(manifest)
+
 
 def first_per_key(table: pa.Table) -> pa.Table:
     """One row per (prompt_id, sample_idx) of a table sorted by key: the first (assembly sorts a good row, null
