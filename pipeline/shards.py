@@ -81,8 +81,8 @@ def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], sink: 
                 keep_failed: bool = False) -> pa.Table:
     """Shard descriptors (``name``, ``file``, ``start``, ``stop``, ``samples``, ``resume``) -> their prompt rows.
 
-    Adds ``shard`` and ``shard_samples`` to each row, for the sink, and ``kept_samples``: the sample indices of
-    the row that a partial shard already holds under ``sink``'s ``--out`` (``resume`` is ``"pieces"`` or
+    Adds ``shard`` and ``shard_samples`` to each row, for the sink, and ``kept_samples``: the ``[sample_idx,
+    candidate]`` pairs of the row that a partial shard already holds under ``sink``'s ``--out`` (``resume`` is ``"pieces"`` or
     ``"record"``; see ``pipeline.partial``), which ``expand_samples`` leaves out. Makes relative ``init_image`` and
     ``mask_image`` values absolute (see :func:`resolve_images`). Reads only the row groups that overlap the
     range, so prompt files written with row groups of about a shard (or smaller) are read once in total.
@@ -92,14 +92,14 @@ def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], sink: 
         table = resolve_images(read_rows(storage, shard["file"], shard["start"], shard["stop"], columns),
                                storage, shard["file"])
         count = table.num_rows
-        kept: dict[str, list[int]] = {}
+        kept: dict[str, list[list[int]]] = {}
         if shard.get("resume") and sink is not None:
             kept = keep_written_samples(sink, shard["name"], from_record=shard["resume"] == "record",
                                         keep_failed=keep_failed)
         rows_kept = [kept.get(prompt_id, []) for prompt_id in prompt_ids(table)] if kept else [[]] * count
         tables.append(table.append_column("shard", pa.array([shard["name"]] * count, pa.string()))
                       .append_column("shard_samples", pa.array([shard["samples"]] * count, pa.int64()))
-                      .append_column("kept_samples", pa.array(rows_kept, pa.list_(pa.int64()))))
+                      .append_column("kept_samples", pa.array(rows_kept, pa.list_(pa.list_(pa.int64())))))
     return pa.concat_tables(tables)
 
 

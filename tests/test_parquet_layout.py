@@ -53,7 +53,7 @@ def test_a_shard_file_holds_the_good_images_by_row_and_a_partial_shard_reads_the
     assert b"huggingface" in table.schema.metadata
 
     # the rerun's read task: the record's good rows become a piece, their images read from inside the file
-    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [0, 1]}
+    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [[0, 0], [1, 0]]}
     (piece,) = out.list(out.path(PIECES, "s"), ".parquet")
     assert pq.read_table(io.BytesIO(out.read(piece)))["image"].to_pylist() == [b"img-a-0", b"img-a-1"]
     sink.write_table(_rows([("b", 0)]))  # the failed sample, generated again, completes the shard

@@ -101,7 +101,7 @@ def test_a_layout_registered_from_outside_writes_resumes_and_cleans_up(registry,
     assert (tmp_path / "out" / "concat" / "s.bin").read_bytes() == b"<a0><a1>"
 
     # a rerun keeps the good rows: their images come back from the blob into a piece, by the layout's locations
-    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [0, 1]}
+    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [[0, 0], [1, 0]]}
     sink.write_table(pa.table(_rows([("b", 0)])))
     assert (tmp_path / "out" / "concat" / "s.bin").read_bytes() == b"<a0><a1><b0>"
 

@@ -33,8 +33,11 @@ SLUG_CHARS = 48
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def image_name(prompt_id: str, sample_idx: int, image_format: str) -> str:
+def image_name(prompt_id: str, sample_idx: int, image_format: str, candidate: int | None = 0) -> str:
     """A file name that stays inside ``images/`` whatever ``prompt_id`` holds, distinct for distinct ids.
+
+    ``<slug>-<sha256>_<sample_idx>.<ext>``; a ``--best-of`` candidate other than 0 adds ``c<candidate>`` after the
+    sample index (candidate 0 keeps the plain name, so ``--best-of 1`` names files as a plain run).
 
     The id's first 48 characters, runs outside ``[A-Za-z0-9._-]`` replaced by ``-`` and no leading dots,
     give a readable slug; the full SHA-256 of the id (64 hex digits, no truncation) keeps distinct ids
@@ -42,7 +45,8 @@ def image_name(prompt_id: str, sample_idx: int, image_format: str) -> str:
     """
     slug = UNSAFE.sub("-", prompt_id[:SLUG_CHARS]).strip(".-") or "prompt"
     digest = hashlib.sha256(prompt_id.encode()).hexdigest()
-    return f"{slug}-{digest}_{int(sample_idx)}.{EXTENSIONS[image_format]}"
+    suffix = f"c{int(candidate)}" if candidate else ""
+    return f"{slug}-{digest}_{int(sample_idx)}{suffix}.{EXTENSIONS[image_format]}"
 
 
 @dataclass(frozen=True)
