@@ -196,7 +196,7 @@ class SampleSink(Datasink[int]):
                  for p, i, c in zip(columns["prompt_id"], columns["sample_idx"], columns["candidate"])]
         ok = [size > 0 and not error for size, error in zip(columns["image_bytes"], columns["error"])]
         images = columns.pop("image")
-        kept = self.curation.kept(columns)
+        kept = columns["kept"] = self.curation.kept(columns)
         if self.curation.active:  # only the chosen candidates' images (whose bytes this assembly holds) are written
             wanted = self.curation.keep_all_images
             ok = [good and (keep or wanted) and image is not None for good, keep, image in zip(ok, kept, images)]

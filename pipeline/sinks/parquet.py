@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 DATA = "data"
 CARD = "README.md"
 ROW_GROUP_BYTES = 64 << 20
-# Piece columns left out of the dataset: the image travels in ``image``; a row here never has an error.
-NOT_IN_DATASET = ("image", "error")
+# Metrics columns left out of the dataset: a row's image is the row itself, and a row here never has an error.
+NOT_IN_DATASET = ("image_uri", "image_offset", "error")
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,10 @@ def dataset_schema() -> pa.Schema:
     """The Parquet schema of a shard file: the ``Image`` struct, the metrics columns, the ``datasets`` features."""
     import pyarrow as pa
 
-    from pipeline.sinks.datasink import PIECE_SCHEMA  # imported here: importing the layouts imports no Ray
+    from pipeline.sinks.datasink import METRICS_SCHEMA  # imported here: importing the layouts imports no Ray
 
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    fields = [pa.field("image", image)] + [f for f in PIECE_SCHEMA if f.name not in NOT_IN_DATASET]
+    fields = [pa.field("image", image)] + [f for f in METRICS_SCHEMA if f.name not in NOT_IN_DATASET]
     features = {"image": {"_type": "Image"}}
     features.update({f.name: {"dtype": _dtype(f.type), "_type": "Value"} for f in fields[1:]})
     metadata = {"huggingface": json.dumps({"info": {"features": features}})}
