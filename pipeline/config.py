@@ -99,6 +99,9 @@ class JobOptions(BaseModel):
                                     "Needs --scorer.")
     keep_all_images: bool = Field(False, description="With --best-of or --min-score, write the images of the "
                                   "candidates that are not kept too (their rows say kept = false).")
+    report: bool = Field(True, description="At the end of a `maskray generate` run, write report/ under --out "
+                         "(score histogram, best and worst images, report.html; `maskray report OUT` writes it "
+                         "later).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// / gs:// "
                                             "prompts and --out, e.g. {client_kwargs: {endpoint_url: ...}} (YAML only).")
 
@@ -170,7 +173,7 @@ CURATION_OPTIONS = {"best_of": 1, "keep": 1, "min_score": None, "keep_all_images
 # Throughput, placement, input location and bookkeeping: they never change a written file.
 UNHASHED_OPTIONS = ("prompts", "out", "num_images", "fail_fast", "batch_size", "generator_actors",
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
-                    "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds",
+                    "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds", "report",
                     "shard_size")  # recorded in manifest.json, which refuses a different --shard-size
 # ModelConfig fields that only place or schedule the model's math; every other field (quantization, token
 # merging ...) counts. compile runs the same blocks with fused kernels: tokens agree with eager on CPU (a test
