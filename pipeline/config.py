@@ -128,7 +128,7 @@ class JobOptions(BaseModel):
         if self.curating and self.scorer is None:
             option = f"--best-of {self.best_of}" if self.best_of > 1 else f"--min-score {self.min_score}"
             raise ValueError(f"{option} selects images by score, but no scorer is set; add --scorer (e.g. "
-                             f"--scorer hps-v2.1, or shapes for the shapes model)")
+                             f"--scorer hps-v2.1, or a scorer a plugin registers)")
         if self.keep > self.best_of:
             raise ValueError(f"--keep {self.keep} is more than --best-of {self.best_of}: a sample cannot keep more "
                              f"candidates than it has; lower --keep or raise --best-of")
