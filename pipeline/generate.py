@@ -209,8 +209,10 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     if result.dropped:
         kept_score = "n/a" if result.mean_kept_score is None else f"{result.mean_kept_score:.4f}"
         log(f"maskray generate: kept {result.kept} image(s) (mean score {kept_score}) of {result.rows} candidate(s); "
-            f"dropped {sum(result.dropped.values())} sample(s): {result.dropped['below_min_score']} below --min-score"
-            f" {job.min_score}, {result.dropped['no_good_candidate']} without a good scored candidate")
+            f"dropped {sum(result.dropped.values())} sample(s)"
+            + (f": {result.dropped['below_min_score']} below --min-score {job.min_score}," if job.min_score is not None
+               else ":")
+            + f" {result.dropped['no_good_candidate']} without a good scored candidate")
     return result
 
 
