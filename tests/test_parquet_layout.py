@@ -104,15 +104,17 @@ def test_datasets_ray_and_duckdb_read_a_parquet_run(ray_local, tmp_path):
     expected = {(m["prompt_id"], m["sample_idx"]): _pixels(open(m["image_uri"], "rb").read()) for m in metrics}
 
     data_files = str(tmp_path / "out" / "data" / "*.parquet")
-    loaded = datasets.load_dataset("parquet", data_files=data_files, split="train")
+    cache = str(tmp_path / "hf-cache")  # datasets caches a local folder by its name: never reuse another test's
+    loaded = datasets.load_dataset("parquet", data_files=data_files, split="train", cache_dir=cache)
     assert loaded.features["image"] == datasets.Image() and len(loaded) == 6
     for row in loaded:
         assert isinstance(row["image"], Image.Image)
         assert np.array_equal(np.asarray(row["image"].convert("RGB")), expected[row["prompt_id"], row["sample_idx"]])
-    streamed = list(datasets.load_dataset("parquet", data_files=data_files, split="train", streaming=True))
+    streamed = list(datasets.load_dataset("parquet", data_files=data_files, split="train", streaming=True,
+                                             cache_dir=cache))
     assert sorted((r["prompt_id"], r["sample_idx"]) for r in streamed) == sorted(expected)
     assert all(isinstance(r["image"], Image.Image) for r in streamed)
-    card_loaded = datasets.load_dataset(str(tmp_path / "out"), split="train")  # the card's configs find data/
+    card_loaded = datasets.load_dataset(str(tmp_path / "out"), split="train", cache_dir=cache)  # the card finds data/
     assert len(card_loaded) == 6
 
     rows = ray.data.read_parquet(str(tmp_path / "out" / "data")).take_all()
