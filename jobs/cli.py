@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("jobs.sample_cmd", "Generate images for a few prompts in this process (no Ray)."),
     "serve": ("jobs.serve_cmd", "Serve the model over HTTP (OpenAI Images API) with Ray Serve."),
     "generate": ("jobs.generate_cmd", "Generate a scored image dataset from Parquet prompt shards on Ray Data (resumable)."),
+    "report": ("jobs.report_cmd", "Write the report of a generate run (histogram, contact sheets, report.html)."),
     "evaluate": ("jobs.evaluate_cmd", "Win rates of candidate samplers against a baseline (same prompt and seed) on Ray."),
     "infra": ("jobs.infra_cmd", "Render KubeRay manifests (RayCluster, RayJobs, RayService) from infra/cluster.yaml."),
     "submit": ("jobs.submit_cmd", "Submit `generate` or `evaluate` to a Ray cluster (Ray Jobs API) and stream its logs."),

@@ -66,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.generate import run_generate  # imports Ray: after ray_session() set its environment
 
         result = run_generate(config, connect=connect)
+    if config.job.report and result.kept:
+        from jobs.run_report import write_run_report
+
+        write_run_report(config.job.out, config.job.storage_options)
+        print(f"maskray generate: report in {config.job.out.rstrip('/')}/report/ (report.html)")
     return outcome(result)
 
 

@@ -8,7 +8,7 @@ Defaults run on a laptop: local Ray, CPU, the tiny model, no scorer download.
 ``GenerateConfig.config_hash()`` covers an explicit list of factors that change the output files (pixels,
 file format, scores, derived seeds). It keys ``--out``: a rerun with the same hash resumes, another hash is
 refused (``pipeline.manifest``). Every ``JobOptions`` field must be listed in ``HASHED_OPTIONS`` or in
-``UNHASHED_OPTIONS`` (a test enforces it).
+``UNHASHED_OPTIONS``, or in ``CURATION_OPTIONS`` (hashed when off its default; a test enforces it).
 """
 
 from __future__ import annotations
@@ -89,6 +89,19 @@ class JobOptions(BaseModel):
     scorer_gpus: float = Field(0.0, ge=0, description="GPUs per scorer actor (fp16 on GPU, fp32 on CPU).")
     scorer_cpus: float | None = Field(None, gt=0, description="CPUs reserved per scorer actor (unset: as "
                                       "generator-cpus).")
+    best_of: int = Field(1, ge=1, le=64, description="Candidates per sample: every (prompt_id, sample_idx) is "
+                         "generated best-of times with derived seeds (candidate 0 uses the sample's own seed), all "
+                         "are scored, the --keep best are kept. Needs --scorer.")
+    keep: int = Field(1, ge=1, description="Candidates kept per sample with --best-of (the best by score; ties go "
+                      "to the lower candidate index).")
+    min_score: float | None = Field(None, description="Drop the samples whose kept candidate scores below this: "
+                                    "their metrics rows stay with kept = false and their images are not written. "
+                                    "Needs --scorer.")
+    keep_all_images: bool = Field(False, description="With --best-of or --min-score, write the images of the "
+                                  "candidates that are not kept too (their rows say kept = false).")
+    report: bool = Field(True, description="At the end of a `maskray generate` run, write report/ under --out "
+                         "(score histogram, best and worst images, report.html; `maskray report OUT` writes it "
+                         "later).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// / gs:// "
                                             "prompts and --out, e.g. {client_kwargs: {endpoint_url: ...}} (YAML only).")
 
@@ -100,6 +113,25 @@ class JobOptions(BaseModel):
             if isinstance(data, dict) and name in data:
                 raise ValueError(REMOVED_OPTIONS[name])
         return data
+
+    @property
+    def curating(self) -> bool:
+        """Candidates are selected (``--best-of`` above 1 or ``--min-score``): only kept images are written."""
+        return self.best_of > 1 or self.min_score is not None
+
+    def curation_check(self) -> None:
+        """Refuse curation without a scorer, and ``--keep`` above ``--best-of`` (before Ray starts).
+
+        Raises:
+            ValueError: naming the option and the fix.
+        """
+        if self.curating and self.scorer is None:
+            option = f"--best-of {self.best_of}" if self.best_of > 1 else f"--min-score {self.min_score}"
+            raise ValueError(f"{option} selects images by score, but no scorer is set; add --scorer (e.g. "
+                             f"--scorer hps-v2.1, or a scorer a plugin registers)")
+        if self.keep > self.best_of:
+            raise ValueError(f"--keep {self.keep} is more than --best-of {self.best_of}: a sample cannot keep more "
+                             f"candidates than it has; lower --keep or raise --best-of")
 
     @field_validator("layout")
     @classmethod
@@ -135,10 +167,13 @@ def pool_range(value: int | str | None) -> tuple[int, int] | None:
 
 # Factors of the output files: a rerun into the same --out must agree on all of them.
 HASHED_OPTIONS = ("seed", "image_format", "image_quality", "layout", "scorer", "scorer_checkpoint", "scorer_model")
+# Curation: they change the output, but count in the hash only when set off their default, so the hash of a run
+# without them is what it was before they existed.
+CURATION_OPTIONS = {"best_of": 1, "keep": 1, "min_score": None, "keep_all_images": False}
 # Throughput, placement, input location and bookkeeping: they never change a written file.
 UNHASHED_OPTIONS = ("prompts", "out", "num_images", "fail_fast", "batch_size", "generator_actors",
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
-                    "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds",
+                    "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds", "report",
                     "shard_size")  # recorded in manifest.json, which refuses a different --shard-size
 # ModelConfig fields that only place or schedule the model's math; every other field (quantization, token
 # merging ...) counts. compile runs the same blocks with fused kernels: tokens agree with eager on CPU (a test
@@ -163,6 +198,7 @@ class GenerateConfig(BaseModel):
         from mgt.hub.loading import check_model_name
 
         self.scorer_config()
+        self.job.curation_check()
         check_model_name(self.model.model)
         self.generation.check_sampler_steps()
         return self
@@ -170,8 +206,9 @@ class GenerateConfig(BaseModel):
     def hashed_factors(self) -> dict[str, Any]:
         """The values that change output files, by name (what ``config_hash`` covers)."""
         job = self.job.model_dump(mode="json")
+        curation = {name: job[name] for name, default in CURATION_OPTIONS.items() if job[name] != default}
         return {
-            "job": {name: job[name] for name in HASHED_OPTIONS},
+            "job": {**{name: job[name] for name in HASHED_OPTIONS}, **curation},
             "model": self.model.model_dump(mode="json", exclude=set(UNHASHED_MODEL_FIELDS)),
             "generation": self.generation.model_dump(mode="json"),
         }

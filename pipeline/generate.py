@@ -22,6 +22,7 @@ from mgt.models.families import model_family
 from pipeline import manifest as run_manifest
 from pipeline.capacity import pool_usage, read_capacity
 from pipeline.config import UNHASHED_MODEL_FIELDS, GenerateConfig
+from pipeline.curation import Curation
 from pipeline.lease import LeaseLost, RunLease
 from pipeline.partial import assemble_whole_pieces
 from pipeline.pools import StagePlan, plan_stages, watch_autoscaler
@@ -30,6 +31,7 @@ from pipeline.redact import secret_values
 from pipeline.result import RunResult
 from pipeline.shards import Shard, default_shard_size, plan_shards, read_shards
 from pipeline.sinks.datasink import SampleSink
+from pipeline.sinks.registry import SinkBuilder
 from pipeline.storage import Storage
 
 
@@ -80,13 +82,14 @@ def build_dataset(config: GenerateConfig, work: WorkPlan, stages: Stages) -> ray
     batches = -(-sum(s.samples for s in work.todo) // generator.batch_size)
     descriptors = [{"name": s.name, "file": s.file, "start": s.start, "stop": s.stop, "samples": s.samples,
                     "resume": work.partly_written.get(s.name, "")} for s in work.todo]
-    written = SampleSink(Storage(job.out, job.storage_options), {}, job.image_format, job.layout)
+    written = SampleSink(Storage(job.out, job.storage_options), {}, job.image_format, job.layout,
+                         curation=curation(config))
     ds = ray.data.from_items(descriptors, override_num_blocks=max(1, len(descriptors)))
     ds = ds.map_batches(read_shards, batch_format="pyarrow",
                         fn_kwargs={"storage": work.prompts, "columns": work.columns, "sink": written,
                                    "keep_failed": job.keep_failed})
     ds = ds.map_batches(expand_samples, batch_format="numpy",
-                        fn_kwargs={"run_seed": job.seed, "num_images": job.num_images})
+                        fn_kwargs={"run_seed": job.seed, "num_images": job.num_images, "best_of": job.best_of})
     ds = ds.repartition(target_num_rows_per_block=generator.batch_size)
     ds = ds.map_batches(
         stages.generator_stage, batch_format="numpy", batch_size=generator.batch_size, udf_modifying_row_count=False,
@@ -105,6 +108,12 @@ def build_dataset(config: GenerateConfig, work: WorkPlan, stages: Stages) -> ray
             fn_constructor_kwargs={"scorer": config.scorer_config().model_dump(mode="json"),
                                    "fail_fast": job.fail_fast})
     return ds
+
+
+def curation(config: GenerateConfig) -> Curation:
+    """The run's candidate selection (``pipeline.curation``)."""
+    job = config.job
+    return Curation(job.best_of, job.keep, job.min_score, job.keep_all_images)
 
 
 def run_constants(config: GenerateConfig, attempt: int) -> dict:
@@ -160,8 +169,11 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     scan = scan_prompts(job.prompts, prompts, job.num_images, prompt_check(config))
     with RunLease(out, job.lock_stale_seconds, job.force, log) as lease:
         existing = run_manifest.check_out(out, config)
-        size = run_manifest.shard_size(existing, job, scan.samples, default_shard_size)
-        plan = plan_shards(scan.files, scan.row_samples, size)
+        most = SinkBuilder.config_type(job.layout).default_max_shard_size
+        # a shard holds every candidate of its samples (--best-of): its size and rows count candidates
+        candidates = scan.samples * job.best_of
+        size = run_manifest.shard_size(existing, job, candidates, lambda n: default_shard_size(n, most))
+        plan = plan_shards(scan.files, [rows * job.best_of for rows in scan.row_samples], size)
         before_ray = time.perf_counter()
         if connect is not None:
             connect()
@@ -169,7 +181,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
         capacity = read_capacity()
         stages = Stages(*plan_stages(config, capacity), generator_stage=generator_stage)
         # assembly uses no run constants; whole pieces left by a crash become records before the record scan
-        partial = assemble_whole_pieces(SampleSink(out, {}, job.image_format, job.layout),
+        partial = assemble_whole_pieces(SampleSink(out, {}, job.image_format, job.layout, curation=curation(config)),
                                         {shard.name: shard.samples for shard in plan})
         records = run_manifest.scan_records(out, plan, keep_failed=job.keep_failed)
         for name, reason in sorted(records.bad.items()):
@@ -183,7 +195,8 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
         done = sum(records.done.values())
         resume = (before_ray - begun) + (time.perf_counter() - connected)
         generator, scorer = stages.generator, stages.scorer
-        log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples in {len(scan.files)} file(s), "
+        log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples"
+            + (f" x {job.best_of} candidates" if job.best_of > 1 else "") + f" in {len(scan.files)} file(s), "
             f"{len(plan)} shard(s) of ~{size}; {len(plan) - len(todo)} shard(s) ({done} samples) already done under "
             f"{out.uri}" + (f", {len(partly_written)} partly written (their written samples are kept)"
                               if partly_written else "")
@@ -208,6 +221,13 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     log(f"maskray generate: {result.rows}/{result.expected} samples under {out.uri} "
         f"({result.generated} generated now, {result.errors} errors, "
         f"{result.images_per_second or 0:.2f} images/s incl. actor start-up, mean score {score})")
+    if result.dropped:
+        kept_score = "n/a" if result.mean_kept_score is None else f"{result.mean_kept_score:.4f}"
+        log(f"maskray generate: kept {result.kept} image(s) (mean score {kept_score}) of {result.rows} candidate(s); "
+            f"dropped {sum(result.dropped.values())} sample(s)"
+            + (f": {result.dropped['below_min_score']} below --min-score {job.min_score}," if job.min_score is not None
+               else ":")
+            + f" {result.dropped['no_good_candidate']} without a good scored candidate")
     return result
 
 
@@ -217,7 +237,8 @@ def _execute(config: GenerateConfig, work: WorkPlan, stages: Stages, manifest: d
     job = config.job
     out = Storage(job.out, job.storage_options)
     attempt = manifest["attempts"][-1]["attempt"]
-    sink = SampleSink(out, run_constants(config, attempt), job.image_format, job.layout, work.shard_size)
+    sink = SampleSink(out, run_constants(config, attempt), job.image_format, job.layout, work.shard_size,
+                      curation=curation(config))
     started, started_at = time.perf_counter(), time.time()
     if work.todo:
         build_dataset(config, work, stages).write_datasink(sink)

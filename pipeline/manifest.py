@@ -38,6 +38,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from pipeline.config import GenerateConfig, JobOptions
+from pipeline.curation import slot_outcomes
 from pipeline.redact import redact, redact_text
 from pipeline.result import RunResult
 from pipeline.shards import Shard
@@ -221,7 +222,10 @@ def finalize(sink: SampleSink, manifest: dict, plan: list[Shard], seconds: float
     records = storage.sizes(storage.path(SHARDS), ".parquet")
     paths = sorted(p for p in records if Path(p).stem in planned)
     folder = storage.path(METRICS)
-    totals = {"rows": 0, "errors": 0, "generated": 0, "scored": 0, "score_sum": 0.0}
+    totals = {"rows": 0, "errors": 0, "generated": 0, "scored": 0, "score_sum": 0.0, "kept": 0, "kept_scored": 0,
+              "kept_score_sum": 0.0}
+    dropped = {"below_min_score": 0, "no_good_candidate": 0}
+    key = ["prompt_id", "sample_idx", "candidate"]
     key_hashes, uri_hashes, pending, parts = [], [], [], []
 
     def flush() -> None:
@@ -235,7 +239,11 @@ def finalize(sink: SampleSink, manifest: dict, plan: list[Shard], seconds: float
         for blob in storage.read_many(chunk):
             table = pq.read_table(io.BytesIO(blob), schema=METRICS_SCHEMA)
             _count(table, totals, attempt["attempt"])
-            key_hashes.append(_hash(table, ["prompt_id", "sample_idx"]))
+            if sink.curation.active:
+                outcomes = slot_outcomes(table)
+                for reason in dropped:
+                    dropped[reason] += outcomes[reason]
+            key_hashes.append(_hash(table, key))
             uris = table.filter(pc.is_valid(table["image_uri"]))
             uri_hashes.append(_hash(uris, ["image_uri", "image_offset"]))
             pending.append(table)
@@ -247,7 +255,7 @@ def finalize(sink: SampleSink, manifest: dict, plan: list[Shard], seconds: float
     for stale in storage.list(folder, ".parquet"):
         if Path(stale).name not in parts:
             storage.remove(stale)
-    _check_unique(storage, key_hashes, ["prompt_id", "sample_idx"], "key")
+    _check_unique(storage, key_hashes, key, "key")
     _check_unique(storage, uri_hashes, ["image_uri", "image_offset"], "image object")
     sink.clean_up({Path(p).stem for p in records})
     result = RunResult(
@@ -256,11 +264,14 @@ def finalize(sink: SampleSink, manifest: dict, plan: list[Shard], seconds: float
         stale_records=len(records) - len(paths), seconds=round(seconds, 3),
         images_per_second=round(totals["generated"] / seconds, 3) if seconds > 0 else None,
         mean_score=totals["score_sum"] / totals["scored"] if totals["scored"] else None,
-        metrics_uri=storage.url(METRICS), manifest_uri=storage.url(MANIFEST),
+        metrics_uri=storage.url(METRICS), manifest_uri=storage.url(MANIFEST), kept=totals["kept"],
+        mean_kept_score=totals["kept_score_sum"] / totals["kept_scored"] if totals["kept_scored"] else None,
+        dropped=dropped if sink.curation.active else {},
     )
     status = "complete" if result.complete else "incomplete"
     attempt.update(ended_at=_now(), status=status, **result.counts())
     manifest.update(status=status, counts=result.counts())
+    sink.finish(manifest)
     _write_manifest(storage, manifest)
     return result
 
@@ -278,6 +289,12 @@ def _count(table: pa.Table, totals: dict, attempt: int) -> None:
     scores = table["score"].drop_null()
     totals["scored"] += len(scores)
     totals["score_sum"] += float(pc.sum(scores).as_py() or 0.0)
+    kept = pc.fill_null(table["kept"], False) if table["kept"].null_count < table.num_rows \
+        else pc.is_null(table["error"])  # a record of an older run, without ``kept``: its good rows
+    totals["kept"] += int(pc.sum(kept).as_py() or 0)
+    kept_scores = table["score"].filter(kept).drop_null()
+    totals["kept_scored"] += len(kept_scores)
+    totals["kept_score_sum"] += float(pc.sum(kept_scores).as_py() or 0.0)
 
 
 def _failed_rows(record: bytes) -> int:

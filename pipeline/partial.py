@@ -10,8 +10,8 @@ samples at scale, and one unreadable ``init_image`` fails the same sample on eve
    planned. What is left are pieces of shards in flight at a crash: a few per actor, never a run's worth.
 2. In the task that reads a shard's prompt rows, ``keep_written_samples`` turns the good rows of its
    failed-sample record into a piece (with their image bytes when the layout builds its output from them, read
-   back from where the layout put them: the old tar or image file), then lists the shard's pieces and returns, per ``prompt_id``, the sample indices
-   they hold: ``pipeline.prompts.expand_samples`` leaves those out. Failed rows are not kept (unless
+   back from where the layout put them: the old tar or image file), then lists the shard's pieces and returns, per
+   ``prompt_id``, the (sample index, candidate) pairs they hold: ``pipeline.prompts.expand_samples`` leaves those out. Failed rows are not kept (unless
    ``--keep-failed``), so a failed sample is generated again and the sink's assembly prefers its good row.
 
 The sink assembles a shard when its pieces hold every sample, old pieces and new alike, so a resumed shard ends
@@ -51,8 +51,10 @@ def assemble_whole_pieces(sink: SampleSink, planned: dict[str, int]) -> list[str
     return partial
 
 
-def keep_written_samples(sink: SampleSink, shard: str, *, from_record: bool, keep_failed: bool) -> dict[str, list[int]]:
-    """The samples of ``shard`` already written, as ``prompt_id -> sample indices``, which its rerun skips.
+def keep_written_samples(sink: SampleSink, shard: str, *, from_record: bool,
+                         keep_failed: bool) -> dict[str, list[list[int]]]:
+    """The samples of ``shard`` already written, as ``prompt_id -> [sample_idx, candidate] pairs``, which its rerun
+    skips (candidate 0 unless ``--best-of``).
 
     Args:
         sink: the run's sink (its ``--out`` root and layout).
@@ -69,20 +71,21 @@ def keep_written_samples(sink: SampleSink, shard: str, *, from_record: bool, kee
             piece = record_piece(sink, good)
             storage.write_table(storage.path(PIECES, shard, piece_name(piece)), piece)
     paths = storage.list(storage.path(PIECES, shard), ".parquet")
-    kept: dict[str, set[int]] = {}
+    kept: dict[str, set[tuple[int, int]]] = {}
     for blob in storage.read_many(paths):
-        rows = pq.read_table(io.BytesIO(blob), columns=["prompt_id", "sample_idx", "error"])
+        rows = pq.read_table(io.BytesIO(blob), columns=["prompt_id", "sample_idx", "candidate", "error"],
+                             schema=PIECE_SCHEMA)
         if not keep_failed:
             rows = rows.filter(pc.is_null(rows["error"]))
-        for prompt_id, sample_idx in zip(rows["prompt_id"].to_pylist(), rows["sample_idx"].to_pylist()):
-            kept.setdefault(prompt_id, set()).add(sample_idx)
-    return {prompt_id: sorted(samples) for prompt_id, samples in kept.items()}
+        for prompt_id, sample_idx, candidate in zip(rows["prompt_id"].to_pylist(), rows["sample_idx"].to_pylist(),
+                                                    rows["candidate"].to_pylist()):
+            kept.setdefault(prompt_id, set()).add((sample_idx, candidate or 0))
+    return {prompt_id: [list(key) for key in sorted(samples)] for prompt_id, samples in kept.items()}
 
 
 def record_piece(sink: SampleSink, record: pa.Table) -> pa.Table:
     """Rows of a completion record as a piece: its metrics columns, plus the image bytes when the layout needs them
     to assemble the shard (read back by the layout, e.g. from the image files or the shard's old tar)."""
-    layout = sink.images
-    images = layout.read_images(record) if layout.needs_image_bytes else [None] * record.num_rows
-    return (record.drop_columns(["image_uri", "image_offset"])
+    images = sink.images.read_images(record) if sink.carries_images else [None] * record.num_rows
+    return (record.drop_columns(["image_uri", "image_offset", "kept"])
             .append_column("image", pa.array(images, pa.binary())).select(PIECE_SCHEMA.names).cast(PIECE_SCHEMA))

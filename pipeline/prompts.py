@@ -331,20 +331,34 @@ def derive_seed(prompt_id: str, run_seed: int, sample_idx: int) -> int:
     return int.from_bytes(digest[:8], "little") & SEED_MASK
 
 
-def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: int) -> dict[str, np.ndarray]:
-    """Prompt rows -> sample rows (one per image), leaving out the samples a partial shard already holds.
+def candidate_seed(seed: int, candidate: int) -> int:
+    """The seed of candidate ``candidate`` of a sample whose seed is ``seed`` (``--best-of``): the sample's own seed
+    for candidate 0, so ``--best-of 1`` is a plain run; a 63-bit hash of (seed, candidate) for the others."""
+    if candidate == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}\x00candidate\x00{candidate}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & SEED_MASK
+
+
+def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: int,
+                   best_of: int = 1) -> dict[str, np.ndarray]:
+    """Prompt rows -> sample rows (one per image and candidate), leaving out the ones a partial shard already holds.
 
     Args:
         batch: a column batch of prompt rows (the columns of ``COLUMNS`` that the input has, plus the
             editing columns (``EDIT_COLUMNS``) and bookkeeping columns such as ``shard``, which are repeated
-            on each of the row's samples). An optional ``kept_samples`` column lists, per row, the sample
-            indices already written (``pipeline.shards.read_shards``); those samples are not produced.
+            on each of the row's samples). An optional ``kept_samples`` column lists, per row, the
+            ``[sample_idx, candidate]`` pairs already written (``pipeline.shards.read_shards``); those are not
+            produced.
         run_seed: the job's seed, for rows without a seed.
         num_images: images for rows without a num_images value.
+        best_of: candidates per sample (``--best-of``), with seeds from ``candidate_seed``; a sample's candidates
+            are consecutive rows.
 
     Returns:
-        Columns ``prompt_id`` (str), ``sample_idx`` (int64), ``prompt`` (str), ``negative_prompt`` (str, ''
-        for the run's default), ``seed`` (int64) and the editing and bookkeeping columns, one row per sample.
+        Columns ``prompt_id`` (str), ``sample_idx`` (int64), ``candidate`` (int64), ``prompt`` (str),
+        ``negative_prompt`` (str, '' for the run's default), ``seed`` (int64) and the editing and bookkeeping
+        columns, one row per sample and candidate.
     """
     ids = prompt_ids(batch)
     counts = _column(batch, "num_images")
@@ -353,24 +367,28 @@ def expand_samples(batch: dict[str, np.ndarray], *, run_seed: int, num_images: i
     kept = batch.get("kept_samples")
     totals = np.array([num_images if counts is None or _is_null(counts[i]) else int(counts[i])
                        for i in range(len(ids))], dtype=np.int64)
-    out: dict[str, list] = {"prompt_id": [], "sample_idx": [], "prompt": [], "negative_prompt": [], "seed": []}
+    out: dict[str, list] = {"prompt_id": [], "sample_idx": [], "candidate": [], "prompt": [], "negative_prompt": [],
+                            "seed": []}
     wanted: list[bool] = []
     for i, prompt_id in enumerate(ids):
         given = None if seeds is None or _is_null(seeds[i]) else int(seeds[i])
         negative = None if negatives is None else negatives[i]
-        skip = set() if kept is None or kept[i] is None else {int(k) for k in kept[i]}
+        skip = set() if kept is None or kept[i] is None else {(int(k[0]), int(k[1])) for k in kept[i]}
         for sample_idx in range(totals[i]):
-            wanted.append(sample_idx not in skip)
-            out["prompt_id"].append(prompt_id)
-            out["sample_idx"].append(sample_idx)
-            out["prompt"].append(str(batch["prompt"][i]))
-            out["negative_prompt"].append(negative if isinstance(negative, str) else "")
-            out["seed"].append(derive_seed(prompt_id, run_seed, sample_idx) if given is None
-                               else (given + sample_idx) & SEED_MASK)
-    carried = {name: np.repeat(np.asarray(values), totals) for name, values in batch.items()
+            seed = derive_seed(prompt_id, run_seed, sample_idx) if given is None else (given + sample_idx) & SEED_MASK
+            for candidate in range(best_of):
+                wanted.append((sample_idx, candidate) not in skip)
+                out["prompt_id"].append(prompt_id)
+                out["sample_idx"].append(sample_idx)
+                out["candidate"].append(candidate)
+                out["prompt"].append(str(batch["prompt"][i]))
+                out["negative_prompt"].append(negative if isinstance(negative, str) else "")
+                out["seed"].append(candidate_seed(seed, candidate))
+    carried = {name: np.repeat(np.asarray(values), totals * best_of) for name, values in batch.items()
                if name not in COLUMNS and name != "kept_samples"}
     rows = {"prompt_id": np.array(out["prompt_id"], dtype=object),
             "sample_idx": np.array(out["sample_idx"], dtype=np.int64),
+            "candidate": np.array(out["candidate"], dtype=np.int64),
             "prompt": np.array(out["prompt"], dtype=object),
             "negative_prompt": np.array(out["negative_prompt"], dtype=object),
             "seed": np.array(out["seed"], dtype=np.int64), **carried}

@@ -8,7 +8,7 @@ from typing import Any
 
 # The fields that ``manifest.json`` records as the run's ``counts`` (and in its attempt), in this order.
 COUNTS = ("rows", "expected", "errors", "generated", "shards", "shards_done", "stale_records", "seconds",
-          "images_per_second", "mean_score")
+          "images_per_second", "mean_score", "kept", "mean_kept_score", "dropped")
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,8 @@ class RunResult:
     """The counts of a run (``pipeline.manifest.finalize``), where its tables are, and how this attempt went.
 
     Attributes:
-        rows: unique samples in the metrics table, good and failed.
-        expected: samples the run's shard plan holds.
+        rows: unique rows in the metrics table (one per sample and candidate), good and failed.
+        expected: rows the run's shard plan holds (samples x ``--best-of``).
         errors: rows whose ``error`` is set (failed samples).
         generated: rows this attempt generated (0 when a rerun found everything done).
         shards: shards of the plan.
@@ -28,6 +28,11 @@ class RunResult:
         mean_score: mean score of the scored rows (None without a scorer).
         metrics_uri: the metrics table, a Parquet dataset (``pipeline.manifest.read_metrics`` reads it).
         manifest_uri: the run's manifest (config, attempts, counts).
+        kept: rows whose ``kept`` is true: the images that belong to the run's output.
+        mean_kept_score: mean score of the kept rows (None without a scorer).
+        dropped: when curating (``--best-of``, ``--min-score``), sample slots without a kept candidate, by reason:
+            ``below_min_score`` (the best scored under ``--min-score``), ``no_good_candidate`` (every candidate
+            failed or went unscored); empty otherwise.
         timings: seconds spent per phase of the run (``pipeline.generate.run_generate``).
         actors: per actor stage, the most actors alive at once, their nodes and start times.
     """
@@ -44,6 +49,9 @@ class RunResult:
     mean_score: float | None
     metrics_uri: str
     manifest_uri: str
+    kept: int = 0
+    mean_kept_score: float | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     actors: dict[str, dict[str, Any]] = field(default_factory=dict)
 

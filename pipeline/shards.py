@@ -46,9 +46,10 @@ class Shard:
     samples: int
 
 
-def default_shard_size(samples: int) -> int:
-    """``ceil(samples / 100)`` within [1, 1000] (see the module docstring)."""
-    return int(min(MAX_DEFAULT_SHARD_SIZE, max(1, -(-samples // SHARDS_PER_RUN))))
+def default_shard_size(samples: int, most: int = MAX_DEFAULT_SHARD_SIZE) -> int:
+    """``ceil(samples / 100)`` within [1, ``most``] (see the module docstring; the layout's
+    ``default_max_shard_size`` gives ``most``: 500 for Parquet files of about 0.5 GB)."""
+    return int(min(most, max(1, -(-samples // SHARDS_PER_RUN))))
 
 
 def plan_shards(files: list[str], row_samples: list[np.ndarray], shard_size: int) -> list[Shard]:
@@ -80,8 +81,8 @@ def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], sink: 
                 keep_failed: bool = False) -> pa.Table:
     """Shard descriptors (``name``, ``file``, ``start``, ``stop``, ``samples``, ``resume``) -> their prompt rows.
 
-    Adds ``shard`` and ``shard_samples`` to each row, for the sink, and ``kept_samples``: the sample indices of
-    the row that a partial shard already holds under ``sink``'s ``--out`` (``resume`` is ``"pieces"`` or
+    Adds ``shard`` and ``shard_samples`` to each row, for the sink, and ``kept_samples``: the ``[sample_idx,
+    candidate]`` pairs of the row that a partial shard already holds under ``sink``'s ``--out`` (``resume`` is ``"pieces"`` or
     ``"record"``; see ``pipeline.partial``), which ``expand_samples`` leaves out. Makes relative ``init_image`` and
     ``mask_image`` values absolute (see :func:`resolve_images`). Reads only the row groups that overlap the
     range, so prompt files written with row groups of about a shard (or smaller) are read once in total.
@@ -91,14 +92,14 @@ def read_shards(batch: pa.Table, *, storage: Storage, columns: list[str], sink: 
         table = resolve_images(read_rows(storage, shard["file"], shard["start"], shard["stop"], columns),
                                storage, shard["file"])
         count = table.num_rows
-        kept: dict[str, list[int]] = {}
+        kept: dict[str, list[list[int]]] = {}
         if shard.get("resume") and sink is not None:
             kept = keep_written_samples(sink, shard["name"], from_record=shard["resume"] == "record",
                                         keep_failed=keep_failed)
         rows_kept = [kept.get(prompt_id, []) for prompt_id in prompt_ids(table)] if kept else [[]] * count
         tables.append(table.append_column("shard", pa.array([shard["name"]] * count, pa.string()))
                       .append_column("shard_samples", pa.array([shard["samples"]] * count, pa.int64()))
-                      .append_column("kept_samples", pa.array(rows_kept, pa.list_(pa.int64()))))
+                      .append_column("kept_samples", pa.array(rows_kept, pa.list_(pa.list_(pa.int64())))))
     return pa.concat_tables(tables)
 
 

@@ -69,16 +69,19 @@ def test_end_to_end_and_rerun_generates_only_the_new_candidate(ray_local, tmp_pa
         assert actors["generator"]["actors"] == actors["scorer"]["actors"] == 1, (run, actors)
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("images/*")}
 
-    more = options.model_copy(update={"candidates": ["noise", "zsampling"]})
+    more = options.model_copy(update={"candidates": ["noise", "zsampling", "vanilla:best_of=2"]})
     summary = run_evaluate(more, job, model, generation, log=lambda _: None)
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("images/*")}
     assert {p: t for p, t in after.items() if p in before} == before  # nothing regenerated
     new = [p for p in after if p not in before]
-    assert len(new) == 6 and all("zsampling" in str(p) for p in new)
+    assert len(new) == 12 and sum("zsampling" in str(p) for p in new) == 6  # best-of-2: only its kept images
     assert summary["samplers"]["zsampling"]["nfe"] == 3 * 3 - 2
+    best = next(name for name in summary["samplers"] if name.startswith("vanilla_best_of_2"))
+    assert summary["samplers"][best]["nfe"] == 2 * 3 and summary["samplers"][best]["images"] == 6  # per kept image
+    assert summary["comparisons"][best]["overall"]["mean_difference"] >= 0  # the better of 2 vs candidate 0
     manifest = json.loads(next((out / "runs").glob("vanilla-*/manifest.json")).read_text())
     assert manifest["counts"]["generated"] == 0  # second attempt found everything done
-    seeds = [pd.read_parquet(p).set_index(["prompt_id", "sample_idx"]).seed.sort_index()
+    seeds = [pd.read_parquet(p, filters=[("candidate", "=", 0)]).set_index(["prompt_id", "sample_idx"]).seed.sort_index()
              for p in sorted((out / "runs").glob("*/metrics.parquet"))]
     assert all(s.equals(seeds[0]) for s in seeds) and seeds[0].nunique() == 6  # same seed per pair, all samplers
     metrics = pd.read_parquet(next((out / "runs").glob("zsampling-*/metrics.parquet")))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
+from pipeline.config import CURATION_OPTIONS, HASHED_OPTIONS, UNHASHED_OPTIONS, GenerateConfig, JobOptions
 from pipeline.pools import plan_stages
 from pipeline.prompt_sets import read_prompts
 from pipeline.prompts import PromptInputError, expand_samples, prompt_ids, scan_prompts
@@ -204,8 +204,10 @@ def test_distinct_ids_get_distinct_names():
 
 
 def test_every_job_option_declares_whether_it_is_hashed():
-    assert set(HASHED_OPTIONS) | set(UNHASHED_OPTIONS) == set(JobOptions.model_fields)
-    assert not set(HASHED_OPTIONS) & set(UNHASHED_OPTIONS)
+    assert set(HASHED_OPTIONS) | set(UNHASHED_OPTIONS) | set(CURATION_OPTIONS) == set(JobOptions.model_fields)
+    assert not set(HASHED_OPTIONS) & set(UNHASHED_OPTIONS) and not set(CURATION_OPTIONS) & set(HASHED_OPTIONS)
+    assert not set(CURATION_OPTIONS) & set(UNHASHED_OPTIONS)
+    assert all(JobOptions.model_fields[name].default == default for name, default in CURATION_OPTIONS.items())
     for name, field in JobOptions.model_fields.items():
         assert field.description, name
 

@@ -46,15 +46,15 @@ def test_assembly_keeps_the_good_row_of_a_sample_generated_again_and_a_partial_s
 
     # the rerun's read task: the record's good rows become a piece, with their image bytes from the old tar
     kept = keep_written_samples(sink, "s", from_record=True, keep_failed=False)
-    assert kept == {"a": [0, 1]}
-    assert keep_written_samples(sink, "s", from_record=True, keep_failed=True) == {"a": [0, 1]}
+    assert kept == {"a": [[0, 0], [1, 0]]}
+    assert keep_written_samples(sink, "s", from_record=True, keep_failed=True) == {"a": [[0, 0], [1, 0]]}
     prompts = pa.table({"prompt_id": ["a", "b"], "prompt": ["p", "p"], "num_images": [2, 1]})
     pq.write_table(prompts, tmp_path / "prompts.parquet")
     descriptor = pa.table({"name": ["s"], "file": [str(tmp_path / "prompts.parquet")], "start": [0], "stop": [2],
                            "samples": [3], "resume": ["record"]})
     rows = read_shards(descriptor, storage=Storage(str(tmp_path)), columns=["prompt_id", "prompt", "num_images"],
                        sink=sink)
-    assert rows["kept_samples"].to_pylist() == [[0, 1], []]
+    assert rows["kept_samples"].to_pylist() == [[[0, 0], [1, 0]], []]
     batch = {name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names}
     todo = expand_samples(batch, run_seed=0, num_images=1)
     assert list(zip(todo["prompt_id"], todo["sample_idx"])) == [("b", 0)] and "kept_samples" not in todo
@@ -78,7 +78,7 @@ def test_partial_shards_over_the_s3_protocol(s3):
     assert out.exists(out.path("_shards", "s.parquet"))
 
     # the good rows' images come back from the tar by ranged reads and land in a piece
-    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [0, 1]}
+    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [[0, 0], [1, 0]]}
     (path,) = out.list(out.path(PIECES, "s"), ".parquet")
     assert pq.read_table(io.BytesIO(out.read(path)))["image"].to_pylist() == [b"img-a-0", b"img-a-1"]
 

@@ -55,7 +55,7 @@ def _rows(keys: list[tuple[str, int]], shard: str, size: int) -> pa.Table:
                      "shard_samples": [size] * count})
 
 
-@pytest.mark.parametrize("layout", ["webdataset", "files"])
+@pytest.mark.parametrize("layout", ["webdataset", "files", "parquet"])
 def test_sink_assembles_a_shard_from_pieces_of_several_blocks_and_retries(tmp_path, layout):
     out = Storage(str(tmp_path / "out"))
     sink = SampleSink(out, RUN, "png", layout=layout)
@@ -73,6 +73,11 @@ def test_sink_assembles_a_shard_from_pieces_of_several_blocks_and_retries(tmp_pa
         assert record["image_offset"].null_count == 3 and not (tmp_path / "out" / "webdataset").exists()
         return
     assert not (tmp_path / "out" / "images").exists()
+    if layout == "parquet":
+        data = pq.read_table(tmp_path / "out" / "data" / "s.parquet")
+        assert [row["bytes"] for row in data["image"].to_pylist()] == images
+        assert record["image_offset"].to_pylist() == [0, 1, 2] and sink.images.read_images(record) == images
+        return
     tar = (tmp_path / "out" / "webdataset" / "s.tar").read_bytes()
     for image, offset, size in zip(images, record["image_offset"].to_pylist(), record["image_bytes"].to_pylist()):
         assert tar[offset:offset + size] == image  # a ranged read finds the image
@@ -140,5 +145,5 @@ def test_a_run_keeps_its_shard_size_and_refuses_another():
     assert JobOptions(layout="webdataset").layout == "webdataset"
     with pytest.raises(ValueError, match=r"--webdataset was removed in maskray 0\.1\.0; use --layout both"):
         JobOptions(webdataset=True)
-    with pytest.raises(ValueError, match="unknown layout 'tars'; known layouts: both, files, webdataset"):
+    with pytest.raises(ValueError, match="unknown layout 'tars'; known layouts: both, files, parquet, webdataset"):
         JobOptions(layout="tars")

@@ -61,8 +61,8 @@ def _rows(keys: list[tuple[str, int]], error: str = "") -> dict:
 
 
 def test_the_built_in_layouts_and_what_they_serve():
-    assert SinkBuilder.names() == ["both", "files", "webdataset"]
-    assert [serves_files(name) for name in ("files", "webdataset", "both")] == [True, False, True]
+    assert SinkBuilder.names() == ["both", "files", "parquet", "webdataset"]
+    assert [serves_files(name) for name in ("files", "webdataset", "both", "parquet")] == [True, False, True, False]
     assert build_sink("both", Storage("/tmp/x"), "png").needs_image_bytes
 
 
@@ -77,9 +77,9 @@ def test_a_config_type_or_a_name_registers_once_and_unknown_ones_list_the_known(
     with pytest.raises(ValueError, match="layout 'files' of OtherFiles is already registered by FilesConfig"):
         SinkBuilder.register(OtherFiles, ConcatSink)
     with pytest.raises(ValueError, match="no layout is registered for ConcatConfig; registered: BothConfig, "
-                                         "FilesConfig, WebDatasetConfig"):
+                                         "FilesConfig, ParquetConfig, WebDatasetConfig"):
         SinkBuilder.build(ConcatConfig(), Storage("/tmp/x"))
-    with pytest.raises(ValueError, match="unknown layout 'concat'; known layouts: both, files, webdataset"):
+    with pytest.raises(ValueError, match="unknown layout 'concat'; known layouts: both, files, parquet, webdataset"):
         build_sink("concat", Storage("/tmp/x"), "png")
 
 
@@ -101,7 +101,7 @@ def test_a_layout_registered_from_outside_writes_resumes_and_cleans_up(registry,
     assert (tmp_path / "out" / "concat" / "s.bin").read_bytes() == b"<a0><a1>"
 
     # a rerun keeps the good rows: their images come back from the blob into a piece, by the layout's locations
-    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [0, 1]}
+    assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [[0, 0], [1, 0]]}
     sink.write_table(pa.table(_rows([("b", 0)])))
     assert (tmp_path / "out" / "concat" / "s.bin").read_bytes() == b"<a0><a1><b0>"
 

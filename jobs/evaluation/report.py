@@ -72,9 +72,9 @@ def markdown(summary: dict) -> str:
     baseline, specs = summary["baseline"], summary["specs"]
     lines = [f"# Sampler evaluation against `{specs[baseline]}`", "",
              f"Baseline mean score {summary['samplers'][baseline]['mean_score']:.4f}, "
-             f"NFE {summary['samplers'][baseline]['nfe']:.0f}.", "",
+             f"NFE {summary['samplers'][baseline]['nfe']:.0f} per kept image.", "",
              "| candidate | n | wins / ties / losses | win rate (95% CI) | mean score (95% CI) | "
-             "mean diff (95% CI) | sign-test p | NFE | images/s |",
+             "mean diff (95% CI) | sign-test p | NFE per kept image | kept images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for candidate, entry in summary["comparisons"].items():
         lines.append(_row(specs[candidate], entry["overall"], summary["samplers"][candidate]))
@@ -146,7 +146,8 @@ def plot_score_distributions(scores: pd.DataFrame, samplers: list[str], path: Pa
 
 def image_grid(scores: pd.DataFrame, samplers: list[str], read_bytes: Callable[[str], bytes], path: Path,
                prompts: int = 4, cell: int = 128) -> None:
-    """A grid: one row per prompt (sample 0), one column per sampler, each cell captioned with its score."""
+    """A grid: one row per prompt (sample 0) headed by the prompt's text, one column per sampler, each cell
+    captioned with its score."""
     from PIL import Image, ImageDraw
 
     first = scores[(scores.sample_idx == 0) & scores.image_uri.notna()]
@@ -154,18 +155,32 @@ def image_grid(scores: pd.DataFrame, samplers: list[str], read_bytes: Callable[[
     chosen = sorted(common)[:prompts]
     if not chosen:
         return
-    grid = Image.new("RGB", (cell * len(samplers), (cell + 14) * len(chosen) + 14), "white")
+    line = 14
+    height = cell + 2 * line  # the prompt above the images, the scores below
+    width = cell * len(samplers)
+    grid = Image.new("RGB", (width, height * len(chosen) + line), "white")
     draw = ImageDraw.Draw(grid)
     for col, sampler in enumerate(samplers):
         draw.text((col * cell + 2, 1), sampler[:22], fill="black")
     for row, prompt_id in enumerate(chosen):
+        top = line + row * height
+        prompt = str(first[first.prompt_id == prompt_id].iloc[0].prompt)
+        draw.text((2, top + 1), fit_text(draw, prompt, width - 4), fill="#1f3b73")
         for col, sampler in enumerate(samplers):
             record = first[(first.sampler == sampler) & (first.prompt_id == prompt_id)].iloc[0]
             image = Image.open(io.BytesIO(read_bytes(record.image_uri))).convert("RGB").resize((cell, cell))
-            top = 14 + row * (cell + 14)
-            grid.paste(image, (col * cell, top))
-            draw.text((col * cell + 2, top + cell), f"{record.score:.3f}", fill="black")
+            grid.paste(image, (col * cell, top + line))
+            draw.text((col * cell + 2, top + line + cell), f"{record.score:.3f}", fill="black")
     grid.save(path)
+
+
+def fit_text(draw, text: str, width: int) -> str:
+    """``text`` cut with an ellipsis so that it fits ``width`` pixels in ``draw``'s font."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def write_report(scores: pd.DataFrame, baseline: str, candidates: list[str], out: Path,

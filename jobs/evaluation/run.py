@@ -5,6 +5,10 @@ derived seed for every sampler, and scored; the report pairs each candidate's im
 image of the same prompt and seed (arXiv 2411.10781's HPS v2 winning rate). Each sampler's generations
 live in their own resumable run folder, ``runs/<name>-<config hash>/``, so a rerun reuses every image
 already there and adding a candidate later costs only that candidate's images.
+
+A candidate may be best-of-N of a sampler, ``vanilla:best_of=3``: each (prompt, seed) gets N candidates (candidate 0
+with the baseline's seed, ``pipeline.curation``) and the best scored one is compared; its NFE and time are those of
+all N, so the report's "NFE per kept image" sets the paper's samplers against best-of-N at equal model calls.
 """
 
 from __future__ import annotations
@@ -87,6 +91,26 @@ def split_candidates(text: str) -> list[str]:
     return specs
 
 
+BEST_OF = re.compile(r"(?:(?<=:)|,)\s*best_of\s*=\s*(\d+)\s*(?=,|$)")
+
+
+def split_best_of(spec: str) -> tuple[str, int]:
+    """``vanilla:best_of=3`` -> (``vanilla``, 3); ``noise:noise.amplitude=2,best_of=2`` -> (``noise:noise.amplitude=2``,
+    2); a spec without ``best_of`` -> (spec, 1)."""
+    match = BEST_OF.search(spec)
+    if match is None:
+        return spec, 1
+    rest = (spec[:match.start()] + spec[match.end():]).replace(":,", ":").rstrip(":")
+    return rest, int(match[1])
+
+
+def per_kept_image(metrics: pd.DataFrame) -> pd.DataFrame:
+    """A best-of run's metrics as one row per kept image, whose ``nfe`` and ``gen_seconds`` are the sums over all
+    candidates of its slot (what the kept image cost)."""
+    spent = metrics.groupby(["prompt_id", "sample_idx"])[["nfe", "gen_seconds"]].transform("sum")
+    return metrics.assign(nfe=spent.nfe, gen_seconds=spent.gen_seconds)[metrics.kept.fillna(False).astype(bool)]
+
+
 def sampler_name(spec: str) -> str:
     """A folder-safe name for a sampler spec (presets keep their name)."""
     slug = re.sub(r"[^A-Za-z0-9+_.-]+", "_", spec).strip("_")[:48]
@@ -126,13 +150,14 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
         raise ValueError(f"the evaluation report reads images as files, which layout {job.layout} does not write; "
                          f"use --layout {' or '.join(n for n in SinkBuilder.names() if serves_files(n))}")
     specs = {sampler_name(s): s for s in [options.baseline, *options.candidates]}  # run name -> what the user wrote
-    samplers = {name: SamplerConfig.from_spec(spec) for name, spec in specs.items()}
+    best_of = {name: split_best_of(spec)[1] for name, spec in specs.items()}
+    samplers = {name: SamplerConfig.from_spec(split_best_of(spec)[0]) for name, spec in specs.items()}
     baseline, candidates = sampler_name(options.baseline), [sampler_name(c) for c in options.candidates]
     if baseline in candidates:
         raise ValueError(f"the baseline {options.baseline!r} is also a candidate; drop it from --candidates")
     sampler_job = job.model_copy(update={"num_images": options.seeds_per_prompt, "seed": options.seed})
     try:  # every sampler's settings are checked here, before any prompt is written or Ray starts
-        configs = {name: GenerateConfig(job=sampler_job, model=model,
+        configs = {name: GenerateConfig(job=sampler_job.model_copy(update={"best_of": best_of[name]}), model=model,
                                         generation=generation.model_copy(update={"sampler": sampler}))
                    for name, sampler in samplers.items()}
     except ValidationError as error:
@@ -141,7 +166,7 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
     out = Storage(options.out, job.storage_options)
     connected, frames, failed = False, [], {}
     for name, config in configs.items():
-        run_job = sampler_job.model_copy(update={"prompts": prompts_uri,
+        run_job = config.job.model_copy(update={"prompts": prompts_uri,
                                                  "out": out.url("runs", f"{name}-{config.config_hash()}")})
         config = config.model_copy(update={"job": run_job})
         log(f"maskray evaluate: sampler {name} -> {run_job.out}")
@@ -150,7 +175,7 @@ def run_evaluate(options: EvaluateOptions, job: JobOptions, model: ModelConfig, 
         if not run.complete:
             failed[name] = {"errors": run.errors, "missing": run.missing, "metrics": run.metrics_uri}
         metrics = read_metrics(Storage(run_job.out, job.storage_options)).to_pandas()
-        frames.append(metrics.assign(sampler=name))
+        frames.append((per_kept_image(metrics) if best_of[name] > 1 else metrics).assign(sampler=name))
     scores = pd.concat(frames, ignore_index=True).merge(categories, on="prompt_id", how="left")
     summary = write_report_to(out, scores, baseline, candidates, job.storage_options, options.bootstrap_seed, specs)
     for name in candidates:

@@ -3,6 +3,7 @@ by the ``--layout`` chosen (one module per layout, registered in ``registry``):
 
     images/<slug>-<sha256>_<sample_idx>.<ext>   one file per sample (layout files or both)
     webdataset/<shard>.tar                      one WebDataset tar per shard (layout webdataset or both)
+    data/<shard>.parquet, README.md             one Parquet file per shard and a dataset card (layout parquet)
     _shards/<shard>.parquet                     metrics rows of one whole shard: its completion record
     _pieces/<shard>/<rows hash>-<n>.parquet     rows of a shard written so far (removed once the shard is whole)
     metrics.parquet/, manifest.json             written by ``pipeline.manifest.finalize`` at the end
@@ -11,4 +12,4 @@ Importing this package registers the built-in layouts (and imports no Ray: ``pip
 A new layout is one module ending in ``SinkBuilder.register(ItsConfig, builder)`` and one import line below.
 """
 
-from pipeline.sinks import both, files, webdataset  # noqa: F401  (each module registers its layout)
+from pipeline.sinks import both, files, parquet, webdataset  # noqa: F401  (each module registers its layout)

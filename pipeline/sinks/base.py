@@ -8,7 +8,8 @@ A layout decides where a run's encoded images go under ``--out`` and what a metr
    ``needs_image_bytes``; the layout writes its shard-level output and says where each image is;
 3. ``read_images``: a rerun completing a partial shard reads the kept samples' images back from where
    ``assemble`` put them (only when the layout ``needs_image_bytes``: they go into a piece again);
-4. ``clean_up``: ``finalize`` lets the layout drop what writers left for shards that have no record.
+4. ``clean_up``: ``finalize`` lets the layout drop what writers left for shards that have no record;
+5. ``finish``: ``finalize`` lets the layout write its run-level files (a dataset card) once the metrics are final.
 
 A layout is one module: a ``LayoutConfig`` subclass naming it, an ``ImageSink`` subclass, and the line
 ``SinkBuilder.register(Config, builder)`` (``pipeline.sinks.registry``); ``pipeline/sinks/__init__.py`` imports it.
@@ -32,8 +33,11 @@ SLUG_CHARS = 48
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def image_name(prompt_id: str, sample_idx: int, image_format: str) -> str:
+def image_name(prompt_id: str, sample_idx: int, image_format: str, candidate: int | None = 0) -> str:
     """A file name that stays inside ``images/`` whatever ``prompt_id`` holds, distinct for distinct ids.
+
+    ``<slug>-<sha256>_<sample_idx>.<ext>``; a ``--best-of`` candidate other than 0 adds ``c<candidate>`` after the
+    sample index (candidate 0 keeps the plain name, so ``--best-of 1`` names files as a plain run).
 
     The id's first 48 characters, runs outside ``[A-Za-z0-9._-]`` replaced by ``-`` and no leading dots,
     give a readable slug; the full SHA-256 of the id (64 hex digits, no truncation) keeps distinct ids
@@ -41,7 +45,8 @@ def image_name(prompt_id: str, sample_idx: int, image_format: str) -> str:
     """
     slug = UNSAFE.sub("-", prompt_id[:SLUG_CHARS]).strip(".-") or "prompt"
     digest = hashlib.sha256(prompt_id.encode()).hexdigest()
-    return f"{slug}-{digest}_{int(sample_idx)}.{EXTENSIONS[image_format]}"
+    suffix = f"c{int(candidate)}" if candidate else ""
+    return f"{slug}-{digest}_{int(sample_idx)}{suffix}.{EXTENSIONS[image_format]}"
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,14 @@ class LayoutConfig:
         description: where the images go, for the help text.
         serves_files: every good sample's ``image_uri`` is a file holding its image alone, readable by URI
             (what the evaluation report reads).
+        default_max_shard_size: the most samples of a default shard (``pipeline.shards.default_shard_size``),
+            so a layout writing one file per shard keeps its files near the size it aims for.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     serves_files: ClassVar[bool]
+    default_max_shard_size: ClassVar[int] = 1000
 
     image_format: str = "png"  # png, webp or jpeg: the images' encoding and file extension
 
@@ -129,3 +137,7 @@ class ImageSink(ABC):
     @abstractmethod
     def clean_up(self, recorded: set[str]) -> None:
         """At ``finalize``: remove what writers left for shards not in ``recorded`` (shards without a record)."""
+
+    def finish(self, manifest: dict) -> None:
+        """At ``finalize``, after the metrics and counts: write the layout's run-level files (none by default)."""
+        return None

@@ -58,6 +58,10 @@ class ComposedSink(ImageSink):
         for member in self.members:
             member.clean_up(recorded)
 
+    def finish(self, manifest: dict) -> None:
+        for member in self.members:
+            member.finish(manifest)
+
 
 def build_both(config: BothConfig, storage: Storage) -> ComposedSink:
     members = [FilesConfig(config.image_format), WebDatasetConfig(config.image_format)]

@@ -30,42 +30,51 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
+from pipeline.curation import Curation
 from pipeline.sinks.base import ShardImages, image_name
 from pipeline.sinks.registry import build_sink
 from pipeline.storage import Storage
 
 SHARDS, PIECES = "_shards", "_pieces"
 
-# The metrics table, one row per (prompt_id, sample_idx); null score when no scorer ran, null error when OK.
+# The metrics table, one row per (prompt_id, sample_idx, candidate); null score when no scorer ran, null error when
+# OK. ``candidate`` is 0 unless ``--best-of``; ``kept`` says whether the row's image belongs to the run's output
+# (``pipeline.curation``: without curation, every good row); both are null in records of older runs.
 # ``image_uri`` and ``image_offset`` locate the image as the layout says (``pipeline.sinks.files``: the image
 # file; ``webdataset``: the shard's tar, the image at ``image_offset`` for ``image_bytes``). ``init_image``, ``mask_image`` and ``strength``
 # are the edit inputs of the row (resolved URIs; null for a plain generation and in records of older runs,
 # which read back with these columns null).
 METRICS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("sample_idx", pa.int64()), ("prompt", pa.string()),
+    ("prompt_id", pa.string()), ("sample_idx", pa.int64()), ("candidate", pa.int64()), ("prompt", pa.string()),
     ("negative_prompt", pa.string()), ("seed", pa.int64()), ("init_image", pa.string()), ("mask_image", pa.string()),
     ("strength", pa.float64()), ("shard", pa.string()), ("image_uri", pa.string()),
     ("image_offset", pa.int64()), ("image_bytes", pa.int64()), ("model", pa.string()),
     ("quantization", pa.string()), ("sampler", pa.string()), ("sampler_hash", pa.string()),
-    ("config_hash", pa.string()), ("scorer", pa.string()), ("score", pa.float64()), ("nfe", pa.int64()),
+    ("config_hash", pa.string()), ("scorer", pa.string()), ("score", pa.float64()), ("kept", pa.bool_()),
+    ("nfe", pa.int64()),
     ("gen_seconds", pa.float64()), ("error", pa.string()), ("attempt", pa.int64()),
     ("written_at", pa.timestamp("ms", tz="UTC")),
 ])
 # A piece: the metrics columns known before assembly, plus the encoded image when the layout needs it.
-PIECE_SCHEMA = pa.schema([f for f in METRICS_SCHEMA if f.name not in ("image_uri", "image_offset")]
+PIECE_SCHEMA = pa.schema([f for f in METRICS_SCHEMA if f.name not in ("image_uri", "image_offset", "kept")]
                          + [pa.field("image", pa.binary())])
 RUN_COLUMNS = ("model", "quantization", "sampler", "sampler_hash", "config_hash", "scorer", "attempt")
 
 
-def rows_id(prompt_ids: Iterable[str], sample_idx: Iterable[int]) -> str:
-    """20 hex digits of SHA-256 over sorted sample keys: the same rows give the same piece name."""
-    keys = sorted(f"{p}\x00{int(i)}" for p, i in zip(prompt_ids, sample_idx))
+def rows_id(prompt_ids: Iterable[str], sample_idx: Iterable[int], candidates: Iterable[int | None] = ()) -> str:
+    """20 hex digits of SHA-256 over sorted sample keys: the same rows give the same piece name (a candidate other
+    than 0 is part of its key)."""
+    sample_idx = list(sample_idx)
+    candidates = list(candidates) or [0] * len(sample_idx)
+    keys = sorted(f"{p}\x00{int(i)}" + (f"\x00{int(c)}" if c else "")
+                  for p, i, c in zip(prompt_ids, sample_idx, candidates))
     return hashlib.sha256("\x01".join(keys).encode()).hexdigest()[:20]
 
 
 def piece_name(piece: pa.Table) -> str:
     """``<rows_id>-<rows>.parquet``: the same rows give the same name, and a listing counts rows without reads."""
-    return f"{rows_id(piece['prompt_id'].to_pylist(), piece['sample_idx'].to_pylist())}-{piece.num_rows}.parquet"
+    key = rows_id(piece["prompt_id"].to_pylist(), piece["sample_idx"].to_pylist(), piece["candidate"].to_pylist())
+    return f"{key}-{piece.num_rows}.parquet"
 
 
 class SampleSink(Datasink[int]):
@@ -79,16 +88,24 @@ class SampleSink(Datasink[int]):
             (``pipeline.sinks.registry``).
         rows_per_write: rows Ray Data gathers for one write task (the shard size: about one piece per shard
             and per task, instead of one per generator batch).
+        curation: which candidates the run keeps (``pipeline.curation``); when it selects, pieces carry every
+            candidate's image and assembly hands the layout only the kept ones (all with ``keep_all_images``).
 
     Rows must carry ``shard`` (the shard's name) and ``shard_samples`` (its size) besides the generator's
     and scorer's columns.
     """
 
     def __init__(self, storage: Storage, run: dict, image_format: str, layout: str = "files",
-                 rows_per_write: int | None = None):
+                 rows_per_write: int | None = None, curation: Curation | None = None):
         self.storage, self.run, self.image_format = storage, dict(run), image_format
         self.images = build_sink(layout, storage, image_format)
         self.rows_per_write = rows_per_write
+        self.curation = curation or Curation()
+
+    @property
+    def carries_images(self) -> bool:
+        """Pieces hold the encoded images until assembly (the layout builds from them, or candidates are chosen)."""
+        return self.images.needs_image_bytes or self.curation.active
 
     @property
     def min_rows_per_write(self) -> int | None:
@@ -120,21 +137,24 @@ class SampleSink(Datasink[int]):
         return completed
 
     def _write_piece(self, shard: str, table: pa.Table) -> None:
-        """The rows' images (the layout's ``write_samples``), then their piece."""
+        """The rows' images (the layout's ``write_samples``, unless candidates are chosen at assembly), then their
+        piece."""
         columns = {name: table[name].to_pylist() for name in table.column_names}
         count = table.num_rows
         ids, samples, images = columns["prompt_id"], columns["sample_idx"], columns["image"]
+        candidates = columns.get("candidate") or [0] * count
         errors = [e or None for e in columns["error"]]
-        names = [image_name(p, i, self.image_format) for p, i in zip(ids, samples)]
-        self.images.write_samples(ShardImages(names, images, [bool(b) and not e for b, e in zip(images, errors)],
-                                              columns))
+        if not self.curation.active:
+            names = [image_name(p, i, self.image_format) for p, i in zip(ids, samples)]
+            self.images.write_samples(ShardImages(names, images, [bool(b) and not e for b, e in zip(images, errors)],
+                                                  columns))
         scores = columns.get("score") or [None] * count
         edits = {name: [v if isinstance(v, str) and v else None for v in columns.get(name) or [None] * count]
                  for name in ("init_image", "mask_image")}
         strengths = columns.get("strength") or [None] * count
-        keep_images = self.images.needs_image_bytes
+        keep_images = self.carries_images
         piece = {
-            "prompt_id": ids, "sample_idx": samples, "prompt": columns["prompt"],
+            "prompt_id": ids, "sample_idx": samples, "candidate": candidates, "prompt": columns["prompt"],
             "negative_prompt": [n or None for n in columns["negative_prompt"]], "seed": columns["seed"],
             **edits, "strength": [None if s is None or np.isnan(s) else float(s) for s in strengths],
             "shard": [shard] * count, "image_bytes": [len(b or b"") if not e else 0 for b, e in zip(images, errors)],
@@ -165,19 +185,28 @@ class SampleSink(Datasink[int]):
         except FileNotFoundError:
             return False  # another writer assembled this shard and removed the pieces meanwhile
         table = pa.concat_tables([pq.read_table(io.BytesIO(b), schema=PIECE_SCHEMA) for b in blobs])
+        table = table.set_column(table.schema.get_field_index("candidate"), "candidate",
+                                 pc.fill_null(table["candidate"], 0))
         table = first_per_key(table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending"),
-                                             ("error", "ascending", "at_start")]))
+                                             ("candidate", "ascending"), ("error", "ascending", "at_start")]))
         if table.num_rows != expected:
             return False
         columns = {name: table[name].to_pylist() for name in table.column_names}
-        names = [image_name(p, i, self.image_format) for p, i in zip(columns["prompt_id"], columns["sample_idx"])]
+        names = [image_name(p, i, self.image_format, c)
+                 for p, i, c in zip(columns["prompt_id"], columns["sample_idx"], columns["candidate"])]
         ok = [size > 0 and not error for size, error in zip(columns["image_bytes"], columns["error"])]
         images = columns.pop("image")
+        kept = columns["kept"] = self.curation.kept(columns)
+        if self.curation.active:  # only the chosen candidates' images (whose bytes this assembly holds) are written
+            wanted = self.curation.keep_all_images
+            ok = [good and (keep or wanted) and image is not None for good, keep, image in zip(ok, kept, images)]
+            self.images.write_samples(ShardImages(names, images, ok, columns))
         located = self.images.assemble(shard, ShardImages(names, images, ok, columns))
         record = table.drop_columns(["image"])
         index = record.schema.get_field_index("image_bytes")
         record = record.add_column(index, "image_offset", pa.array(located.offsets, pa.int64()))
         record = record.add_column(index, "image_uri", pa.array(located.uris, pa.string()))
+        record = record.append_column("kept", pa.array(kept, pa.bool_()))
         record = record.select(METRICS_SCHEMA.names)
         self.storage.write_table(self.storage.path(SHARDS, f"{shard}.parquet"), record.cast(METRICS_SCHEMA))
         self.storage.remove(self.storage.path(PIECES, shard))
@@ -189,12 +218,17 @@ class SampleSink(Datasink[int]):
         self.images.clean_up(recorded)
         self.storage.remove(self.storage.path(PIECES))
 
+    def finish(self, manifest: dict) -> None:
+        """At ``finalize``, once the counts are in ``manifest``: the layout's run-level files."""
+        self.images.finish(manifest)
+
 
 def first_per_key(table: pa.Table) -> pa.Table:
-    """One row per (prompt_id, sample_idx) of a table sorted by key: the first (assembly sorts a good row, null
-    ``error``, before a failed one, so a sample generated again after a failure keeps its good row)."""
+    """One row per (prompt_id, sample_idx, candidate) of a table sorted by key: the first (assembly sorts a good
+    row, null ``error``, before a failed one, so a sample generated again after a failure keeps its good row)."""
     if table.num_rows < 2:
         return table
-    ids, samples = table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()
-    keep = [i for i in range(len(ids)) if i == 0 or (ids[i], samples[i]) != (ids[i - 1], samples[i - 1])]
+    keys = list(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist(),
+                    table["candidate"].to_pylist()))
+    keep = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
     return table.take(keep)

@@ -1,13 +1,17 @@
 """Benchmark: ``maskray generate``'s bookkeeping at 10^4..10^6+ samples, stub generator (not collected by pytest).
 
     python tests/benchmarks/scale.py --samples 1000000 --storage s3 --out scale-1e6-s3.json [--delay 0]
+    python tests/benchmarks/scale.py --samples 100000 --storage s3 --prefill --compare-layouts --out cmp.json
 
 The real pipeline (``pipeline.generate.run_generate``: shard plan, Ray Data read -> expand -> repartition ->
 actor pool -> ``SampleSink`` -> finalize) runs with ``StubGenerator`` plugged in as its generator stage: a
 fixed 8x8 PNG per sample and an optional fixed sleep per batch, so the figures are the pipeline's and its
 bookkeeping's, not a model's. Storage is a local folder or the S3 protocol: a ``moto_server`` subprocess on
 127.0.0.1 (its memory is not the driver's). Images go to WebDataset tars (``--layout webdataset``, the layout
-for millions of samples: a million files would measure the object store's PUT rate).
+for millions of samples: a million files would measure the object store's PUT rate) or to Parquet shards
+(``--layout parquet``). ``--compare-layouts`` runs the benchmark once per layout, each in a process of its own
+(so each driver's peak memory is its own), with the same shard size, and reports both and their ratios
+(parquet / webdataset) of resume, finalize and driver memory.
 
 Three runs into one ``--out``: a fresh run; a rerun with nothing left to do; a rerun after deleting
 ``--delete-shards`` completion records (what a crash that lost that many shards leaves). With ``--prefill``
@@ -159,7 +163,10 @@ def prefill(config, stage: type, processes: int = 2) -> None:
     job = config.job
     prompts = Storage(job.prompts, job.storage_options)
     scan = scan_prompts(job.prompts, prompts, job.num_images)
-    size = job.shard_size or default_shard_size(scan.samples)
+    from pipeline.sinks.registry import SinkBuilder
+
+    most = SinkBuilder.config_type(job.layout).default_max_shard_size
+    size = job.shard_size or default_shard_size(scan.samples, most)
     plan = plan_shards(scan.files, scan.row_samples, size)
     out = Storage(job.out, job.storage_options)
     manifest.start_attempt(out, config, None, [prompts.uri], 0, size)
@@ -216,7 +223,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             fs.put(prompts + "/", "bench/prompts/", recursive=True)
             prompts, out_uri = "s3://bench/prompts/", "s3://bench/out"
         config = GenerateConfig.model_validate({
-            "job": {"prompts": prompts, "out": out_uri, "batch_size": args.batch_size, "layout": "webdataset",
+            "job": {"prompts": prompts, "out": out_uri, "batch_size": args.batch_size, "layout": args.layout,
                     "shard_size": args.shard_size, "generator_actors": args.actors, "storage_options": options},
             "model": {"device": "cpu"}, "generation": {"steps": 1, "width": 8, "height": 8}})
         stage = stub_stage(args.delay)
@@ -249,7 +256,8 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     shard_size = -(-rerun.expected // rerun.shards)
     generate = None if args.prefill else fresh.timings["generate_seconds"]
     result = {
-        "samples": args.samples, "storage": args.storage, "records": len(records), "shard_size": shard_size,
+        "samples": args.samples, "storage": args.storage, "layout": args.layout, "records": len(records),
+        "shard_size": shard_size,
         "batch_size": args.batch_size, "actors": args.actors, "delay": args.delay,
         "prefill_seconds": round(prefill_seconds, 1) if args.prefill else None, "generate_seconds": generate,
         "samples_per_second": round(args.samples / generate, 2) if generate else None,
@@ -282,6 +290,39 @@ def table(result: dict) -> str:
                       "| " + " | ".join(str(result[k]) for k in keys) + " |"])
 
 
+COMPARED = ("resume_seconds", "finalize_seconds", "finalize_seconds_rerun", "driver_peak_rss_mib")
+
+
+def compare_layouts(args: argparse.Namespace) -> None:
+    """This benchmark once per layout in a child process (same arguments and shard size); writes both results and
+    parquet / webdataset ratios of ``COMPARED`` to ``args.out``."""
+    results = {}
+    shard_size = args.shard_size or 1000  # one size for both layouts: the comparison is of the layouts' costs
+    for layout in ("webdataset", "parquet"):
+        child = Path(args.out).with_suffix(f".{layout}.json")
+        argv = [a for a in sys.argv[1:] if a != "--compare-layouts"]
+        argv = _set(_set(_set(argv, "--layout", layout), "--out", str(child)), "--shard-size", str(shard_size))
+        subprocess.run([sys.executable, __file__, *argv], check=True)
+        results[layout] = json.loads(child.read_text())
+    ratios = {key: round(results["parquet"][key] / results["webdataset"][key], 3) for key in COMPARED
+              if results["webdataset"].get(key)}
+    Path(args.out).write_text(json.dumps({**results, "parquet_over_webdataset": ratios}, indent=2))
+    print("parquet / webdataset:", json.dumps(ratios))
+
+
+def _set(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag value`` replacing any earlier value of ``flag``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return [*out, flag, value]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10_000)
@@ -296,7 +337,13 @@ def main() -> None:
     parser.add_argument("--delete-shards", type=int, default=3)
     parser.add_argument("--prefill", action="store_true", help="write the shards without Ray instead of a fresh "
                         "run (measures resume, finalize and memory at scale quickly)")
+    parser.add_argument("--layout", choices=["webdataset", "parquet"], default="webdataset")
+    parser.add_argument("--compare-layouts", action="store_true", help="run webdataset then parquet, each in its own "
+                        "process, and report their ratios")
     args = parser.parse_args()
+    if args.compare_layouts:
+        compare_layouts(args)
+        return
     with tempfile.TemporaryDirectory(prefix="maskray-scale-") as folder:
         result = run(args, Path(folder))
     Path(args.out).write_text(json.dumps(result, indent=2))
