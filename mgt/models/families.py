@@ -59,6 +59,8 @@ class ModelFamily:
         tiny_transformer: ``() -> transformer`` with a few thousand random weights, for tests and demos.
         model_index: the family's entries of ``model_index.json`` (its reference pipeline, scheduler and
             transformer class names), written by :func:`mgt.models.tiny.write_model`.
+        cached_forward: the cached-context forward (ReCAP, :mod:`mgt.efficient.recap`), or None when the family
+            has none (``SamplerConfig.cache`` is then refused).
     """
 
     name: str
@@ -69,6 +71,7 @@ class ModelFamily:
     subfolders: tuple[str, ...]
     tiny_transformer: Callable[[], Any]
     model_index: Mapping[str, Any]
+    cached_forward: Callable[..., Any] | None = None
 
     def recognises(self, class_name: str) -> bool:
         return class_name in self.class_names or class_name == self.transformer.__name__

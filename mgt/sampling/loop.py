@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mgt.sampling import schedules
+from mgt.sampling.cached_context import CachedContext
 from mgt.sampling.differential_sampling import DifferentialSampling
 from mgt.sampling.noise_regularization import NoiseRegularization
 from mgt.sampling.sampler_config import SamplerConfig
@@ -91,6 +92,8 @@ def remask_lowest_confidence(
     generators: Sequence[torch.Generator],
     mask_token_id: int,
     kept: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+    confidence_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-mask the ``num_to_mask[b]`` drawn tokens of lowest annealed-Gumbel confidence.
 
@@ -102,6 +105,8 @@ def remask_lowest_confidence(
         drawn: `(B, L)` tokens after the draw.
         token_probs: `(B, L)` float32 probability of each drawn token.
         unknown: `(B, L)` bool, positions that were masked before the draw.
+        held: `(B, L)` bool positions that stay masked (confidence -inf; cached-context local steps).
+        confidence_out: `(B, L)` float32 buffer that receives the confidences (cached-context full steps).
     """
     token_probs = torch.where(unknown, token_probs, torch.finfo(token_probs.dtype).max)
     log_probs = torch.log(token_probs.clamp(1e-20))
@@ -110,6 +115,10 @@ def remask_lowest_confidence(
         confidence = log_probs[b] + temperature * gumbel_noise(drawn.shape[1], generator, drawn.device)
         if kept is not None:
             confidence.masked_fill_(kept[b], torch.inf)
+        if held is not None:
+            confidence.masked_fill_(held[b], -torch.inf)
+        if confidence_out is not None:
+            confidence_out[b] = confidence
         cutoff = torch.kthvalue(confidence, num_to_mask[b] + 1).values  # == sort(confidence)[num_to_mask]
         out[b][confidence < cutoff] = mask_token_id
     return out
@@ -184,6 +193,7 @@ def sample(
     init: torch.Tensor | None = None,
     start_step: int = 0,
     start_ratio: torch.Tensor | None = None,
+    cache_patch: int = 1,
 ) -> SamplingResult:
     """Run the sampler from a fully masked `(B, h, w)` grid, or from ``init``, to final tokens.
 
@@ -198,6 +208,9 @@ def sample(
     tokens are redrawn; only steps ``start_step..T-1`` run, and ``start_ratio`` `(B,)` scales the mask schedule.
     The tokens known in ``init`` are kept: a step only draws masked positions and never re-masks a known token
     (its confidence is the float32 maximum), and Z-Sampling re-masks only the redrawn positions.
+
+    ``sampler.cache`` (:mod:`mgt.sampling.cached_context`) makes ``predict`` take a ``context`` keyword;
+    ``cache_patch`` is the side of the token patch one transformer position holds (2 for Meissonic-1024).
     """
     batch, height, width = shape
     if len(generators) != batch:
@@ -206,6 +219,8 @@ def sample(
     differential = DifferentialSampling.from_config(sampler.differential) if sampler.differential else None
     zsampling = MaskedZSampling.from_config(sampler.zsampling) if sampler.zsampling else None
     zigzag_steps = zsampling.zigzag_steps(num_steps) if zsampling else 0
+    context = CachedContext(sampler.cache, num_steps, zigzag_steps, (height, width), cache_patch) if sampler.cache \
+        else None
     temperatures = gumbel_temperatures(sampler, num_steps)
     if init is None:
         tokens = torch.full((batch, height * width), mask_token_id, dtype=torch.long, device=device)
@@ -219,7 +234,10 @@ def sample(
     def step(current: torch.Tensor, i: int, num_to_mask: list[int]) -> torch.Tensor:
         nonlocal probs, nfe
         scale = schedules.guidance_scale(sampler.guidance_schedule, guidance, i, num_steps)
-        logits = predict(current.view(batch, height, width), num_steps - 1 - i, scale)
+        if context is None:
+            logits = predict(current.view(batch, height, width), num_steps - 1 - i, scale)
+        else:  # a full forward that records keys and values, or a local one against them
+            logits = context.logits(predict, current.view(batch, height, width), num_steps - 1 - i, scale, i)
         nfe += 1
         unknown = current == mask_token_id
         if noise is not None:  # differential sampling ranks every position, so then all of them get noise
@@ -234,8 +252,19 @@ def sample(
         if i == num_steps - 1:
             return drawn
         token_probs = dist.gather(-1, drawn[..., None])[..., 0]
-        return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
-                                        mask_token_id, kept)
+        if context is None:
+            return remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
+                                            mask_token_id, kept)
+        # cached context: held positions stay masked; a full step's confidences choose the next group
+        confidence = torch.empty_like(token_probs) if context.full_now else None
+        remasked = remask_lowest_confidence(drawn, token_probs, unknown, context.mask_counts(num_to_mask),
+                                            temperatures[i], generators, mask_token_id, kept, context.held_now,
+                                            confidence)
+        if confidence is not None:
+            masked = remasked == mask_token_id
+            ends = mask_counts(sampler, masked, context.group_end(i), num_steps, start_ratio)
+            context.choose_group(unknown, masked, confidence, ends, i)
+        return remasked
 
     for i in range(start_step, num_steps):
         num_to_mask = mask_counts(sampler, tokens == mask_token_id, i, num_steps, start_ratio)

@@ -12,14 +12,14 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from mgt.validation import describe_validation_error
 
 TECHNIQUES = ("noise", "differential", "zsampling")
 HASHED_WHEN_SET = ("token_temperature",)  # see SamplerConfig.config_hash
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
-           "noise+differential", "all")
+           "noise+differential", "all", "recap")
 
 
 class NoiseRegularizationConfig(BaseModel):
@@ -64,6 +64,30 @@ class MaskedZSamplingConfig(BaseModel):
         "revealed-1", description="How many: the forward step's revealed count minus 1 (released code), or all.")
 
 
+class CachedContextConfig(BaseModel):
+    """Cached-context steps (ReCAP, arXiv 2505.19089): full forwards interleaved with local ones that run only
+    the positions being decoded against the keys and values cached at the last full one (docs/efficiency.md).
+
+    Reference options (github.com/liebenxj/ReCAP @ 4d1da38, ``examples/MaskGIT+ReCAP/cache_decoding.py``):
+    ``--pre_full_iters`` is ``full_first``, ``--num_cache_iters`` is ``full_every - 1``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    full_every: int = Field(2, ge=1, description="k: after the first full_first steps, step i is full when "
+                            "(i - full_first) % k == 0 and local otherwise (k - 1 local steps per full one; "
+                            "ReCAP's num_cache_iters = k - 1); 1 runs every step full, as without the cache.")
+    full_first: int = Field(0, ge=0, description="P: steps 0..P-1 all run full (ReCAP's pre_full_iters).")
+    queries: Literal["group", "masked"] = Field(
+        "group", description="What a local step computes. group (ReCAP's grouped decoding): the full step picks, "
+        "by the re-masking confidence, the positions revealed before the next full step; local steps compute and "
+        "draw those only, the other masked positions stay masked. masked: every position masked at the last full "
+        "step is recomputed and re-drawn, as the vanilla sampler does (cheaper only late in the schedule).")
+
+
+RECAP_PRESET = {"full_every": 2, "full_first": 0, "queries": "group"}  # the schedule docs/efficiency.md chose
+
+
 class SamplerConfig(BaseModel):
     """How the masked tokens are drawn and re-masked at each step; vanilla = diffusers' AmusedScheduler.
 
@@ -101,6 +125,17 @@ class SamplerConfig(BaseModel):
     differential: DifferentialSamplingConfig | None = Field(None, description="Differential sampling; unset "
                                                              "is off.")
     zsampling: MaskedZSamplingConfig | None = Field(None, description="Masked Z-Sampling; unset is off.")
+    cache: CachedContextConfig | None = Field(None, description="Cached-context steps (ReCAP); unset runs "
+                                              "every step full. Z-Sampling's zigzag steps always run full.")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_cache(self, handler):
+        """``cache`` is written only when set, so every config written before it existed (and every hash taken
+        over a dump, such as a generation run's) is unchanged."""
+        values = handler(self)
+        if values.get("cache") is None:
+            values.pop("cache", None)
+        return values
 
     @classmethod
     def from_spec(cls, spec: str | dict | SamplerConfig) -> SamplerConfig:
@@ -137,6 +172,8 @@ class SamplerConfig(BaseModel):
 def preset_values(preset: str) -> dict[str, Any]:
     """The field mapping of a preset: ``vanilla``, ``all`` or ``+``-joined techniques in any order."""
     parts = [p.strip() for p in preset.split("+")]
+    if preset == "recap":
+        return {"cache": dict(RECAP_PRESET)}
     if preset == "all":
         parts = list(TECHNIQUES)
     elif preset == "vanilla":
