@@ -201,3 +201,40 @@ def test_recap_preset_and_spec_forms():
     assert SamplerConfig.from_spec({"cache": {"queries": "masked"}}).cache.queries == "masked"
     with pytest.raises(ValueError, match="cache.full_every: Input should be greater than or equal to 1"):
         SamplerConfig.from_spec("vanilla:cache.full_every=0")
+
+
+def test_the_option_parses_in_sample_generate_evaluate_and_serve():
+    """One typed config: the CLI's and YAML's GenerationSettings, evaluate's candidates and the Serve request
+    schema all turn ``recap`` (or a compact spec with cache fields) into the same SamplerConfig."""
+    from jobs.evaluation.run import EvaluateOptions
+    from jobs.serve.openai_schema import ImageGenerationRequest
+    from mgt.config import GenerationSettings
+
+    recap = SamplerConfig.from_spec("recap")
+    assert GenerationSettings(sampler="recap").sampler == recap
+    assert GenerationSettings.model_validate({"sampler": {"cache": {}}}).sampler == recap
+    options = EvaluateOptions(candidates="recap,vanilla:cache.full_every=3,cache.full_first=2")
+    assert options.candidates == ["recap", "vanilla:cache.full_every=3,cache.full_first=2"]
+    assert ImageGenerationRequest.model_validate({"prompt": "a red circle", "sampler": "recap"}).sampler == recap
+    body = {"prompt": "a red circle", "sampler": {"cache": {"full_every": 3}}}
+    assert ImageGenerationRequest.model_validate(body).sampler.cache.full_every == 3
+
+
+def test_sample_cli_runs_the_recap_preset(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "images"
+    subprocess.run([sys.executable, "-m", "jobs.cli", "sample", "--prompt", "a red circle", "--model", "tiny-meissonic",
+                    "--steps", "4", "--sampler", "recap", "--out", str(out)], check=True, capture_output=True)
+    assert len(list(out.glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("family", ["tiny_meissonic", "tiny_amused"])
+def test_whole_batch_forward_pads_each_rows_queries(family, request):
+    import dataclasses
+
+    pipe = dataclasses.replace(request.getfixturevalue(family), micro_batch=None)
+    out = pipe.generate(["a red circle", "", "two blue squares"], [3, 4, 5], steps=6,
+                        sampler=SamplerConfig.from_spec("recap"), decode=False)
+    assert out.nfe == 6 and not (out.tokens == pipe.mask_token_id).any()
