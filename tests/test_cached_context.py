@@ -132,7 +132,7 @@ def test_noise_regularization_needs_logits_only_where_a_local_step_computes(spec
 
 def test_local_steps_compute_the_group_only_and_group_steps_hold_the_rest():
     cached, seen = _recording_stand_in([1, 2], junk_outside_queries=False)
-    tokens = _run(cached, "recap", steps=8)
+    tokens = _run(cached, "vanilla:cache.full_every=2", steps=8)
     assert not (tokens == MASK).any()
     local = [q for q in seen if q is not None]
     assert len(local) == 4 and all(0 < int(q.sum(1).max()) < SIDE * SIDE for q in local)
@@ -196,7 +196,7 @@ def test_w8a16_quantized_meissonic_runs_cached_context_steps():
 
 def test_recap_preset_and_spec_forms():
     recap = SamplerConfig.from_spec("recap")
-    assert recap.cache == CachedContextConfig() and recap.noise is None
+    assert recap.cache == CachedContextConfig(full_every=3) and recap.noise is None  # docs/efficiency.md
     assert SamplerConfig.from_spec("noise:cache.full_every=3").cache.full_every == 3
     assert SamplerConfig.from_spec({"cache": {"queries": "masked"}}).cache.queries == "masked"
     with pytest.raises(ValueError, match="cache.full_every: Input should be greater than or equal to 1"):
@@ -212,7 +212,7 @@ def test_the_option_parses_in_sample_generate_evaluate_and_serve():
 
     recap = SamplerConfig.from_spec("recap")
     assert GenerationSettings(sampler="recap").sampler == recap
-    assert GenerationSettings.model_validate({"sampler": {"cache": {}}}).sampler == recap
+    assert GenerationSettings.model_validate({"sampler": {"cache": {"full_every": 3}}}).sampler == recap
     options = EvaluateOptions(candidates="recap,vanilla:cache.full_every=3,cache.full_first=2")
     assert options.candidates == ["recap", "vanilla:cache.full_every=3,cache.full_first=2"]
     assert ImageGenerationRequest.model_validate({"prompt": "a red circle", "sampler": "recap"}).sampler == recap

@@ -85,7 +85,7 @@ class CachedContextConfig(BaseModel):
         "step is recomputed and re-drawn, as the vanilla sampler does (cheaper only late in the schedule).")
 
 
-RECAP_PRESET = {"full_every": 2, "full_first": 0, "queries": "group"}  # the schedule docs/efficiency.md chose
+RECAP_PRESET = {"full_every": 3, "full_first": 0, "queries": "group"}  # the schedule docs/efficiency.md chose
 
 
 class SamplerConfig(BaseModel):

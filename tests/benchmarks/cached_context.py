@@ -183,6 +183,46 @@ def paired_runs(candidate_run: str, baseline_run: str) -> dict:
             "win_rate": float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))}
 
 
+def plot_curve(report: dict, evaluation: list[dict], path: str) -> None:
+    """FLOPs ratio against paired score difference: the tuning rows (cached schedules and vanilla at fewer
+    steps) and the evaluation-caption points ``evaluation`` (``{"label", "flops_ratio", "mean_difference",
+    "ci95"}``), with their 95 % intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=110)
+    for kind, marker, color in (("cache", "o", "tab:blue"), ("vanilla", "s", "tab:gray")):
+        rows = [r for r in report["quality_rows"] if ("cache" in r["sampler"]) == (kind == "cache")]
+        rows = [r for r in rows if r["sampler"] != "vanilla" or r["steps"] != 16]
+        x = [r["flops_ratio"] for r in rows]
+        y = [r["diff_vs_vanilla"] for r in rows]
+        err = [[r["diff_vs_vanilla"] - r["diff_ci95"][0] for r in rows], [r["diff_ci95"][1] - r["diff_vs_vanilla"]
+                                                                            for r in rows]]
+        ax.errorbar(x, y, yerr=err, fmt=marker, color=color, capsize=3, alpha=0.6,
+                    label="cached, 16 steps (tuning)" if kind == "cache" else "vanilla, fewer steps (tuning)")
+        for r in rows:
+            label = r["sampler"].split("full_every=")[-1] if kind == "cache" else str(r["steps"])
+            ax.annotate(("k=" if kind == "cache" else "T=") + label, (r["flops_ratio"], r["diff_vs_vanilla"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    for point in evaluation:
+        ax.errorbar([point["flops_ratio"]], [point["mean_difference"]],
+                    yerr=[[point["mean_difference"] - point["ci95"][0]], [point["ci95"][1] - point["mean_difference"]]],
+                    fmt="D", color="tab:red", capsize=3)
+        ax.annotate(point["label"], (point["flops_ratio"], point["mean_difference"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7, color="tab:red")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.axhline(-0.02, color="tab:red", lw=0.6, ls=":")
+    ax.axvline(FLOPS_TARGET, color="tab:red", lw=0.6, ls=":")
+    ax.set_xlabel("transformer FLOPs per image / vanilla 16 steps")
+    ax.set_ylabel("paired shapes-score difference")
+    ax.set_title("shapes-meissonic: cached context vs fewer steps", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Geometry rows of vanilla and recap only.")
@@ -195,7 +235,13 @@ def main() -> None:
     parser.add_argument("--pair", nargs=2, metavar=("CANDIDATE_RUN", "BASELINE_RUN"), help="Only pair two "
                         "maskray evaluate run folders (runs/<sampler>-<hash>) by prompt and sample and print the "
                         "paired difference.")
+    parser.add_argument("--plot", nargs=2, metavar=("REPORT_JSON", "PNG"), help="Only draw the FLOPs-vs-score "
+                        "curve of a full run's report (its 'evaluation' list adds the evaluation-caption points).")
     args = parser.parse_args()
+    if args.plot:
+        report = json.loads(Path(args.plot[0]).read_text())
+        plot_curve(report, report.get("evaluation", []), args.plot[1])
+        return
     if args.pair:
         print(json.dumps(paired_runs(*args.pair), indent=2))
         return
