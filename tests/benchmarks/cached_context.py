@@ -5,7 +5,7 @@ CPU seconds per image at Meissonic-1024's token geometry, and (without ``--quick
     python tests/benchmarks/cached_context.py --out cached_context.json           # + the shapes quality rows
 
 Geometry rows: a random-weight Meissonic at 64x64 tokens (1024 px with the VQ's f=16; the down block makes a
-32x32 grid of 2x2 patches, 1024 positions, plus 77 text tokens), width 128 (2 heads of 64), 2 dual-stream and
+32x32 grid of 2x2 patches, 1024 positions, plus 77 text tokens), width 256 (4 heads of 64), 2 dual-stream and
 6 single-stream blocks, codebook 1024, CFG on (two rows per forward, as Meissonic's 9), the same steps for
 both. FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over the sampling loop only (the text
 encoder runs before it), CPU attention included (``_scaled_dot_product_flash_attention_for_cpu`` is not in
@@ -51,8 +51,8 @@ def geometry_model(tokens: int = 64):
     pipe = mgt.load_pipeline("tiny-meissonic", device="cpu")
     torch.manual_seed(0)
     pipe.transformer = MeissonicTransformer(num_layers=2, num_single_layers=6, attention_head_dim=64,
-                                            num_attention_heads=2, joint_attention_dim=32,
-                                            pooled_projection_dim=128, axes_dims_rope=(16, 24, 24),
+                                            num_attention_heads=4, joint_attention_dim=32,
+                                            pooled_projection_dim=256, axes_dims_rope=(16, 24, 24),
                                             vocab_size=1025, codebook_size=1024).eval()
     pipe.mask_token_id = 1024
     pipe.random_conditioning = True
@@ -65,7 +65,7 @@ def conditioning(pipe, guidance: float):
 
     if getattr(pipe, "random_conditioning", False):  # the geometry model: no matching text encoder
         g = torch.Generator().manual_seed(0)
-        make = lambda: (torch.randn(1, 77, 32, generator=g), torch.randn(1, 128, generator=g),  # noqa: E731
+        make = lambda: (torch.randn(1, 77, 32, generator=g), torch.randn(1, 256, generator=g),  # noqa: E731
                         torch.tensor([[1024.0, 1024, 0, 0, 6]]))
         return make(), make()
     positive = pipe.conditioner.condition(["a red circle above a blue square"], 64, 64, torch.float32, "cpu")
@@ -255,7 +255,7 @@ def main() -> None:
     recap = next(r for r in geometry if r["sampler"] == "recap")  # the preset, whatever the list holds
     report = {"flops_ratio": recap["flops_ratio"], "seconds_ratio": recap["seconds_ratio"],
               "cpu_seconds_ratio": recap["cpu_seconds_ratio"],
-              "geometry": {"tokens": "64x64", "width": 128, "dual_blocks": 2, "single_blocks": 6, "heads": 2,
+              "geometry": {"tokens": "64x64", "width": 256, "dual_blocks": 2, "single_blocks": 6, "heads": 4,
                            "codebook": 1024, "guidance": 9.0, "steps": args.steps, "threads": args.threads},
               "geometry_rows": geometry}
     if not args.quick:
