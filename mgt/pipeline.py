@@ -26,10 +26,12 @@ from mgt import editing
 from mgt.editing import Edit
 from mgt.efficient import options as efficient
 from mgt.efficient.quant_config import check_compile
+from mgt.efficient.recap_sampling import cached_guided_logits, check_cached_context
 from mgt.hub import loading
 from mgt.models.families import Conditioner, ModelFamily, detect_family, get_family
 from mgt.sampling import loop as sampling
 from mgt.sampling import schedules
+from mgt.sampling.cached_context import ContextRequest
 from mgt.sampling.sampler_config import SamplerConfig
 
 
@@ -167,6 +169,8 @@ class MGTPipeline:
             if edit is not None:
                 edit.check(width, height)
         negatives = _negatives(negative_prompts, d.negative_prompt, len(prompts))
+        if sampler.cache is not None:
+            check_cached_context(self)
 
         dtype, device = self.transformer.dtype, self.device
         positive = self.conditioner.condition(list(prompts), width, height, dtype, device)
@@ -185,7 +189,8 @@ class MGTPipeline:
             result = sampling.sample(predict, (len(members), *grid), steps,
                                      [generators[b] for b in members], self.mask_token_id, sampler,
                                      guidance=guidance, device=self.device, on_step=on_step, init=init[members],
-                                     start_step=start, start_ratio=start_ratio[members])
+                                     start_step=start, start_ratio=start_ratio[members],
+                                     cache_patch=self.transformer.token_grid_multiple)
             tokens[members] = result.tokens.cpu()
             nfe = max(nfe, result.nfe)
         images = self.decode(tokens) if decode else None
@@ -224,15 +229,21 @@ class MGTPipeline:
         return init, start_steps, start_ratio
 
     def guided_logits(self, positive: tuple[torch.Tensor, ...], negative: tuple[torch.Tensor, ...] | None,
-                      members: torch.Tensor, tokens: torch.Tensor, step_value: int, scale: float) -> torch.Tensor:
+                      members: torch.Tensor, tokens: torch.Tensor, step_value: int, scale: float,
+                      context: ContextRequest | None = None) -> torch.Tensor:
         """The logits of the samples ``members`` (rows of the batch) at tokens ``(len(members), h, w)``, as
         :data:`mgt.sampling.loop.Predictor` returns them: classifier-free guided with ``scale`` when ``negative``
         (the negative prompts' conditioning) is given, token-major, float32.
 
         One forward per micro-batch: a matmul over other row counts may take another kernel, so running each
         sample's CFG pair alone keeps its logits, hence its tokens, independent of its batch-mates.
+
+        ``context`` (cached-context steps, :mod:`mgt.sampling.cached_context`) routes every micro-batch through
+        the family's cached forward (:func:`mgt.efficient.recap_sampling.cached_guided_logits`).
         """
         timestep = torch.tensor([step_value], dtype=torch.long, device=self.device)
+        if context is not None:
+            return cached_guided_logits(self, positive, negative, members, tokens, timestep, scale, context)
         outputs = []
         for rows in self.micro_batches(len(members)):
             picked = members[rows]

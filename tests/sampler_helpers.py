@@ -11,11 +11,12 @@ def stand_in(prompts):
     """A fake CFG model: each row's guided logits depend only on its prompt id, its own tokens, t and s.
 
     Returns `predict(tokens (B, h, w), t, s) -> (B, h*w, C)`, bitwise identical for a sample whatever its
-    batch, and a list that records `(t, s, masked count per sample)` of every call.
+    batch, and a list that records `(t, s, masked count per sample)` of every call. Under cached-context steps
+    (``context``) it computes every position, as if the cache were exact.
     """
     calls = []
 
-    def predict(tokens, step_value, scale):
+    def predict(tokens, step_value, scale, context=None):
         calls.append((step_value, scale, (tokens == MASK).flatten(1).sum(-1).tolist()))
         rows = []
         for prompt, row in zip(prompts, tokens.flatten(1)):

@@ -33,3 +33,6 @@ def test_smoke_run_writes_every_setting(tmp_path):
     assert [(r["batch"], r["micro_batch"]) for r in result["vq_decode"]] == [(1, 1), (8, None)]
     assert all(r["seconds_per_image"] > 0 for r in result["vq_decode"])
     assert result["flops_per_image"] > 0 and result["parameters"] > 0
+    cached = {r["sampler"]: r for r in result["cached_context"]}
+    assert set(cached) == {"vanilla", "recap"} and cached["recap"]["steps"] == 3
+    assert 0 < cached["recap"]["flops_ratio"] < 1 and cached["recap"]["seconds_per_image"] > 0

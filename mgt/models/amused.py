@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from diffusers.models.unets.uvit_2d import UVit2DModel
 
+from mgt.efficient.recap_amused import amused_cached_forward
 from mgt.models.families import ModelFamily
 from mgt.models.text import TEXT_SUBFOLDERS, TextConditioner, load_text_conditioner
 from mgt.models.tiny import CODEBOOK, TEXT_WIDTH
@@ -65,4 +66,5 @@ AMUSED = ModelFamily(
     tiny_transformer=tiny_amused_transformer,
     model_index={"_class_name": "AmusedPipeline", "scheduler": ["scheduler", "AmusedScheduler"],
                  "transformer": ["diffusers", "UVit2DModel"]},
+    cached_forward=amused_cached_forward,
 )

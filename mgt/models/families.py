@@ -75,6 +75,8 @@ class ModelFamily:
         image_tokens: ``(vqvae, pixels (B, 3, H, W) in pixel_range) -> codes (B, h, w)``, for editing.
         check_prompts: ``(prompts, negative_prompt) -> None``, raising a ValueError for a prompt the family
             cannot condition on (run before a job starts: MaskGIT's prompts are ImageNet classes).
+        cached_forward: the cached-context forward (ReCAP, :mod:`mgt.efficient.recap`), or None when the family
+            has none (``SamplerConfig.cache`` is then refused).
     """
 
     name: str
@@ -88,6 +90,7 @@ class ModelFamily:
     pixel_range: tuple[float, float] = (0.0, 1.0)
     image_tokens: Callable[[Any, torch.Tensor], torch.Tensor] = field(default=vq_model_tokens)
     check_prompts: Callable[..., None] = field(default=any_prompt)
+    cached_forward: Callable[..., Any] | None = None
 
     def recognises(self, class_name: str) -> bool:
         return class_name in self.class_names or class_name == self.transformer.__name__

@@ -35,6 +35,7 @@ from diffusers.models.transformers.transformer_flux import (
 from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from torch import nn
 
+from mgt.efficient.recap_meissonic import meissonic_cached_forward
 from mgt.models.families import ModelFamily
 from mgt.models.text import TEXT_SUBFOLDERS, TextConditioner, load_text_conditioner
 from mgt.models.tiny import CODEBOOK, TEXT_WIDTH
@@ -241,4 +242,5 @@ MEISSONIC = ModelFamily(
     tiny_transformer=tiny_meissonic_transformer,
     model_index={"_class_name": "Pipeline", "scheduler": ["scheduler", "Scheduler"],
                  "transformer": ["transformer", "Transformer2DModel"]},
+    cached_forward=meissonic_cached_forward,
 )

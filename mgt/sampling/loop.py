@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mgt.sampling import schedules
+from mgt.sampling.cached_context import CachedContext
 from mgt.sampling.differential_sampling import DifferentialSampling
 from mgt.sampling.halton import grid_order
 from mgt.sampling.noise_regularization import NoiseRegularization
@@ -95,6 +96,8 @@ def remask_lowest_confidence(
     mask_token_id: int,
     kept: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+    confidence_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-mask the ``num_to_mask[b]`` drawn tokens of lowest annealed-Gumbel confidence.
 
@@ -108,6 +111,8 @@ def remask_lowest_confidence(
         unknown: `(B, L)` bool, positions that were masked before the draw.
         noise: `(B, L)` float64 annealed Gumbel noise drawn elsewhere (:func:`numpy_gumbel_noise`) instead of
             ``temperature`` times the generators' Gumbel; known tokens then get ``+inf``.
+        held: `(B, L)` bool positions that stay masked (confidence -inf; cached-context local steps).
+        confidence_out: `(B, L)` float32 buffer that receives the confidences (cached-context full steps).
     """
     token_probs = torch.where(unknown, token_probs, torch.finfo(token_probs.dtype).max)
     log_probs = torch.log(token_probs.clamp(1e-20))
@@ -119,6 +124,10 @@ def remask_lowest_confidence(
             confidence = (log_probs[b] + noise[b].to(drawn.device)).masked_fill_(~unknown[b], torch.inf)
         if kept is not None:
             confidence.masked_fill_(kept[b], torch.inf)
+        if held is not None:
+            confidence.masked_fill_(held[b], -torch.inf)
+        if confidence_out is not None:
+            confidence_out[b] = confidence
         cutoff = torch.kthvalue(confidence, num_to_mask[b] + 1).values  # == sort(confidence)[num_to_mask]
         out[b][confidence < cutoff] = mask_token_id
     return out
@@ -247,6 +256,7 @@ def sample(
     init: torch.Tensor | None = None,
     start_step: int = 0,
     start_ratio: torch.Tensor | None = None,
+    cache_patch: int = 1,
 ) -> SamplingResult:
     """Run the sampler from a fully masked `(B, h, w)` grid, or from ``init``, to final tokens.
 
@@ -262,6 +272,9 @@ def sample(
     tokens are redrawn; only steps ``start_step..T-1`` run, and ``start_ratio`` `(B,)` scales the mask schedule.
     The tokens known in ``init`` are kept: a step only draws masked positions and never re-masks a known token
     (its confidence is the float32 maximum), and Z-Sampling re-masks only the redrawn positions.
+
+    ``sampler.cache`` (:mod:`mgt.sampling.cached_context`) makes ``predict`` take a ``context`` keyword;
+    ``cache_patch`` is the side of the token patch one transformer position holds (2 for Meissonic-1024).
     """
     batch, height, width = shape
     if len(generators) != batch:
@@ -270,6 +283,8 @@ def sample(
     differential = DifferentialSampling.from_config(sampler.differential) if sampler.differential else None
     zsampling = MaskedZSampling.from_config(sampler.zsampling) if sampler.zsampling else None
     zigzag_steps = zsampling.zigzag_steps(num_steps) if zsampling else 0
+    context = CachedContext(sampler.cache, num_steps, zigzag_steps, (height, width), cache_patch) if sampler.cache \
+        else None
     temperatures = gumbel_temperatures(sampler, num_steps)
     priorities = halton_priorities(height, width, generators, device) if sampler.order == "halton" else None
     if init is None:
@@ -288,7 +303,10 @@ def sample(
         softmax allows, counts as known, as in its reference)."""
         nonlocal probs, nfe
         scale = schedules.guidance_scale(sampler.guidance_schedule, guidance, i, num_steps)
-        logits = predict(current.view(batch, height, width), num_steps - 1 - i, scale)
+        if context is None:
+            logits = predict(current.view(batch, height, width), num_steps - 1 - i, scale)
+        else:  # a full forward that records keys and values, or a local one against them
+            logits = context.logits(predict, current.view(batch, height, width), num_steps - 1 - i, scale, i)
         nfe += 1
         if sampler.softmax_temperature != 1.0:
             logits = logits * sampler.softmax_temperature
@@ -309,8 +327,18 @@ def sample(
         else:
             token_probs = dist.gather(-1, drawn[..., None])[..., 0]
             gumbel = None if streams is None else numpy_gumbel_noise(streams, current.shape[1], sampler, i, num_steps)
-            out = remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
-                                           REMASKED, kept, gumbel)
+            if context is None:
+                out = remask_lowest_confidence(drawn, token_probs, unknown, num_to_mask, temperatures[i], generators,
+                                               REMASKED, kept, gumbel)
+            else:  # cached context: held positions stay masked; a full step's confidences choose the next group
+                confidence = torch.empty_like(token_probs) if context.full_now else None
+                out = remask_lowest_confidence(drawn, token_probs, unknown, context.mask_counts(num_to_mask),
+                                               temperatures[i], generators, REMASKED, kept, gumbel,
+                                               held=context.held_now, confidence_out=confidence)
+                if confidence is not None:
+                    masked = out == REMASKED
+                    ends = mask_counts(sampler, masked, context.group_end(i), num_steps, start_ratio)
+                    context.choose_group(unknown, masked, confidence, ends, i)
         remasked = out == REMASKED
         return out.masked_fill_(remasked, mask_token_id), remasked
 

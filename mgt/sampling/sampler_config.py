@@ -12,17 +12,17 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from mgt.validation import describe_validation_error
 
 TECHNIQUES = ("noise", "differential", "zsampling")
 # Fields added after runs were recorded: hashed only away from their default (SamplerConfig.config_hash); those
 # added after release 0.1.0 are also left out of a dump at their default, so run config hashes stay too.
-DUMPED_WHEN_SET = ("order", "softmax_temperature", "gumbel_noise")
+DUMPED_WHEN_SET = ("order", "softmax_temperature", "gumbel_noise", "cache")
 HASHED_WHEN_SET = ("token_temperature", *DUMPED_WHEN_SET)
 PRESETS = ("vanilla", "noise", "differential", "zsampling", "zsampling+noise", "zsampling+differential",
-           "noise+differential", "all")
+           "noise+differential", "all", "recap")
 
 
 class NoiseRegularizationConfig(BaseModel):
@@ -65,6 +65,30 @@ class MaskedZSamplingConfig(BaseModel):
         "among all known tokens, highest among the tokens just revealed, or uniformly random known tokens.")
     remask_count: Literal["revealed-1", "revealed"] = Field(
         "revealed-1", description="How many: the forward step's revealed count minus 1 (released code), or all.")
+
+
+class CachedContextConfig(BaseModel):
+    """Cached-context steps (ReCAP, arXiv 2505.19089): full forwards interleaved with local ones that run only
+    the positions being decoded against the keys and values cached at the last full one (docs/efficiency.md).
+
+    Reference options (github.com/liebenxj/ReCAP @ 4d1da38, ``examples/MaskGIT+ReCAP/cache_decoding.py``):
+    ``--pre_full_iters`` is ``full_first``, ``--num_cache_iters`` is ``full_every - 1``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    full_every: int = Field(2, ge=1, description="k: after the first full_first steps, step i is full when "
+                            "(i - full_first) % k == 0 and local otherwise (k - 1 local steps per full one; "
+                            "ReCAP's num_cache_iters = k - 1); 1 runs every step full, as without the cache.")
+    full_first: int = Field(0, ge=0, description="P: steps 0..P-1 all run full (ReCAP's pre_full_iters).")
+    queries: Literal["group", "masked"] = Field(
+        "group", description="What a local step computes. group (ReCAP's grouped decoding): the full step picks, "
+        "by the re-masking confidence, the positions revealed before the next full step; local steps compute and "
+        "draw those only, the other masked positions stay masked. masked: every position masked at the last full "
+        "step is recomputed and re-drawn, as the vanilla sampler does (cheaper only late in the schedule).")
+
+
+RECAP_PRESET = {"full_every": 3, "full_first": 0, "queries": "group"}  # the schedule docs/efficiency.md chose
 
 
 class SamplerConfig(BaseModel):
@@ -117,6 +141,8 @@ class SamplerConfig(BaseModel):
     differential: DifferentialSamplingConfig | None = Field(None, description="Differential sampling; unset "
                                                              "is off.")
     zsampling: MaskedZSamplingConfig | None = Field(None, description="Masked Z-Sampling; unset is off.")
+    cache: CachedContextConfig | None = Field(None, description="Cached-context steps (ReCAP); unset runs "
+                                              "every step full. Z-Sampling's zigzag steps always run full.")
 
     @classmethod
     def from_spec(cls, spec: str | dict | SamplerConfig) -> SamplerConfig:
@@ -145,6 +171,15 @@ class SamplerConfig(BaseModel):
                 values.pop(name, None)
         return values
 
+    @model_validator(mode="after")
+    def _cache_needs_confidence_order(self) -> SamplerConfig:
+        """Cached-context steps choose the next group of positions by confidence; the Halton order reveals cells in
+        a fixed sequence instead, so the two do not compose."""
+        if self.cache is not None and self.order == "halton":
+            raise ValueError("cache (cached-context steps) picks the positions to decode by confidence and "
+                             "order=halton by the Halton sequence; drop one of the two")
+        return self
+
     def with_defaults(self, values: dict[str, Any]) -> SamplerConfig:
         """This config with ``values`` (a model family's sampler defaults) in the fields it leaves at the engine's
         default: MaskGIT samples as its reference unless a field says otherwise (which is why a field cannot be
@@ -170,6 +205,8 @@ class SamplerConfig(BaseModel):
 def preset_values(preset: str) -> dict[str, Any]:
     """The field mapping of a preset: ``vanilla``, ``all`` or ``+``-joined techniques in any order."""
     parts = [p.strip() for p in preset.split("+")]
+    if preset == "recap":
+        return {"cache": dict(RECAP_PRESET)}
     if preset == "all":
         parts = list(TECHNIQUES)
     elif preset == "vanilla":

@@ -15,7 +15,9 @@ Settings, in this order (``--budget`` skips the ones left when time is up, and l
   (optimum-quanto, activation scales calibrated on one self-generated image; quanto cannot be compiled, see
   ``mgt.efficient.quant_config.check_compile``); TomeMGT 0.25 compiled (its dual-stream blocks stay eager);
 * per variant: batch 1, 4 and 8, each with ``micro_batch`` 1 (one forward per sample's CFG pair) and
-  whole-batch (one forward per step; the same thing at batch 1).
+  whole-batch (one forward per step; the same thing at batch 1);
+* cached-context rows (issue 48): vanilla and ``recap`` over every step of one bf16 image (3 steps with
+  ``--smoke``: one full and two local steps), seconds and counted transformer FLOPs per image, and ratios.
 
 Each setting runs one warm-up step (compilation, kernel selection), then ``--timed-steps`` steps. The time
 per step is extrapolated to 64 steps (every step runs the same forward over every token, so steps cost the
@@ -223,6 +225,38 @@ def time_decode(pipe: MGTPipeline, batch: int, micro_batch: int | None) -> dict:
     return row
 
 
+def cached_context_rows(device: torch.device, config: dict, steps: int) -> list[dict]:
+    """Vanilla and the ``recap`` preset (cached-context steps, ReCAP) over all ``steps`` steps of one bf16 image:
+    seconds per image (wall, not extrapolated: local steps cost less than full ones) and transformer FLOPs per
+    image counted over the run (``torch.utils.flop_counter``, CPU attention mapped as in cached_context.py)."""
+    from cached_context import flop_counter
+
+    from mgt.sampling.sampler_config import SamplerConfig
+
+    text = RandomText(config["transformer"]["joint_attention_dim"], config["transformer"]["pooled_projection_dim"],
+                      device)
+    with torch.device("meta"):  # only its config is read: nothing is decoded
+        vqvae = VQModel(**config["vq"])
+    pipe = make_pipeline(build(MeissonicTransformer, config["transformer"], device), vqvae, text, config["size"])
+    pipe.generate(["warm-up"], [0], steps=1, decode=False)
+    rows = []
+    for spec in ("vanilla", "recap"):
+        sampler = SamplerConfig.from_spec(spec)
+        started = time.perf_counter()
+        pipe.generate(["a prompt"], [0], steps=steps, sampler=sampler, decode=False)
+        seconds = time.perf_counter() - started
+        with flop_counter() as counter:
+            pipe.generate(["a prompt"], [0], steps=steps, sampler=sampler, decode=False)
+        rows.append({"sampler": spec, "steps": steps, "seconds_per_image": seconds,
+                     "flops_per_image": counter.get_total_flops()})
+    for row in rows:
+        row["seconds_ratio"] = row["seconds_per_image"] / rows[0]["seconds_per_image"]
+        row["flops_ratio"] = row["flops_per_image"] / rows[0]["flops_per_image"]
+        print(f"cached context {row['sampler']:>8}: {row['seconds_per_image']:.2f} s/image "
+              f"(x{row['seconds_ratio']:.2f}), {row['flops_per_image'] / 1e12:.3f} TFLOP (x{row['flops_ratio']:.2f})")
+    return rows
+
+
 def batch_settings() -> list[tuple[int, int | None]]:
     """(batch, micro_batch) pairs: micro-batch 1 and whole-batch per batch (the same at batch 1)."""
     return [(batch, micro) for batch in BATCHES for micro in (1, None) if not (batch == 1 and micro is None)]
@@ -365,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{compile_mode}; {notes[0]}", flush=True)
     rows, decode_rows = run(device, config, timed_steps, budget, compile_mode, flops_per_image, peak_tflops)
     print_table(rows, decode_rows)
+    # smoke: 3 steps (one full, two local) keep the rows cheap; the savings grow with the steps (Meissonic: 64)
+    cached_rows = cached_context_rows(device, config, 3 if args.smoke else STEPS)
     for note in notes:
         print(f"note: {note}")
 
@@ -374,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
               "compile_mode": compile_mode, "transformer_config": config["transformer"], "vq_config": config["vq"],
               "parameters": sum(p.numel() for p in build_meta(config["transformer"]).parameters()),
               "flops_per_image": flops_per_image, "peak_tflops": peak_tflops, "peak_tflops_source": peak_source,
-              "settings": rows, "vq_decode": decode_rows, "notes": notes,
+              "settings": rows, "vq_decode": decode_rows, "cached_context": cached_rows, "notes": notes,
               "total_seconds": time.perf_counter() - started}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
