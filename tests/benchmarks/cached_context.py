@@ -196,6 +196,8 @@ def plot_curve(report: dict, evaluation: list[dict], path: str) -> None:
     for kind, marker, color in (("cache", "o", "tab:blue"), ("vanilla", "s", "tab:gray")):
         rows = [r for r in report["quality_rows"] if ("cache" in r["sampler"]) == (kind == "cache")]
         rows = [r for r in rows if r["sampler"] != "vanilla" or r["steps"] != 16]
+        if not rows:
+            continue
         x = [r["flops_ratio"] for r in rows]
         y = [r["diff_vs_vanilla"] for r in rows]
         err = [[r["diff_vs_vanilla"] - r["diff_ci95"][0] for r in rows], [r["diff_ci95"][1] - r["diff_vs_vanilla"]
