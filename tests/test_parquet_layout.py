@@ -11,9 +11,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-from generate_helpers import check_exactly_once, config, shards
+from generate_helpers import SINK_RUN, check_exactly_once, config, shards, sink_rows
 from PIL import Image
 
 from pipeline import manifest
@@ -24,24 +23,12 @@ from pipeline.sinks.parquet import ROW_GROUP_BYTES, dataset_card, rows_per_group
 from pipeline.sinks.registry import SinkBuilder
 from pipeline.storage import Storage
 
-RUN = {"model": "m", "quantization": "fp32", "sampler": "{}", "sampler_hash": "h", "config_hash": "c",
-       "scorer": None, "attempt": 0}
-
-
-def _rows(keys: list[tuple[str, int]], error: str = "") -> pa.Table:
-    count = len(keys)
-    return pa.table({"prompt_id": [k for k, _ in keys], "sample_idx": [i for _, i in keys],
-                     "prompt": ["p"] * count, "negative_prompt": [""] * count, "seed": list(range(count)),
-                     "image": [b"" if error else f"img-{k}-{i}".encode() for k, i in keys], "nfe": [2] * count,
-                     "gen_seconds": [0.1] * count, "error": [error] * count, "shard": ["s"] * count,
-                     "shard_samples": [3] * count})
-
 
 def test_a_shard_file_holds_the_good_images_by_row_and_a_partial_shard_reads_them_back(tmp_path):
     out = Storage(str(tmp_path / "out"))
-    sink = SampleSink(out, RUN, "png", layout="parquet")
-    sink.write_table(_rows([("a", 0), ("a", 1)]))
-    sink.write_table(_rows([("b", 0)], error="RuntimeError: CUDA out of memory"))  # 3 listed: assembled
+    sink = SampleSink(out, SINK_RUN, "png", layout="parquet")
+    sink.write_table(sink_rows([("a", 0), ("a", 1)]))
+    sink.write_table(sink_rows([("b", 0)], error="RuntimeError: CUDA out of memory"))  # 3 listed: assembled
     record = pq.read_table(tmp_path / "out" / "_shards" / "s.parquet")
     shard_file = tmp_path / "out" / "data" / "s.parquet"
     assert record["image_uri"].to_pylist() == [out.url("data", "s.parquet")] * 2 + [None]
@@ -56,7 +43,7 @@ def test_a_shard_file_holds_the_good_images_by_row_and_a_partial_shard_reads_the
     assert keep_written_samples(sink, "s", from_record=True, keep_failed=False) == {"a": [[0, 0], [1, 0]]}
     (piece,) = out.list(out.path(PIECES, "s"), ".parquet")
     assert pq.read_table(io.BytesIO(out.read(piece)))["image"].to_pylist() == [b"img-a-0", b"img-a-1"]
-    sink.write_table(_rows([("b", 0)]))  # the failed sample, generated again, completes the shard
+    sink.write_table(sink_rows([("b", 0)]))  # the failed sample, generated again, completes the shard
     table = pq.read_table(shard_file)
     assert [row["bytes"] for row in table["image"].to_pylist()] == [b"img-a-0", b"img-a-1", b"img-b-0"]
 
