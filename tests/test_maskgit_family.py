@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from maskgit_helpers import reference_transformer
 from PIL import Image
 from safetensors.torch import load_file
 
 from mgt.editing import Edit
 from mgt.models.class_labels import check_class_prompts, class_index
-from mgt.models.maskgit import MASKGIT, MaskGitTransformer
+from mgt.models.maskgit import MASKGIT
 from mgt.models.tiny import tiny_vqvae, write_model
 from mgt.pipeline import load_pipeline
 from mgt.sampling.sampler_config import PRESETS, SamplerConfig
@@ -28,14 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def reference_model(request, fixtures_dir, tmp_path_factory):
     """(a hub-layout folder holding the fixture's reference weights, the recorded runs, the recorded tokens)."""
     source = fixtures_dir / request.param
-    config = json.loads((source / "config.json").read_text())
-    ref = config["transformer"]
-    model = MaskGitTransformer(tokens_per_side=ref["f_factor"], hidden_dim=ref["hidden_dim"],
-                               codebook_size=ref["codebook_size"], depth=ref["depth"], heads=ref["heads"],
-                               mlp_dim=ref["mlp_dim"], dropout=0.0, num_classes=ref["nclass"])
-    model.load_state_dict(load_file(source / "transformer.safetensors"), strict=True)
+    model, config = reference_transformer(source, dropout=0.0)
     folder = tmp_path_factory.mktemp(request.param)
-    write_model(folder, model, tiny_vqvae(codebook=ref["codebook_size"]), MASKGIT)
+    write_model(folder, model, tiny_vqvae(codebook=config["transformer"]["codebook_size"]), MASKGIT)
     return folder, config["runs"], load_file(source / "reference_samples.safetensors")
 
 

@@ -12,10 +12,11 @@ import json
 
 import pytest
 import torch
+from maskgit_helpers import reference_transformer
 from safetensors.torch import load_file
 
 from mgt.models import vqgan
-from mgt.models.maskgit import MaskGitTransformer, reference_state_dict
+from mgt.models.maskgit import reference_state_dict
 from mgt.sampling import maskgit as maskgit_sampling
 from mgt.sampling.maskgit import ConfidenceSettings, HaltonSettings
 
@@ -29,12 +30,7 @@ RUNS = ["confidence-v1.0-seed1", "confidence-v1.0-seed42", "confidence-v1.0-nocf
 def style(request, fixtures_dir, one_torch_thread):
     """(folder, transformer with the reference weights loaded strictly, the runs recorded in config.json)."""
     folder = fixtures_dir / request.param
-    config = json.loads((folder / "config.json").read_text())
-    ref = config["transformer"]
-    model = MaskGitTransformer(tokens_per_side=ref["f_factor"], hidden_dim=ref["hidden_dim"],
-                               codebook_size=ref["codebook_size"], depth=ref["depth"], heads=ref["heads"],
-                               mlp_dim=ref["mlp_dim"], dropout=ref["dropout"], num_classes=ref["nclass"])
-    model.load_state_dict(load_file(folder / "transformer.safetensors"), strict=True)
+    model, config = reference_transformer(folder)
     return folder, model.eval(), config["runs"]
 
 
