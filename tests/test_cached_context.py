@@ -144,6 +144,28 @@ def test_local_steps_compute_the_group_only_and_group_steps_hold_the_rest():
     assert all(g <= m for g, m in zip(group_sizes, masked_sizes)) and group_sizes[0] < masked_sizes[0] / 4
 
 
+
+def test_a_local_step_draws_only_where_it_computed(monkeypatch):
+    """The draw over `(L, C)` is the sampler's largest cost beside the model; a local step's other positions are
+    known or held, so it draws at the computed masked positions only, while a full step draws everywhere as
+    vanilla does (same generator use, so the first step's tokens are vanilla's)."""
+    drawn_rows, multinomial = [], torch.multinomial
+
+    def counting(probs, *args, **kwargs):
+        drawn_rows.append(probs.shape[0])
+        return multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", counting)
+    cached, seen = _recording_stand_in([1, 2], junk_outside_queries=False)
+    tokens = _run(cached, "vanilla:cache.full_every=2", steps=8)
+    assert not (tokens == MASK).any()
+    per_step = [drawn_rows[i:i + 2] for i in range(0, len(drawn_rows), 2)]  # a batch of two: one draw per sample
+    for step, queries in zip(per_step, seen):
+        if queries is None:
+            assert step == [SIDE * SIDE] * 2
+        else:
+            assert all(0 < n <= int(q.sum()) < SIDE * SIDE for n, q in zip(step, queries.view(2, -1)))
+
 def test_differential_sampling_reads_the_cached_rows_and_stays_deterministic():
     """Differential sampling ranks every position by KL, so at local steps it reads the last full step's rows
     where nothing was computed (docs/efficiency.md); the result is still a pure function of the inputs."""

@@ -26,7 +26,9 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEDULES = ["vanilla:cache.full_every=2", "vanilla:cache.full_every=3", "vanilla:cache.full_every=4"]
+SCHEDULES = ["vanilla:cache.full_every=2", "vanilla:cache.full_every=3", "vanilla:cache.full_every=4",
+             "vanilla:cache.full_every=3,cache.full_first=1", "vanilla:cache.full_every=4,cache.full_first=1",
+             "vanilla:cache.full_every=5,cache.full_first=1"]
 FLOPS_TARGET = 0.55  # issue 48: transformer FLOPs per image at most 0.55x vanilla's
 
 
