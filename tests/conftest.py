@@ -37,6 +37,14 @@ def tiny_amused():
 
 
 @pytest.fixture(scope="module")
+def tiny_maskgit():
+    """The random-weight tiny MaskGIT pipeline (16x16 tokens, ImageNet classes) on CPU, loaded once per module."""
+    import mgt
+
+    return mgt.load_pipeline("tiny-maskgit", device="cpu")
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one thread for a module of tiny tensors: it avoids OpenMP barrier stalls when the 2 cores are
     shared (10x faster here)."""

@@ -17,15 +17,29 @@ from mgt.sampling.sampler_config import CachedContextConfig, SamplerConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _inputs(pipe, batch=2, side=8, seed=0):
+FAMILIES = ["tiny_meissonic", "tiny_amused", "tiny_maskgit"]
+
+
+def _prompts(pipe) -> list[str]:
+    """Three prompts the family takes: captions, or ImageNet classes for MaskGIT (``""``: unconditional)."""
+    return ["tench", "", "golden retriever"] if pipe.family == "maskgit" else ["a red circle", "", "two blue squares"]
+
+
+def _side(pipe) -> int:
+    """The token grid's side in these tests: MaskGIT's grid is fixed by its transformer."""
+    return pipe.transformer.config.tokens_per_side if pipe.family == "maskgit" else 8
+
+
+def _inputs(pipe, batch=2, seed=0):
+    side = _side(pipe)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, pipe.mask_token_id + 1, (batch, side, side), generator=g)
-    conditioning = pipe.conditioner.condition(["a red circle", "two blue squares"][:batch], 64, 64,
-                                              pipe.transformer.dtype, "cpu")
+    prompts = [p for p in _prompts(pipe) if p][:batch]
+    conditioning = pipe.conditioner.condition(prompts, 8 * side, 8 * side, pipe.transformer.dtype, "cpu")
     return ids, conditioning, torch.tensor([3])
 
 
-@pytest.mark.parametrize("family", ["tiny_meissonic", "tiny_amused"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_full_forward_records_and_equals_the_plain_forward_and_local_reproduces_it(family, request):
     pipe = request.getfixturevalue(family)
     forward = get_family(pipe.family).cached_forward
@@ -35,14 +49,15 @@ def test_full_forward_records_and_equals_the_plain_forward_and_local_reproduces_
         slot = ContextSlot()
         assert torch.equal(forward(pipe.transformer, ids, *conditioning, t, slot, None), plain)
         assert slot.layers
-        queries = torch.zeros(2, 8, 8, dtype=torch.bool)
+        side = ids.shape[-1]
+        queries = torch.zeros(2, side, side, dtype=torch.bool)
         queries[0, 0, 1], queries[1, 5, 6], queries[1, 2, 2] = True, True, True
         local = forward(pipe.transformer, ids, *conditioning, t, slot, queries)
     # same tokens as the full forward: the queries see exactly the keys and values they saw there
     expected = plain.flatten(2).gather(2, local.index[:, None].expand(-1, plain.shape[1], -1))
     torch.testing.assert_close(local.logits.flatten(2), expected, rtol=1e-5, atol=1e-5)
-    covered = torch.zeros(2, 64, dtype=torch.bool).scatter_(1, local.index, True)
-    assert covered.view(2, 8, 8)[queries].all()
+    covered = torch.zeros(2, side * side, dtype=torch.bool).scatter_(1, local.index, True)
+    assert covered.view(2, side, side)[queries].all()
 
 
 def test_meissonic_local_forward_runs_only_the_query_patches(tiny_meissonic):
@@ -58,10 +73,10 @@ def test_meissonic_local_forward_runs_only_the_query_patches(tiny_meissonic):
     assert local.logits.shape[2:] == (1, 4) and local.index.tolist() == [[0, 1, 8, 9]] * 2
 
 
-@pytest.mark.parametrize("family", ["tiny_meissonic", "tiny_amused"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_option_absent_off_and_every_step_full_are_token_exact_with_vanilla(family, request):
     pipe = request.getfixturevalue(family)
-    prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
+    prompts, seeds = [p for p in _prompts(pipe) if p], [3, 4]
     vanilla = pipe.generate(prompts, seeds, steps=5, decode=False).tokens
     off = pipe.generate(prompts, seeds, steps=5, sampler=SamplerConfig.model_validate({"cache": None}),
                         decode=False).tokens
@@ -72,11 +87,11 @@ def test_option_absent_off_and_every_step_full_are_token_exact_with_vanilla(fami
     assert SamplerConfig.from_spec("recap").config_hash() != SamplerConfig().config_hash()
 
 
-@pytest.mark.parametrize("family", ["tiny_meissonic", "tiny_amused"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spec", ["recap", "vanilla:cache.queries=masked", "noise+differential:cache.full_every=3"])
 def test_micro_batch_1_keeps_every_sample_independent_of_its_batch_mates(family, spec, request):
     pipe = request.getfixturevalue(family)
-    prompts, seeds, sampler = ["a red circle", "", "two blue squares"], [3, 4, 5], SamplerConfig.from_spec(spec)
+    prompts, seeds, sampler = _prompts(pipe), [3, 4, 5], SamplerConfig.from_spec(spec)
     batch = pipe.generate(prompts, seeds, steps=6, sampler=sampler, decode=False)
     alone = pipe.generate(prompts[2:], seeds[2:], steps=6, sampler=sampler, decode=False)
     assert torch.equal(alone.tokens[0], batch.tokens[2]) and batch.nfe == 6
@@ -252,11 +267,11 @@ def test_sample_cli_runs_the_recap_preset(tmp_path):
     assert len(list(out.glob("*.png"))) == 1
 
 
-@pytest.mark.parametrize("family", ["tiny_meissonic", "tiny_amused"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_whole_batch_forward_pads_each_rows_queries(family, request):
     import dataclasses
 
     pipe = dataclasses.replace(request.getfixturevalue(family), micro_batch=None)
-    out = pipe.generate(["a red circle", "", "two blue squares"], [3, 4, 5], steps=6,
+    out = pipe.generate(_prompts(pipe), [3, 4, 5], steps=6,
                         sampler=SamplerConfig.from_spec("recap"), decode=False)
     assert out.nfe == 6 and not (out.tokens == pipe.mask_token_id).any()

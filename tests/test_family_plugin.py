@@ -32,7 +32,12 @@ SCRIPT = textwrap.dedent("""
 
     pipe = mgt.load_pipeline("tiny-labels", device="cpu")
     out = pipe.generate(["3", "7", "3"], [0, 0, 1], steps=4)
-    print(json.dumps({
+    try:  # a family without a cached forward refuses cached-context steps in one line
+        pipe.generate(["3"], [0], steps=4, sampler=mgt.SamplerConfig.from_spec("recap"))
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    print(json.dumps({"refusal": refusal,
         "families": FAMILIES.names(), "family": pipe.family, "of_transformer": family_of(pipe.transformer).name,
         "images": list(out.images.shape), "nfe": out.nfe, "masked_left": int((out.tokens == pipe.mask_token_id).sum()),
         "labels_matter": not torch.equal(out.tokens[0], out.tokens[1]),
@@ -60,6 +65,7 @@ def test_a_family_registered_by_entry_points_loads_and_samples(tmp_path):
     assert report["family"] == report["of_transformer"] == "labels"
     assert report["images"] == [3, 32, 32, 3] and report["nfe"] == 4 and report["masked_left"] == 0
     assert report["labels_matter"] and report["seeds_matter"]  # the label conditioning reaches the transformer
+    assert report["refusal"].startswith("sampler cache (cached-context steps) is not available for the labels family")
 
 
 @pytest.mark.parametrize("model,family", [("tiny-meissonic", "meissonic"), ("tiny-monetico", "meissonic"),

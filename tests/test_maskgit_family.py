@@ -53,11 +53,6 @@ def test_pipeline_tokens_equal_the_reference_confidence_sampler(reference_model,
     assert torch.equal(out.tokens, recorded[name]), f"{name}: {(out.tokens != recorded[name]).sum()} tokens differ"
 
 
-@pytest.fixture(scope="module")
-def tiny_maskgit():
-    return load_pipeline("tiny-maskgit")
-
-
 def test_class_prompts_resolve_by_index_and_name_and_refuse_the_rest():
     assert class_index("207") == class_index("Golden Retriever") == 207 and class_index("") is None
     with pytest.raises(ValueError, match="closest: 'golden retriever'"):
@@ -77,8 +72,7 @@ def test_tiny_maskgit_generates_images_and_refuses_negative_prompts(tiny_maskgit
         tiny_maskgit.generate(["a dog on a beach"], [1])
 
 
-# recap needs a cached forward, which MaskGIT has not yet (test_cached_context_is_refused_on_maskgit)
-@pytest.mark.parametrize("preset", [*(p for p in PRESETS if p != "recap"), "vanilla:order=halton",
+@pytest.mark.parametrize("preset", [*PRESETS, "vanilla:order=halton",
                                     "zsampling+noise:order=halton"])
 def test_every_preset_runs_on_maskgit_batch_invariant(tiny_maskgit, preset):
     prompts, seeds, steps = ["golden retriever", "", "tench"], [3, 4, 5], 5
@@ -93,9 +87,10 @@ def test_every_preset_runs_on_maskgit_batch_invariant(tiny_maskgit, preset):
         assert not torch.equal(vanilla.tokens, batch.tokens)
 
 
-def test_cached_context_is_refused_on_maskgit(tiny_maskgit):
-    with pytest.raises(ValueError, match="not available for the maskgit family"):
-        tiny_maskgit.generate(["tench"], [1], steps=5, sampler=SamplerConfig.from_spec("recap"), decode=False)
+def test_cached_context_is_refused_with_the_halton_order(tiny_maskgit):
+    with pytest.raises(ValueError, match="halton"):
+        tiny_maskgit.generate(["tench"], [1], steps=5, sampler=SamplerConfig.from_spec("recap:order=halton"),
+                              decode=False)
 
 
 def test_editing_on_the_token_grid_keeps_the_unmasked_codes(tiny_maskgit):

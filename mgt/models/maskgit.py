@@ -23,6 +23,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from mgt.efficient.recap_maskgit import maskgit_cached_forward
 from mgt.models import vqgan
 from mgt.models.class_labels import ClassConditioner, check_class_prompts
 from mgt.models.families import ModelFamily
@@ -274,4 +275,5 @@ MASKGIT = ModelFamily(
     pixel_range=(-1.0, 1.0),
     image_tokens=vqgan.image_tokens,  # taming's distance: codes equal the reference's
     check_prompts=check_class_prompts,
+    cached_forward=maskgit_cached_forward,
 )

@@ -61,10 +61,41 @@ def geometry_model(tokens: int = 64):
     return pipe, (tokens, tokens)
 
 
+def maskgit_geometry_model(depth: int = 4):
+    """A random-weight MaskGIT at MaskGIT-256's geometry and width (16x16 tokens, width 768, 16 heads, MLP 3072,
+    codebook 1024) but ``depth`` layers: every layer costs the same, so the FLOPs ratio is the full model's."""
+    import torch
+
+    import mgt
+    from mgt.models.maskgit import MaskGitTransformer
+
+    pipe = mgt.load_pipeline("tiny-maskgit", device="cpu")
+    torch.manual_seed(0)
+    pipe.transformer = MaskGitTransformer(tokens_per_side=16, depth=depth, dropout=0.0).eval()
+    pipe.mask_token_id = pipe.transformer.mask_token_id
+    return pipe, (16, 16)
+
+
+def maskgit_rows(specs: list[str]) -> list[dict]:
+    """Counted transformer FLOPs per image of ``specs`` over vanilla on MaskGIT-256's geometry, at the reference's
+    settings (8 steps, CFG 4 on a linear ramp, the arccos count schedule)."""
+    pipe, grid = maskgit_geometry_model()
+    rows = []
+    for spec in ["vanilla", *specs]:
+        flops = run_sampler(pipe, grid, spec, pipe.defaults.steps, seed=0, guidance=pipe.defaults.guidance)[1]
+        rows.append({"sampler": spec, "steps": pipe.defaults.steps, "flops_per_image": flops,
+                     "flops_ratio": flops / (rows[0]["flops_per_image"] if rows else flops)})
+        print(f"maskgit {spec}: {flops / 1e9:.1f} GFLOP, x{rows[-1]['flops_ratio']:.3f}", flush=True)
+    return rows
+
+
 def conditioning(pipe, guidance: float):
     """The pipeline's own conditioning of one prompt, or random tensors of the geometry model's shapes."""
     import torch
 
+    if pipe.family == "maskgit":  # class-conditional: a class, and "no class" for guidance
+        return pipe.conditioner.condition(["207"], 0, 0, torch.long, "cpu"), \
+            pipe.conditioner.condition([""], 0, 0, torch.long, "cpu")
     if getattr(pipe, "random_conditioning", False):  # the geometry model: no matching text encoder
         g = torch.Generator().manual_seed(0)
         make = lambda: (torch.randn(1, 77, 32, generator=g), torch.randn(1, 256, generator=g),  # noqa: E731
@@ -82,7 +113,7 @@ def run_sampler(pipe, grid, spec: str, steps: int, seed: int, guidance: float = 
     import mgt
     from mgt.sampling import loop as sampling
 
-    sampler = mgt.SamplerConfig.from_spec(spec)
+    sampler = mgt.SamplerConfig.from_spec(spec).with_defaults(pipe.defaults.sampler)
     positive, negative = conditioning(pipe, guidance)
     predict = partial(pipe.guided_logits, positive, negative, torch.tensor([0]))
     counter = flop_counter() if count_flops else None
@@ -261,7 +292,7 @@ def main() -> None:
               "cpu_seconds_ratio": recap["cpu_seconds_ratio"],
               "geometry": {"tokens": "64x64", "width": 256, "dual_blocks": 2, "single_blocks": 6, "heads": 4,
                            "codebook": 1024, "guidance": 9.0, "steps": args.steps, "threads": args.threads},
-              "geometry_rows": geometry}
+              "geometry_rows": geometry, "maskgit_rows": maskgit_rows(specs)}
     if not args.quick:
         report["quality_rows"] = quality_rows(SCHEDULES, [8, 9, 10], args.count, args.seeds)
         report["chosen"] = choose_schedule(report["quality_rows"])
