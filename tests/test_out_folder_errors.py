@@ -61,6 +61,24 @@ def test_a_forged_record_path_is_never_read(tmp_path, uri):
         sink.images.read_images(pq.read_table(record))  # and the layout itself never reads it
 
 
+def test_the_run_report_never_reads_a_forged_metrics_path(tmp_path):
+    from jobs.run_report import write_run_report
+    from pipeline.sinks.datasink import METRICS_SCHEMA
+
+    out = tmp_path / "out"
+    (out / "metrics.parquet").mkdir(parents=True)
+    (out / "manifest.json").write_text(json.dumps({"config": {"job": {"prompts": str(tmp_path / "gone"),
+                                                                      "layout": "files"}, "model": {"model": "m"}}}))
+    row = {name: [None] for name in METRICS_SCHEMA.names}
+    row.update(prompt_id=["a"], sample_idx=[0], candidate=[0], image_uri=["/etc/hostname"], image_bytes=[5],
+               score=[1.0], kept=[True])
+    pq.write_table(pa.table(row, METRICS_SCHEMA), out / "metrics.parquet" / "part-00000.parquet")
+    with pytest.raises(OutFileError) as refused:
+        write_run_report(str(out))
+    assert one_line(refused).startswith(f"{out}/metrics.parquet has a row whose image_uri '/etc/hostname' is not "
+                                        f"under --out {out}; the report reads only images under --out")
+
+
 def test_record_paths_under_out_are_read(tmp_path):
     sink, record = failed_record(tmp_path)
     found = scan_records(sink.storage, PLAN)
