@@ -23,7 +23,9 @@ num_images - 1) would pass 2^63-1.
 
 A relative ``init_image`` or ``mask_image`` is relative to the folder of its prompt file (``pipeline.shards``
 resolves it), and the images are read by the generator actors with the job's storage options; an image
-that is missing, unreadable or not of the run's size fails its row only. A ``mask_image`` or ``strength``
+that is missing, unreadable or not of the run's size (read from its header) fails its row only. An image URI
+may use the scheme of the prompts' own filesystem and those of ``--allowed-image-schemes``; any other
+(``http://`` beside local prompts, a local path beside prompts in S3) is refused here, naming the URI. A ``mask_image`` or ``strength``
 without an ``init_image`` is refused here.
 
 A row becomes ``num_images`` sample rows keyed by (``prompt_id``, ``sample_idx``), the key that names the
@@ -252,12 +254,11 @@ def check_image_schemes(spec: str, path: str, table: pa.Table, names: Sequence[s
                 uri = table[name][row].as_py()
                 raise PromptInputError(
                     f"--prompts {spec!r}: {path} row {row} (in file order) has {name} {uri[:200]!r}, a local path, "
-                    f"but the prompts are on {', '.join(sorted(allowed))}; give a path relative to the prompt file "
+                    f"but the prompts are not local (allowed schemes: {', '.join(sorted(allowed))}); give a path relative to the prompt file "
                     f"or a URI, or add --allowed-image-schemes file")
 
 
-def check_edit_columns(spec: str, dataset: pds.Dataset, schemes: frozenset[str] = frozenset({"file", "local"})
-                       ) -> list[str]:
+def check_edit_columns(spec: str, dataset: pds.Dataset, schemes: frozenset[str]) -> list[str]:
     """The editing columns of the input (``EDIT_COLUMNS``), checked: types, a ``mask_image`` or ``strength``
     only beside an ``init_image``, strengths in (0, 1], image URIs of the ``schemes`` allowed (:func:`image_schemes`).
 

@@ -119,7 +119,7 @@ def test_local_paths_from_prompts_in_an_object_store_are_refused(s3):
         pq.write_table(table, f)
     storage = Storage("s3://bucket/in/p.parquet", s3)
     with pytest.raises(PromptInputError, match="row 1 .* has init_image '/etc/hostname', a local path, but the "
-                                               "prompts are on s3, s3a"):
+                                               r"prompts are not local \(allowed schemes: s3, s3a\)"):
         scan_prompts("s3://bucket/in/p.parquet", storage, 1)
     assert scan_prompts("s3://bucket/in/p.parquet", storage, 1, allowed_image_schemes=["file"]).rows == 2
 
