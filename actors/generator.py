@@ -139,12 +139,9 @@ class Generator(RowStage):
             strength = None if strengths is None or strengths[i] is None or np.isnan(strengths[i]) \
                 else float(strengths[i])
             try:
-                image = load_image(uri, "init_image", self.storage_options)
-                if image.size != (self.settings.width, self.settings.height):
-                    raise ValueError(f"init_image {uri} is {image.width}x{image.height} but this run generates "
-                                     f"{self.settings.width}x{self.settings.height} images (--width/--height); "
-                                     f"resize the image or edit it in a run of its size")
-                mask = load_image(mask_uri, "mask_image", self.storage_options) if mask_uri else None
+                size = (self.settings.width, self.settings.height)  # checked from the headers, before decoding
+                image = load_image(uri, "init_image", self.storage_options, size=size)
+                mask = load_image(mask_uri, "mask_image", self.storage_options, size=size) if mask_uri else None
                 edit = Edit(image, mask, strength, name=f"init_image {uri}")
                 edit.check(*image.size)
                 edit.start_step(self.settings.steps or self.pipe.defaults.steps)  # strength leaves >= 1 step

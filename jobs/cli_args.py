@@ -10,6 +10,7 @@ config file; the file does not override the models' defaults unless it names a k
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import re
@@ -116,8 +117,12 @@ _ConfigLoader.add_implicit_resolver(  # SafeLoader's int pattern minus its last,
                                         r"|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
 
 
-def load_config_file(path: str | None) -> dict[str, Any]:
-    """A YAML/JSON mapping from ``path``; keys may use ``-`` or ``_``."""
+def load_config_file(path: str | None, *models: type[BaseModel], extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML/JSON mapping from ``path``; keys may use ``-`` or ``_``.
+
+    With ``models``, every key must be a field of one of them (or a removed option, or one of ``extra_keys``): an
+    unknown key, a typo such as ``storage_option:``, is refused naming the closest valid key rather than dropped.
+    """
     if not path:
         return {}
     file = Path(path)
@@ -127,7 +132,27 @@ def load_config_file(path: str | None) -> dict[str, Any]:
         data = yaml.load(f, Loader=_ConfigLoader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if models:
+        known = {*extra_keys, *(name for model in models for name in (*model.model_fields, *removed_options(model)))}
+        for key in data:
+            if str(key).replace("-", "_") not in known:
+                raise ValueError(unknown_key_message(str(key), path, known))
+    return values
+
+
+def unknown_key_message(key: str, path: str, known: set[str]) -> str:
+    """``unknown key 'x' in FILE; did you mean 'y'?`` (difflib's closest valid key), or the list when none is close."""
+    shown = clip(key)
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=1)
+    if close:
+        return f"unknown key {shown!r} in {path}; did you mean {close[0]!r}?"
+    return f"unknown key {shown!r} in {path}; the keys are the command's flags without '--' (see its --help)"
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (``...`` marks a cut): a message never echoes a huge key."""
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def build_model(model: type[BaseModel], file_values: dict[str, Any], args: argparse.Namespace,

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from jobs.evaluation.run import EvaluateOptions, run_evaluate
 
-    file_values = load_config_file(args.config)
+    file_values = load_config_file(args.config, EvaluateOptions, JobOptions, ModelConfig, GenerationSettings)
     options = build_model(EvaluateOptions, file_values, args)
     job_values = {k: v for k, v in file_values.items() if k not in OWNED_JOB_FIELDS or k == "storage_options"}
     job = build_model(JobOptions, job_values, argparse.Namespace(**{k: v for k, v in vars(args).items()

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> GenerateConfig:
     """The job config from defaults < ``--config`` file < flags."""
-    file_values = load_config_file(args.config)
+    file_values = load_config_file(args.config, JobOptions, ModelConfig, GenerationSettings)
     parts = {"job": build_model(JobOptions, file_values, args),
              "model": build_model(ModelConfig, file_values, args),
              "generation": build_model(GenerationSettings, file_values, args)}

@@ -28,7 +28,7 @@ import pyarrow as pa
 from pipeline.manifest import read_manifest, read_metrics
 from pipeline.prompts import prompt_ids
 from pipeline.sinks.registry import build_sink
-from pipeline.storage import Storage
+from pipeline.storage import OutFileError, Storage
 
 SHOWN = 16  # images per contact sheet
 HTML_SAMPLE = 48  # images drawn at random for the page, besides the top and bottom ones
@@ -67,8 +67,14 @@ def write_run_report(out_uri: str, storage_options: dict | None = None, seed: in
     locations = pa.table({"image_uri": pa.array(wanted.image_uri.tolist(), pa.string()),
                           "image_offset": pa.array([None if pd.isna(o) else int(o) for o in wanted.image_offset],
                                                    pa.int64()),
-                          "image_bytes": pa.array([int(b) for b in wanted.image_bytes], pa.int64())})
-    images = dict(zip(_keys(wanted), sink.read_images(locations)))
+                          "image_bytes": pa.array([None if pd.isna(b) else int(b) for b in wanted.image_bytes],
+                                                  pa.int64())})
+    try:
+        images = dict(zip(_keys(wanted), sink.read_images(locations)))
+    except ValueError as error:  # a forged or foreign metrics row: never read a file outside --out
+        raise OutFileError(f"{out.url('metrics.parquet')} has a row whose {error}; the report reads only images "
+                           f"under --out: rerun `maskray generate` into this --out to rebuild the metrics from the "
+                           f"completion records, or delete the forged record") from None
     summary = _summary(metrics, manifest)
     with tempfile.TemporaryDirectory(prefix="maskray-report-") as folder:
         local = Path(folder)

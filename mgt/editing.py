@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 IMG2IMG_STRENGTH = 0.5  # AmusedImg2ImgPipeline's default
 INPAINT_STRENGTH = 1.0  # AmusedInpaintPipeline's default
+# The largest side of an image to edit, checked from its header before any pixel is decoded: a 13000x13000 PNG of
+# zeros is 164 KB on disk and 169 MB (RGB: 507 MB) decoded. Meissonic is trained at 1024 px.
+MAX_IMAGE_SIDE = 4096
 
 
 class EditOptions(BaseModel):
@@ -117,20 +120,46 @@ class Edit:
                              f"{self.image.width}x{self.image.height}; give a mask of the image's size")
 
 
-def load_image(uri: str, what: str = "image", storage_options: dict | None = None) -> Image.Image:
-    """An RGB or L image read through fsspec (local path, ``s3://``, ``gs://``...); errors name ``what`` and ``uri``."""
+def load_image(uri: str, what: str = "image", storage_options: dict | None = None,
+               size: tuple[int, int] | None = None, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
+    """An RGB or L image read through fsspec (local path, ``s3://``, ``gs://``...); errors name ``what`` and ``uri``.
+
+    The header is checked before the pixels are decoded (:func:`check_image_header`): each side at most
+    ``max_side``, and exactly ``size`` (width, height) when given.
+    """
     import fsspec
     from PIL import Image, UnidentifiedImageError
 
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as f:
             image = Image.open(f)
+            check_image_header(image, f"{what} {uri}", max_side, size)
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {uri} does not exist; check the path or URI") from None
+    except Image.DecompressionBombError:  # PIL's own limit, far above ``max_side``, met when opening
+        raise ValueError(f"{what} {uri} is an image of over {2 * Image.MAX_IMAGE_PIXELS} pixels; each side must be "
+                         f"at most {max_side} pixels") from None
     except UnidentifiedImageError:
         raise ValueError(f"{what} {uri} is not an image (PNG, JPEG, WebP...); pass an image file") from None
     return image if image.mode in ("RGB", "L") else image.convert("RGB")
+
+
+def check_image_header(image: Image.Image, what: str, max_side: int = MAX_IMAGE_SIDE,
+                       size: tuple[int, int] | None = None) -> None:
+    """Refuse an opened, not yet decoded image from its header: a side above ``max_side``, or (when ``size`` is
+    given) another width x height than the run's. A small compressed file can hold a huge image, so this runs
+    before ``load()``; the Serve route and the batch generator share it.
+
+    Raises:
+        ValueError: naming ``what``, the image's size and the limit.
+    """
+    width, height = image.size
+    if size is not None and (width, height) != tuple(size):
+        raise ValueError(f"{what} is {width}x{height} but this run generates {size[0]}x{size[1]} images "
+                         f"(--width/--height); resize the image or edit it in a run of its size")
+    if max(width, height) > max_side:
+        raise ValueError(f"{what} is {width}x{height}; each side must be at most {max_side} pixels")
 
 
 def outpaint_canvas(image: Image.Image, padding: Sequence[int], multiple: int,

@@ -7,9 +7,13 @@ bad key as the user spelled it, the problem and the value given.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from pydantic import ValidationError
+
+# Keys whose values may hold credentials: their errors never quote the value given.
+UNQUOTED = re.compile(r"storage_options|secret|token|password|passwd|credential", re.IGNORECASE)
 
 
 def describe_validation_error(error: ValidationError, name: Callable[[str], str] | None = None) -> str:
@@ -21,12 +25,15 @@ def describe_validation_error(error: ValidationError, name: Callable[[str], str]
             the dotted path itself when None.
 
     A problem of the whole model (a cross-field check, whose location is empty) is its message alone: its
-    input is the whole mapping, too long to echo.
+    input is the whole mapping, too long to echo. Neither is the value of a key that may hold credentials
+    (``UNQUOTED``: ``storage_options``, ``*token*``, ``*secret*`` ...).
     """
     problems = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
-        if key:
+        if key and UNQUOTED.search(key):  # the value may hold credentials: never echoed
+            problems.append(f"{name(key) if name else key}: {item['msg']}")
+        elif key:
             problems.append(f"{name(key) if name else key}: {item['msg']} (got {item.get('input')!r})")
         else:
             problems.append(item["msg"])

@@ -104,6 +104,10 @@ class JobOptions(BaseModel):
                          "later).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// / gs:// "
                                             "prompts and --out, e.g. {client_kwargs: {endpoint_url: ...}} (YAML only).")
+    allowed_image_schemes: list[str] = Field(default_factory=list, description="URI schemes that init_image and "
+                                             "mask_image may use besides the prompts' own filesystem's (e.g. https "
+                                             "or s3 for local prompts); a row with another scheme is refused before "
+                                             "Ray starts. Comma-separated or repeated.")
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +117,26 @@ class JobOptions(BaseModel):
             if isinstance(data, dict) and name in data:
                 raise ValueError(REMOVED_OPTIONS[name])
         return data
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _refuse_unmapped_options(cls, value: Any) -> Any:
+        """A string (or list) here is refused without quoting it: it may hold credentials."""
+        if not isinstance(value, dict):
+            raise ValueError(f"storage_options must be a mapping of fsspec options (YAML: storage_options: {{key: ..., "
+                             f"secret: ...}}), got a {type(value).__name__}, not shown as it may hold credentials")
+        return value
+
+    @field_validator("allowed_image_schemes", mode="before")
+    @classmethod
+    def _split_schemes(cls, value: Any) -> Any:
+        """``"http,https"`` or ``["https://"]`` -> ``["http", "https"]`` (lower case, without ``://``)."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            return value
+        parts = [p for item in items for p in (item.split(",") if isinstance(item, str) else [item])]
+        return [p.strip().lower().removesuffix("://") if isinstance(p, str) else p for p in parts
+                if not isinstance(p, str) or p.strip()]
 
     @property
     def curating(self) -> bool:
@@ -174,7 +198,7 @@ CURATION_OPTIONS = {"best_of": 1, "keep": 1, "min_score": None, "keep_all_images
 UNHASHED_OPTIONS = ("prompts", "out", "num_images", "fail_fast", "batch_size", "generator_actors",
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
                     "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds", "report",
-                    "shard_size")  # recorded in manifest.json, which refuses a different --shard-size
+                    "shard_size", "allowed_image_schemes")  # recorded in manifest.json, which refuses a different --shard-size
 # ModelConfig fields that only place or schedule the model's math; every other field (quantization, token
 # merging ...) counts. compile runs the same blocks with fused kernels: tokens agree with eager on CPU (a test
 # checks it) and, like a change of device, may differ only by float rounding on a GPU; the VQ decode is not

@@ -166,7 +166,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
     begun = time.perf_counter()
     prompts = Storage(job.prompts, job.storage_options)
     out = Storage(job.out, job.storage_options)
-    scan = scan_prompts(job.prompts, prompts, job.num_images, prompt_check(config))
+    scan = scan_prompts(job.prompts, prompts, job.num_images, prompt_check(config), job.allowed_image_schemes)
     with RunLease(out, job.lock_stale_seconds, job.force, log) as lease:
         existing = run_manifest.check_out(out, config)
         most = SinkBuilder.config_type(job.layout).default_max_shard_size

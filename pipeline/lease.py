@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from pipeline.storage import Storage
+from pipeline.storage import OutFileError, Storage
 
 LOCK = "_lock.json"
 SETTLE_SECONDS = 1.0
@@ -119,12 +119,31 @@ class RunLease:
                        f"over by itself)")
 
     def _read(self) -> dict | None:
+        """The lease on storage, None when there is none (or it is torn JSON, which the next write replaces).
+
+        Raises:
+            OutFileError: ``_lock.json`` is a folder, or JSON that is not a lease (a list, a string, a heartbeat
+                that is not a number).
+        """
         try:
-            return json.loads(self.storage.read(self.path))
+            held = json.loads(self.storage.read(self.path))
         except FileNotFoundError:
             return None
+        except (IsADirectoryError, PermissionError) as error:
+            raise OutFileError(f"the lock {self.storage.url(LOCK)} cannot be read ({type(error).__name__}: it is a "
+                               f"folder or not readable); delete it") from None
         except ValueError:  # a torn or foreign file: treat as no lease, the write below replaces it
             return None
+        if not isinstance(held, dict):
+            problem = f"a JSON {type(held).__name__}, not a maskray lease"
+        elif not isinstance(held.get("heartbeat", 0), (int, float)) or isinstance(held.get("heartbeat"), bool):
+            problem = f"a lease whose heartbeat is a {type(held['heartbeat']).__name__}, not a time in seconds"
+        else:
+            return held
+        if self.force:  # --force replaces whatever the file holds
+            return {}
+        raise OutFileError(f"the lock {self.storage.url(LOCK)} is {problem}; delete it, or rerun with --force to "
+                           f"replace it")
 
     def _write(self) -> None:
         now = time.time()

@@ -42,8 +42,9 @@ from pipeline.curation import slot_outcomes
 from pipeline.redact import redact, redact_text
 from pipeline.result import RunResult
 from pipeline.shards import Shard
+from pipeline.sinks.base import out_path
 from pipeline.sinks.datasink import METRICS_SCHEMA, SHARDS, SampleSink
-from pipeline.storage import Storage
+from pipeline.storage import OutFileError, Storage
 
 MANIFEST, METRICS = "manifest.json", "metrics.parquet"
 METRICS_ROWS_PER_FILE = 100_000  # rows per metrics.parquet/part-*.parquet file
@@ -58,8 +59,23 @@ class RunConfigMismatch(ValueError):
 
 
 def read_manifest(storage: Storage) -> dict | None:
+    """The run's ``manifest.json`` under ``storage`` (None when there is none).
+
+    Raises:
+        OutFileError: it is not a JSON object (hand-edited, truncated or foreign).
+    """
     path = storage.path(MANIFEST)
-    return json.loads(storage.read(path)) if storage.exists(path) else None
+    if not storage.exists(path):
+        return None
+    try:
+        manifest = json.loads(storage.read(path))
+        problem = None if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}, not an object"
+    except (ValueError, OSError) as error:
+        problem = f"not readable JSON ({type(error).__name__}: {str(error)[:200]})"
+    if problem:
+        raise OutFileError(f"{storage.url(MANIFEST)} is {problem}; restore it, or choose a new --out (without it a "
+                           f"rerun could not check the run's settings)")
+    return manifest
 
 
 def check_out(storage: Storage, config: GenerateConfig) -> dict | None:
@@ -131,19 +147,60 @@ def scan_records(storage: Storage, plan: list[Shard], keep_failed: bool = False)
         chunk = names[start:start + READ_CHUNK]
         for name, blob in zip(chunk, storage.read_many([found[n] for n in chunk])):
             try:
-                rows = pq.read_metadata(io.BytesIO(blob)).num_rows
+                metadata = pq.read_metadata(io.BytesIO(blob))
             except (pa.ArrowInvalid, OSError) as error:
                 scan.bad[name] = f"unreadable ({type(error).__name__}: {error})"
                 continue
-            failed = 0 if keep_failed else _failed_rows(blob)
-            if rows != expected[name]:
-                scan.bad[name] = f"{rows} rows, the shard has {expected[name]}"
+            problem = record_problem(metadata)
+            failed = 0 if keep_failed or problem else _failed_rows(blob)
+            if problem:
+                scan.bad[name] = problem
+            elif metadata.num_rows != expected[name]:
+                scan.bad[name] = f"{metadata.num_rows} rows, the shard has {expected[name]}"
             elif failed:
+                check_record_paths(storage, storage.url(SHARDS, f"{name}.parquet"), blob)  # its images are read back
                 scan.bad[name] = f"holding {failed} failed sample(s) (--keep-failed keeps them)"
                 scan.failed.add(name)
             else:
-                scan.done[name] = rows
+                scan.done[name] = metadata.num_rows
     return scan
+
+
+# Columns a completion record must hold (records of older runs lack ``candidate`` and ``kept``, read as null), and
+# of those the ones that are never null.
+RECORD_COLUMNS = ("prompt_id", "sample_idx", "image_uri", "image_offset", "image_bytes", "error")
+NEVER_NULL = ("prompt_id", "sample_idx", "image_bytes")
+
+
+def record_problem(metadata: pq.FileMetaData) -> str | None:
+    """What makes a completion record unusable, from its footer alone (None: nothing): a missing column, or nulls
+    where a record never has them (footer statistics; a writer without them is not checked here)."""
+    names = metadata.schema.names
+    missing = [name for name in RECORD_COLUMNS if name not in names]
+    if missing:
+        return f"missing column(s) {missing} (not a maskray completion record)"
+    for name in NEVER_NULL:
+        column = names.index(name)
+        for group in range(metadata.num_row_groups):
+            stats = metadata.row_group(group).column(column).statistics
+            if stats is not None and stats.has_null_count and stats.null_count:
+                return f"holding null {name} values (not a maskray completion record)"
+    return None
+
+
+def check_record_paths(storage: Storage, record: str, blob: bytes) -> None:
+    """Refuse a record whose ``image_uri`` leaves ``--out``: a rerun reads its images back into the output.
+
+    Raises:
+        OutFileError: naming the record and the path, with the fix.
+    """
+    uris = pq.read_table(io.BytesIO(blob), columns=["image_uri"])["image_uri"].drop_null()
+    for uri in pc.unique(uris).to_pylist():
+        try:
+            out_path(storage, uri)
+        except ValueError as error:
+            raise OutFileError(f"completion record {record}: its {error}; a rerun would read that file into the output: delete the record (its "
+                               f"shard is generated again)") from None
 
 
 def start_attempt(storage: Storage, config: GenerateConfig, manifest: dict | None, inputs: list[str],

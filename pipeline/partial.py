@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sinks.datasink import METRICS_SCHEMA, PIECE_SCHEMA, PIECES, SHARDS, SampleSink, piece_name
+from pipeline.sinks.datasink import METRICS_SCHEMA, PIECE_SCHEMA, PIECES, SHARDS, SampleSink, piece_name, read_piece
 
 
 def assemble_whole_pieces(sink: SampleSink, planned: dict[str, int]) -> list[str]:
@@ -72,9 +72,8 @@ def keep_written_samples(sink: SampleSink, shard: str, *, from_record: bool,
             storage.write_table(storage.path(PIECES, shard, piece_name(piece)), piece)
     paths = storage.list(storage.path(PIECES, shard), ".parquet")
     kept: dict[str, set[tuple[int, int]]] = {}
-    for blob in storage.read_many(paths):
-        rows = pq.read_table(io.BytesIO(blob), columns=["prompt_id", "sample_idx", "candidate", "error"],
-                             schema=PIECE_SCHEMA)
+    for path, blob in zip(paths, storage.read_many(paths)):
+        rows = read_piece(storage, path, blob, ["prompt_id", "sample_idx", "candidate", "error"])
         if not keep_failed:
             rows = rows.filter(pc.is_null(rows["error"]))
         for prompt_id, sample_idx, candidate in zip(rows["prompt_id"].to_pylist(), rows["sample_idx"].to_pylist(),

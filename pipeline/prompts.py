@@ -23,7 +23,9 @@ num_images - 1) would pass 2^63-1.
 
 A relative ``init_image`` or ``mask_image`` is relative to the folder of its prompt file (``pipeline.shards``
 resolves it), and the images are read by the generator actors with the job's storage options; an image
-that is missing, unreadable or not of the run's size fails its row only. A ``mask_image`` or ``strength``
+that is missing, unreadable or not of the run's size (read from its header) fails its row only. An image URI
+may use the scheme of the prompts' own filesystem and those of ``--allowed-image-schemes``; any other
+(``http://`` beside local prompts, a local path beside prompts in S3) is refused here, naming the URI. A ``mask_image`` or ``strength``
 without an ``init_image`` is refused here.
 
 A row becomes ``num_images`` sample rows keyed by (``prompt_id``, ``sample_idx``), the key that names the
@@ -91,7 +93,7 @@ class PromptScan:
 def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (".parquet",), kind: str = "Parquet",
                       label: str = "--prompts") -> list[str]:
     """The ``kind`` files named by ``spec`` (a file, a folder searched recursively for ``suffixes``, or a glob),
-    sorted. A folder's hidden and ``_`` names (``_SUCCESS``, ``.crc`` files) are skipped.
+    sorted. Hidden and ``_`` names (``_SUCCESS``, ``.crc`` files) below a folder, or matched by a glob, are skipped.
 
     ``maskray generate`` reads Parquet shards; the prompt-set reader (``pipeline/prompt_sets.py``)
     lists its formats here too, so every command finds its prompt files the same way. ``label`` names the
@@ -103,7 +105,8 @@ def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (
     fs, path = storage.fs, storage.strip(spec)
     try:
         if any(ch in path for ch in "*?["):
-            files = [f for f in fs.glob(path) if fs.isfile(f)]
+            base = _glob_base(path)  # hidden and _ names count only in the parts the pattern matches
+            files = [f for f in fs.glob(path) if fs.isfile(f) and not _hidden(f[len(base):].lstrip("/"))]
         elif fs.isdir(path):
             below = path.rstrip("/") + "/"  # hidden and _ names count only below the given folder
             files = [f for f in fs.find(path) if f.lower().endswith(suffixes)
@@ -124,14 +127,16 @@ def find_prompt_files(spec: str, storage: Storage, suffixes: tuple[str, ...] = (
 
 
 def scan_prompts(spec: str, storage: Storage, num_images: int,
-                 check_prompts: Callable[[Sequence[str], str | None], None] | None = None) -> PromptScan:
+                 check_prompts: Callable[[Sequence[str], str | None], None] | None = None,
+                 allowed_image_schemes: Sequence[str] = ()) -> PromptScan:
     """Check every shard named by ``spec`` before any work starts.
 
     Reads every file's schema (its footer), then only the input columns, to check that the files agree on
     columns and types, nulls, the ``num_images`` and ``seed`` ranges and the uniqueness of ``prompt_id``
     (given or derived). ``check_prompts(prompts, negative_prompt)`` is the model family's check (MaskGIT's
     prompts are ImageNet classes and it takes no negative prompt), run over every prompt and the first
-    non-empty negative prompt of the rows.
+    non-empty negative prompt of the rows. An ``init_image`` or ``mask_image`` must use the scheme of the
+    prompts' own filesystem or one of ``allowed_image_schemes`` (:func:`check_image_schemes`).
 
     Raises:
         PromptInputError: with the file, column, offending values and the fix.
@@ -191,14 +196,71 @@ def scan_prompts(spec: str, storage: Storage, num_images: int,
                                        f"{rows[:MAX_LISTED].tolist()} of the file (sample i uses seed + i); lower "
                                        f"those seeds")
     samples = int(sum(int(r.sum()) for r in row_samples))
-    edit_columns = check_edit_columns(spec, dataset)
+    edit_columns = check_edit_columns(spec, dataset, image_schemes(storage, allowed_image_schemes))
     return PromptScan(files=files, columns=present + edit_columns, rows=table.num_rows, samples=samples,
                       row_samples=row_samples)
 
 
-def check_edit_columns(spec: str, dataset: pds.Dataset) -> list[str]:
+def image_schemes(storage: Storage, allowed: Sequence[str] = ()) -> frozenset[str]:
+    """The URI schemes an ``init_image`` or ``mask_image`` may use: the prompts' filesystem's (every alias of its
+    fsspec protocol, e.g. ``file`` and ``local``, or ``s3`` and ``s3a``) plus ``allowed`` (``--allowed-image-schemes``).
+    """
+    protocol = storage.fs.protocol
+    own = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return frozenset(scheme.lower() for scheme in (*own, *allowed))
+
+
+def uri_schemes(uri: str) -> set[str]:
+    """The fsspec protocols reading ``uri`` goes through: ``s3://b/a.png`` -> {s3}, a path -> {file},
+    ``simplecache::https://h/a.png`` -> {simplecache, https}, ``zip://a.png::s3://b/x.zip`` -> {zip, s3}."""
+    parts = uri.split("::")
+    schemes = set()
+    for i, part in enumerate(parts):
+        if "://" in part:
+            schemes.add(part.split("://", 1)[0].lower())
+        elif i < len(parts) - 1:  # a bare protocol name ahead of the URL it wraps
+            schemes.add(part.lower())
+        else:
+            schemes.add("file")
+    return schemes
+
+
+def check_image_schemes(spec: str, path: str, table: pa.Table, names: Sequence[str], allowed: frozenset[str]) -> None:
+    """Refuse an image URI of a scheme outside ``allowed``, naming it, its file and row, and the flag that allows it.
+
+    Only values holding ``://`` or ``::`` can leave the prompts' filesystem (a relative path resolves against the
+    prompt file's folder); each distinct one is parsed once.
+    """
+    names = [name for name in names if not pa.types.is_null(table[name].type)]
+    for name in names:
+        column = table[name]
+        marked = pc.fill_null(pc.or_(pc.match_substring(column, "://"), pc.match_substring(column, "::")), False)
+        if not pc.any(marked).as_py():
+            continue
+        for uri in pc.unique(column.filter(marked)).to_pylist():
+            refused = sorted(uri_schemes(uri) - allowed)
+            if refused:
+                row = int(np.flatnonzero(pc.equal(column, uri).to_numpy(zero_copy_only=False))[0])
+                raise PromptInputError(
+                    f"--prompts {spec!r}: {path} row {row} (in file order) has {name} {uri[:200]!r}, whose scheme "
+                    f"{', '.join(refused)} is not the prompts' ({', '.join(sorted(allowed))}); add "
+                    f"--allowed-image-schemes {','.join(refused)} if the job may read it, or copy the image beside "
+                    f"the prompts")
+    if "file" not in allowed:  # an absolute local path from prompts in an object store reads the worker's disk
+        for name in names:
+            local = pc.fill_null(pc.starts_with(table[name], "/"), False)
+            if pc.any(local).as_py():
+                row = int(np.flatnonzero(local.to_numpy(zero_copy_only=False))[0])
+                uri = table[name][row].as_py()
+                raise PromptInputError(
+                    f"--prompts {spec!r}: {path} row {row} (in file order) has {name} {uri[:200]!r}, a local path, "
+                    f"but the prompts are not local (allowed schemes: {', '.join(sorted(allowed))}); give a path relative to the prompt file "
+                    f"or a URI, or add --allowed-image-schemes file")
+
+
+def check_edit_columns(spec: str, dataset: pds.Dataset, schemes: frozenset[str]) -> list[str]:
     """The editing columns of the input (``EDIT_COLUMNS``), checked: types, a ``mask_image`` or ``strength``
-    only beside an ``init_image``, strengths in (0, 1].
+    only beside an ``init_image``, strengths in (0, 1], image URIs of the ``schemes`` allowed (:func:`image_schemes`).
 
     Raises:
         PromptInputError: naming the column, or the file and row (in file order), and the fix.
@@ -213,11 +275,14 @@ def check_edit_columns(spec: str, dataset: pds.Dataset) -> list[str]:
     if present and "init_image" not in present:
         raise PromptInputError(f"--prompts {spec!r} has {present} but no 'init_image' column: a mask or strength "
                                f"edits an image; add init_image (path or URI per row) or drop {present}")
-    if present[1:]:
+    if present:
         with ThreadPoolExecutor(READ_THREADS) as pool:
             tables = list(pool.map(lambda fragment: (fragment.path, fragment.to_table(columns=present, schema=schema)),
                                    dataset.get_fragments()))
         for path, table in tables:
+            check_image_schemes(spec, path, table, [n for n in ("init_image", "mask_image") if n in present], schemes)
+            if not present[1:]:
+                continue
             plain = pc.or_kleene(pc.is_null(table["init_image"]), pc.equal(table["init_image"], ""))
             for name in present[1:]:
                 orphan = pc.and_kleene(plain, pc.is_valid(table[name]))
@@ -298,6 +363,13 @@ def _check_range(table: pa.Table, name: str, low: int, high: int, file: str, fix
 def _capped(value: int, type_: pa.DataType) -> pa.Scalar:
     """``value`` as a scalar of integer ``type_``, or that type's maximum when ``value`` is above it."""
     return pa.scalar(min(value, np.iinfo(type_.to_pandas_dtype()).max), type_)
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder of ``pattern`` above its first wildcard: ``d/x/*.parquet`` -> ``d/x``, ``d/*/a.parquet`` -> ``d``."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    return "/".join(parts[:fixed])
 
 
 def _hidden(relative: str) -> bool:

@@ -1,14 +1,19 @@
 """Redaction of credentials from anything a job writes or prints: manifest.json, --print-config, error texts.
 
-Two rules, applied to a dumped config (nested dicts and lists):
+Three rules, applied to a dumped config (nested dicts and lists):
 
 - under ``storage_options`` every value is hidden except an allow-list of locations that are not secrets
   (``SAFE_STORAGE_OPTIONS``: endpoint, region, anonymous access);
-- anywhere, the value of a key whose name looks like a credential (``CREDENTIAL_KEY``) is hidden.
+- anywhere, the value of a key whose name looks like a credential (``CREDENTIAL_KEY``) is hidden;
+- anywhere, the user-info of a URL (``https://user:pass@host``, an ``endpoint_url`` too) is hidden.
 
 Only values are replaced (by ``REDACTED``): the keys stay, so a reader sees that a key was set. The config
 hash never covers ``storage_options`` (``pipeline.config.UNHASHED_OPTIONS``), so redacting the recorded
 config leaves resume untouched.
+
+Free text (an error message) is scrubbed of the *secrets* only (``secret_values``): the values of credential keys
+and URL user-info. The other hidden storage options (a profile name, a cache folder such as "path") are hidden
+in the recorded config but stay in messages, where scrubbing every occurrence of a common word mangled the text.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 
 REDACTED = "***"
 MIN_SECRET = 4  # shorter hidden values (flags, counts) are not scrubbed out of free text: they would mangle it
-CREDENTIAL_KEY = re.compile(r"secret|token|password|passwd|key|credential", re.IGNORECASE)
+CREDENTIAL_KEY = re.compile(r"secret|token|password|passwd|key|credential|connection_string|signature",
+                            re.IGNORECASE)
+USERINFO = re.compile(r"(?<=://)[^/@\s]+(?=@)")  # user:pass in scheme://user:pass@host
 # storage_options entries kept in clear, by dotted path below storage_options.
 SAFE_STORAGE_OPTIONS = frozenset({"endpoint_url", "region", "region_name", "anon", "use_ssl",
                                   "client_kwargs.endpoint_url", "client_kwargs.region_name"})
@@ -31,6 +38,8 @@ def redact(config: Any, _storage: str | None = None) -> Any:
     """
     if isinstance(config, (list, tuple)):
         return [redact(item, _storage) for item in config]
+    if isinstance(config, str):
+        return USERINFO.sub(REDACTED, config)
     if not isinstance(config, dict):
         return config
     redacted = {}
@@ -48,20 +57,24 @@ def redact(config: Any, _storage: str | None = None) -> Any:
 
 
 def secret_values(config: Any) -> list[str]:
-    """The strings ``redact`` hides in ``config``, to scrub them out of free text such as error messages."""
+    """The secrets in ``config``, to scrub them out of free text such as error messages: the string values of
+    credential keys (``CREDENTIAL_KEY``, at any depth) and the user-info of URLs. Other hidden storage options
+    are not secrets, and common words among them ("path", "default") must not be cut out of a message."""
     found: list[str] = []
 
-    def walk(original: Any, hidden: Any) -> None:
-        if hidden == REDACTED and original != REDACTED:
-            found.extend(leaf for leaf in _leaves(original) if isinstance(leaf, str) and len(leaf) >= MIN_SECRET)
-        elif isinstance(original, dict):
-            for key, value in original.items():
-                walk(value, hidden[key])
-        elif isinstance(original, (list, tuple)):
-            for value, masked in zip(original, hidden):
-                walk(value, masked)
+    def walk(value: Any, credential: bool) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, credential or bool(CREDENTIAL_KEY.search(str(key))))
+        elif isinstance(value, (list, tuple)):
+            for inner in value:
+                walk(inner, credential)
+        elif isinstance(value, str):
+            found.extend(USERINFO.findall(value))
+            if credential and len(value) >= MIN_SECRET:
+                found.append(value)
 
-    walk(config, redact(config))
+    walk(config, False)
     return found
 
 
@@ -70,11 +83,3 @@ def redact_text(text: str, secrets: list[str]) -> str:
     for secret in sorted(set(secrets), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
-
-
-def _leaves(value: Any) -> list[Any]:
-    if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in _leaves(v)]
-    if isinstance(value, (list, tuple)):
-        return [leaf for v in value for leaf in _leaves(v)]
-    return [value]

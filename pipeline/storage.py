@@ -28,6 +28,11 @@ import pyarrow.parquet as pq
 READ_THREADS = 16  # concurrent local reads of many small files (object stores batch them in fsspec)
 
 
+class OutFileError(ValueError):
+    """A file under ``--out`` is not what a maskray run writes there (foreign, hand-edited or forged): the message
+    names the file, what is wrong with it and what to do, in one line."""
+
+
 class Storage:
     """The filesystem behind ``uri`` (``/data/out``, ``s3://bucket/out``, ``gs://...``).
 

@@ -158,7 +158,7 @@ def test_redaction_rules_and_scrubbed_error_text():
                                         "aws_session_token": REDACTED}
     assert hidden["model"] == {"hub_token": REDACTED, "steps": 4} and hidden["job"]["out"] == "s3://b/run"
     text = redact_text("403 for AKIAEXAMPLE with s3cr3t-value (profile prod-admin)", secret_values(config))
-    assert text == "403 for *** with *** (profile ***)"
+    assert text == "403 for *** with *** (profile prod-admin)"  # hidden in the config, but not a secret to scrub
 
 
 def test_two_runs_on_one_local_out_cannot_both_hold_the_lease(tmp_path):

@@ -90,7 +90,8 @@ def _record(out: Storage, shard: str, keys: list[tuple[str, int]], uris: list[st
     count = len(keys)
     columns = {name: [None] * count for name in METRICS_SCHEMA.names}
     columns.update(prompt_id=[k for k, _ in keys], sample_idx=[i for _, i in keys], shard=[shard] * count,
-                   image_uri=uris or [f"{out.uri}/images/{k}_{i}.png" for k, i in keys], attempt=[0] * count)
+                   image_uri=uris or [f"{out.uri}/images/{k}_{i}.png" for k, i in keys], attempt=[0] * count,
+                   image_bytes=[0] * count)  # a record never has null sizes (scan_records refuses them)
     buffer = io.BytesIO()
     pq.write_table(pa.table(columns, METRICS_SCHEMA), buffer)
     out.write_atomic(out.path("_shards", f"{shard}.parquet"), buffer.getvalue())

@@ -13,7 +13,7 @@ import io
 from PIL import Image, UnidentifiedImageError
 
 from jobs.serve.openai_schema import MAX_SIDE
-from mgt.editing import Edit
+from mgt.editing import Edit, check_image_header
 
 EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
@@ -33,9 +33,10 @@ def open_image(data: bytes, param: str) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError):
         raise ImageFieldError(param, f"{param} is not an image this server reads ({len(data)} bytes); send a PNG, "
                               "JPEG or WebP file") from None
-    if max(image.size) > MAX_SIDE:
-        raise ImageFieldError(param, f"{param} is {image.width}x{image.height}; each side must be at most "
-                              f"{MAX_SIDE} pixels")
+    try:
+        check_image_header(image, param, MAX_SIDE)
+    except ValueError as error:
+        raise ImageFieldError(param, str(error)) from None
     if image.mode not in EIGHT_BIT_MODES:
         raise ImageFieldError(param, f"{param} has mode {image.mode} (16-bit or float pixels), which this server "
                               "does not convert; send an 8-bit RGB, RGBA or grayscale image")

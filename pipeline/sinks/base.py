@@ -49,6 +49,22 @@ def image_name(prompt_id: str, sample_idx: int, image_format: str, candidate: in
     return f"{slug}-{digest}_{int(sample_idx)}{suffix}.{EXTENSIONS[image_format]}"
 
 
+def out_path(storage: Storage, uri: str) -> str:
+    """The path inside ``storage``'s filesystem of a record's ``image_uri``, which must lie under ``--out``.
+
+    A record is read back on a rerun (a partial shard's kept images) and by the run report: a forged or foreign
+    one must not make the job read ``/etc/...`` or another bucket into its output.
+
+    Raises:
+        ValueError: ``uri`` is not below ``--out`` (or climbs out of it with ``..``).
+    """
+    root = storage.uri.rstrip("/") + "/"
+    relative = uri[len(root):] if uri.startswith(root) else ""
+    if not relative or any(part in ("", ".", "..") for part in relative.split("/")):
+        raise ValueError(f"image_uri {uri[:200]!r} is not under --out {storage.uri}")
+    return storage.path(relative)
+
+
 @dataclass(frozen=True)
 class LayoutConfig:
     """The settings of one layout; each layout subclasses it and registers a builder for the subclass.
@@ -122,12 +138,19 @@ class ImageSink(ABC):
 
     def read_images(self, record: pa.Table) -> list[bytes | None]:
         """The images of a completion record's rows, read back from their ``image_uri`` (and, when set, the byte
-        range ``image_offset`` + ``image_bytes``), all in one batched read; None for a row without image."""
+        range ``image_offset`` + ``image_bytes``), all in one batched read; None for a row without image.
+
+        Raises:
+            ValueError: an ``image_uri`` is not under ``--out`` (:func:`out_path`).
+        """
         uris, offsets = record["image_uri"].to_pylist(), record["image_offset"].to_pylist()
         sizes = record["image_bytes"].to_pylist()
         images: list[bytes | None] = [None] * record.num_rows
         wanted = [i for i, uri in enumerate(uris) if uri]
-        paths = [self.storage.strip(uris[i]) for i in wanted]
+        paths = [out_path(self.storage, uris[i]) for i in wanted]
+        for i in wanted:
+            if offsets[i] is not None and sizes[i] is None:
+                raise ValueError(f"image_bytes is null beside image_offset {offsets[i]} (image_uri {uris[i][:200]!r})")
         starts = [offsets[i] for i in wanted]
         ends = [None if offsets[i] is None else offsets[i] + sizes[i] for i in wanted]
         for i, data in zip(wanted, self.storage.read_ranges(paths, starts, ends)):

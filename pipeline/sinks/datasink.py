@@ -33,7 +33,7 @@ from ray.data.block import Block, BlockAccessor
 from pipeline.curation import Curation
 from pipeline.sinks.base import ShardImages, image_name
 from pipeline.sinks.registry import build_sink
-from pipeline.storage import Storage
+from pipeline.storage import OutFileError, Storage
 
 SHARDS, PIECES = "_shards", "_pieces"
 
@@ -184,7 +184,7 @@ class SampleSink(Datasink[int]):
             blobs = self.storage.read_many(paths)
         except FileNotFoundError:
             return False  # another writer assembled this shard and removed the pieces meanwhile
-        table = pa.concat_tables([pq.read_table(io.BytesIO(b), schema=PIECE_SCHEMA) for b in blobs])
+        table = pa.concat_tables([read_piece(self.storage, path, blob) for path, blob in zip(paths, blobs)])
         table = table.set_column(table.schema.get_field_index("candidate"), "candidate",
                                  pc.fill_null(table["candidate"], 0))
         table = first_per_key(table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending"),
@@ -221,6 +221,29 @@ class SampleSink(Datasink[int]):
     def finish(self, manifest: dict) -> None:
         """At ``finalize``, once the counts are in ``manifest``: the layout's run-level files."""
         self.images.finish(manifest)
+
+
+# Piece columns a piece never has null (a piece missing one reads it as null).
+PIECE_NEVER_NULL = ("prompt_id", "sample_idx", "image_bytes")
+
+
+def read_piece(storage: Storage, path: str, blob: bytes, columns: list[str] | None = None) -> pa.Table:
+    """The rows of the piece ``path`` (its bytes ``blob``), in ``PIECE_SCHEMA``.
+
+    Raises:
+        OutFileError: the file is not a piece (not Parquet, or nulls where a piece has none), naming it and the fix.
+    """
+    try:
+        table = pq.read_table(io.BytesIO(blob), schema=PIECE_SCHEMA, columns=columns)
+        problem = next((f"null {name} values" for name in PIECE_NEVER_NULL
+                        if name in table.column_names and table[name].null_count), None)
+    except (pa.ArrowException, OSError) as error:
+        problem = "not a Parquet file" if "Parquet" in str(error) else f"unreadable ({type(error).__name__})"
+    if problem:
+        where = path if storage.local else storage.fs.unstrip_protocol(path)
+        raise OutFileError(f"piece {where} under --out holds {problem}, so it is not a piece a maskray run wrote; "
+                           f"delete it (its samples are generated again)")
+    return table
 
 
 def first_per_key(table: pa.Table) -> pa.Table:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, ClassVar
 
-from pipeline.sinks.base import ImageSink, LayoutConfig, Locations, ShardImages
+from pipeline.sinks.base import ImageSink, LayoutConfig, Locations, ShardImages, out_path
 from pipeline.sinks.registry import SinkBuilder
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class ParquetSink(ImageSink):
         images: list[bytes | None] = [None] * record.num_rows
         for uri in sorted({uri for uri in uris if uri}):
             rows = [i for i, row_uri in enumerate(uris) if row_uri == uri]
-            with self.storage.fs.open(self.storage.strip(uri), "rb") as handle:
+            with self.storage.fs.open(out_path(self.storage, uri), "rb") as handle:
                 parquet = pq.ParquetFile(handle)
                 sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
                 starts = np.concatenate([[0], np.cumsum(sizes)])
