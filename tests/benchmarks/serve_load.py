@@ -37,12 +37,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Serve's handles report their queue to the autoscaler every 10 s by default: too coarse for a run of minutes.
-os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-
+# Serve's handles and replicas report their load to the autoscaler every 10 s by default: too coarse for a run of
+# minutes. Set by main() before Ray starts (its processes inherit them), not on import (tests import this module).
+ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+               "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+               "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
 APP = "maskray-load"
 GENERATOR = "ImageGenerator"
 
@@ -103,8 +102,8 @@ def table(rows: list[dict]) -> str:
 class Clients:
     """Client threads, each with its own openai client, sending one request after another until a deadline."""
 
-    def __init__(self, url: str, start: float, request: dict, timeout_s: float):
-        self.url, self.start, self.request, self.timeout_s = url, start, request, timeout_s
+    def __init__(self, url: str, start: float, request: dict, timeout_s: float, api_key: str = "unused-on-loopback"):
+        self.url, self.start, self.request, self.timeout_s, self.api_key = url, start, request, timeout_s, api_key
         self.outcomes: list[Outcome] = []
         self.in_flight: dict[int, tuple[str, float]] = {}  # thread id -> (phase, sent) of its running request
         self.threads: list[threading.Thread] = []
@@ -131,7 +130,7 @@ class Clients:
     def _client(self, phase: str, deadline: float, until_answered: bool, index: int) -> None:
         import openai
 
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused-on-loopback", max_retries=0,
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0,
                                timeout=self.timeout_s)
         seed = index * 1_000_000
         while time.monotonic() < deadline:
@@ -159,11 +158,11 @@ class Clients:
 
 
 class ReplicaSampler(threading.Thread):
-    """Samples the generator's replica states from ``serve.status()`` every ``period_s`` until stopped."""
+    """Samples the generator's replica states in ``app`` from ``serve.status()`` every ``period_s`` until stopped."""
 
-    def __init__(self, start: float, period_s: float = 1.0):
+    def __init__(self, start: float, app: str = APP, period_s: float = 1.0):
         super().__init__(daemon=True)
-        self.start_time, self.period_s = start, period_s
+        self.start_time, self.app, self.period_s = start, app, period_s
         self.samples: list[dict] = []
         self.stopped = threading.Event()
 
@@ -172,9 +171,9 @@ class ReplicaSampler(threading.Thread):
 
         while not self.stopped.is_set():
             try:
-                deployment = serve.status().applications[APP].deployments[GENERATOR]
+                deployment = serve.status().applications[self.app].deployments[GENERATOR]
                 states = {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
-            except (KeyError, Exception):  # the app is not deployed yet, or the controller is busy: no sample
+            except Exception:  # the app is not deployed yet (KeyError), or the controller is busy: no sample
                 states = None
             if states is not None:
                 self.samples.append({"t_s": round(time.monotonic() - self.start_time, 2),
@@ -193,13 +192,15 @@ def plot(samples: list[dict], phases: list[dict], path: Path, title: str) -> Non
     for phase, colour in zip(phases, ("#f4cccc", "#d9ead3", "#cfe2f3")):
         ax.axvspan(phase["from_s"], phase["to_s"], color=colour, alpha=0.6,
                    label=f"{phase['phase']} ({phase['clients']} client(s))")
-    ax.step([s["t_s"] for s in samples], [s["running"] for s in samples], where="post", color="black",
-            label="running replicas")
+    times = [s["t_s"] for s in samples]
+    ax.step(times, [sum(s["states"].values()) for s in samples], where="post", color="grey", linestyle="--",
+            label="replicas in any state (starting, stopping)")
+    ax.step(times, [s["running"] for s in samples], where="post", color="black", label="running replicas")
     ax.set_xlabel("seconds since the load started")
     ax.set_ylabel("generator replicas")
-    ax.set_yticks(range(0, max([s["running"] for s in samples] + [1]) + 2))
+    ax.set_yticks(range(0, max([sum(s["states"].values()) for s in samples] + [1]) + 2))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -294,6 +295,7 @@ def run_fake_autoscaler(args: argparse.Namespace) -> dict:
     config = serve_config(args, gpus=1).model_copy(update={"num_cpus": 1, "min_replicas": 1, "max_replicas": 1})
     port = free_port()
     with fake_head(types, max_workers=1, head_cpus=2) as cluster:
+        os.environ["RAY_AUTH_MODE"] = cluster["env"]["RAY_AUTH_MODE"]  # the head's: loopback, no token
         ray.init(address=cluster["address"], log_to_driver=False)
         try:
             deployed_at = time.monotonic()
@@ -376,6 +378,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     timer = watchdog(args.max_run_s)
     try:
         result = run_fake_autoscaler(args) if args.fake_autoscaler else run_load(args)
