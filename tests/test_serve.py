@@ -375,12 +375,18 @@ def test_serve_command_flags_and_config_file(tmp_path):
 
 
 def test_autoscaling_and_shutdown_fields_reach_the_generator_deployment():
+    import argparse
+
     from ray.serve._private.build_app import build_app as build_deployments  # what serve.run builds
 
+    from jobs import serve_cmd
     from jobs.serve.app import build_application
 
-    config = ServeConfig(min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=3,
-                         downscale_delay_s=15, look_back_period_s=12, graceful_shutdown_timeout_s=40)
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_arguments(parser)
+    config = serve_cmd.build_config(parser.parse_args(
+        ["--min-replicas", "1", "--max-replicas", "3", "--target-ongoing-requests", "2", "--upscale-delay-s", "3",
+         "--downscale-delay-s", "15", "--look-back-period-s", "12", "--graceful-shutdown-timeout-s", "40"]))
     built = build_deployments(build_application(config), name="x")
     generator = next(d for d in built.deployments if d.name == "ImageGenerator")
     scaling = generator._deployment_config.autoscaling_config
@@ -402,6 +408,7 @@ def test_front_door_without_a_generator_answers_503_with_retry_after(server):
     from jobs.serve.app import build_app
 
     app = build_app({"model": "tiny-meissonic", "num_gpus": 1, "startup_wait_s": 1, "retry_after_s": 7,
+                     "graceful_shutdown_timeout_s": 1,  # the unplaced replica is stopped at once on delete
                      "api_key_env": KEY_ENV})
     serve.run_many([RunTarget(app, name="maskray-cold", route_prefix="/cold")], wait_for_applications_running=False)
     try:
@@ -426,11 +433,13 @@ def test_front_door_without_a_generator_answers_503_with_retry_after(server):
 def _serve_load():
     """tests/benchmarks/serve_load.py as a module (benchmarks are scripts, not a package)."""
     import importlib.util
+    import sys
 
-    spec = importlib.util.spec_from_file_location("serve_load", REPO / "tests" / "benchmarks" / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if "serve_load" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("serve_load", REPO / "tests" / "benchmarks" / "serve_load.py")
+        sys.modules["serve_load"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+        spec.loader.exec_module(sys.modules["serve_load"])
+    return sys.modules["serve_load"]
 
 
 def test_load_summary_counts_refusals_errors_and_lost_requests():

@@ -198,9 +198,11 @@ def plot(samples: list[dict], phases: list[dict], path: Path, title: str) -> Non
     ax.step(times, [s["running"] for s in samples], where="post", color="black", label="running replicas")
     ax.set_xlabel("seconds since the load started")
     ax.set_ylabel("generator replicas")
-    ax.set_yticks(range(0, max([sum(s["states"].values()) for s in samples] + [1]) + 2))
+    top = max([sum(s["states"].values()) for s in samples] + [1])
+    ax.set_yticks(range(0, top + 1))
+    ax.set_ylim(0, top + 1.8)  # room for the legend above the lines
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -278,6 +280,7 @@ def run_load(args: argparse.Namespace) -> dict:
     rows = [summarize(clients.outcomes, p["phase"], p["to_s"] - p["from_s"]) for p in phases]
     return {"mode": "load", "config": config.model_dump(mode="json"), "request": request_settings(args),
             "clients": args.clients, "quiet_clients": args.quiet_clients, "phases": phases, "rows": rows,
+            "outcomes": [asdict(o) for o in clients.outcomes],
             "replicas": sampler.samples, "peak_replicas": max((s["running"] for s in sampler.samples), default=0),
             "final_replicas": sampler.samples[-1]["running"] if sampler.samples else None}
 
