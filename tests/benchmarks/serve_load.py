@@ -80,6 +80,17 @@ def summarize(outcomes: list[Outcome], phase: str, seconds: float) -> dict:
             "lost": sum(o.status is None for o in rows)}
 
 
+def by_replicas(outcomes: list[Outcome], samples: list[dict], phase: str) -> dict[int, dict]:
+    """Requests of ``phase`` and their 429s by the number of running replicas sampled last before each was sent."""
+    rows: dict[int, dict] = {}
+    for outcome in (o for o in outcomes if o.phase == phase):
+        before = [s for s in samples if s["t_s"] <= outcome.sent_s]
+        row = rows.setdefault(before[-1]["running"] if before else 0, {"requests": 0, "429": 0})
+        row["requests"] += 1
+        row["429"] += outcome.status == 429
+    return dict(sorted(rows.items()))
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 1)
 
@@ -196,7 +207,7 @@ def plot(samples: list[dict], phases: list[dict], path: Path, title: str) -> Non
     ax.step(times, [sum(s["states"].values()) for s in samples], where="post", color="grey", linestyle="--",
             label="replicas in any state (starting, stopping)")
     ax.step(times, [s["running"] for s in samples], where="post", color="black", label="running replicas")
-    ax.set_xlabel("seconds since the load started")
+    ax.set_xlabel("seconds")
     ax.set_ylabel("generator replicas")
     top = max([sum(s["states"].values()) for s in samples] + [1])
     ax.set_yticks(range(0, top + 1))
@@ -280,6 +291,7 @@ def run_load(args: argparse.Namespace) -> dict:
     rows = [summarize(clients.outcomes, p["phase"], p["to_s"] - p["from_s"]) for p in phases]
     return {"mode": "load", "config": config.model_dump(mode="json"), "request": request_settings(args),
             "clients": args.clients, "quiet_clients": args.quiet_clients, "phases": phases, "rows": rows,
+            "load_by_replicas": by_replicas(clients.outcomes, sampler.samples, "load"),
             "outcomes": [asdict(o) for o in clients.outcomes],
             "replicas": sampler.samples, "peak_replicas": max((s["running"] for s in sampler.samples), default=0),
             "final_replicas": sampler.samples[-1]["running"] if sampler.samples else None}
@@ -301,14 +313,14 @@ def run_fake_autoscaler(args: argparse.Namespace) -> dict:
         os.environ["RAY_AUTH_MODE"] = cluster["env"]["RAY_AUTH_MODE"]  # the head's: loopback, no token
         ray.init(address=cluster["address"], log_to_driver=False)
         try:
-            deployed_at = time.monotonic()
-            deploy(config, port, wait=False)
-            start = time.monotonic()
+            start = time.monotonic()  # every time of this mode counts from the deploy
             sampler = ReplicaSampler(start)
             sampler.start()
             joined: list[float] = []
             watcher = threading.Thread(target=_watch_gpu_node, args=(start, joined, args.cold_s), daemon=True)
             watcher.start()
+            deploy(config, port, wait=False)
+            front_door_up_s = round(time.monotonic() - start, 2)
             clients = Clients(f"http://127.0.0.1:{port}", start, request_settings(args), args.client_timeout_s)
             clients.run_phase("cold start", 1, args.cold_s, until_answered=True)
             clients.finish()
@@ -322,7 +334,7 @@ def run_fake_autoscaler(args: argparse.Namespace) -> dict:
     first = next((o for o in outcomes if o.status == 200), None)
     row = summarize(outcomes, "cold start", (first.sent_s + first.seconds) if first else args.cold_s)
     return {"mode": "fake-autoscaler", "config": config.model_dump(mode="json"), "node_types": types,
-            "request": request_settings(args), "front_door_up_s": round(start - deployed_at, 2),
+            "request": request_settings(args), "front_door_up_s": front_door_up_s,
             "gpu_node_joined_s": joined[0] if joined else None,
             "first_answer_s": round(first.sent_s + first.seconds, 2) if first else None,
             "attempts": [asdict(o) for o in outcomes], "rows": [row], "replicas": sampler.samples}
@@ -370,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--downscale-delay-s", type=float, default=15)
     p.add_argument("--look-back-period-s", type=float, default=12)
     p.add_argument("--retry-after-s", type=int, default=1)
-    p.add_argument("--startup-wait-s", type=float, default=5, help="The app's startup_wait_s (then a 503).")
+    p.add_argument("--startup-wait-s", type=float, default=1, help="The app's startup_wait_s (then a 503).")
     p.add_argument("--request-timeout-s", type=float, default=45, help="The app's request_timeout_s (then a 504).")
     p.add_argument("--ray-cpus", type=int, default=4, help="Logical CPUs of the local Ray (1 per replica).")
     p.add_argument("--max-run-s", type=float, default=900, help="Hard bound of the whole run.")
@@ -391,18 +403,19 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]}
     print("\n" + table(result["rows"]))
     if args.fake_autoscaler:
-        print(f"\nfront door up {result['front_door_up_s']} s after deploy; GPU node joined at "
-              f"{result['gpu_node_joined_s']} s, first answer at {result['first_answer_s']} s (since the front door "
-              f"was up); attempts: {[(a['status'], a['retry_after']) for a in result['attempts']]}")
+        print(f"\nsince the deploy: front door up at {result['front_door_up_s']} s, GPU node joined at "
+              f"{result['gpu_node_joined_s']} s, first answer at {result['first_answer_s']} s; attempts (sent at, "
+              f"status, Retry-After): {[(a['sent_s'], a['status'], a['retry_after']) for a in result['attempts']]}")
     else:
-        print(f"\nreplicas: peak {result['peak_replicas']}, at the end {result['final_replicas']}")
+        print(f"\nreplicas: peak {result['peak_replicas']}, at the end {result['final_replicas']}; load-phase 429s by "
+              f"running replicas: {result['load_by_replicas']}")
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2))
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
-    title = ("fake autoscaler: GPU node from zero" if args.fake_autoscaler else
+    title = ("fake autoscaler: a GPU node from zero (seconds since the deploy)" if args.fake_autoscaler else
              f"{args.model}, autoscaling {args.min_replicas}-{args.max_replicas} replicas, target {args.target:g}")
-    phases = result.get("phases") or [{"phase": "cold start", "clients": 1, "from_s": 0,
-                                       "to_s": result["replicas"][-1]["t_s"] if result["replicas"] else 0}]
+    phases = result.get("phases") or [{"phase": "cold start", "clients": 1, "from_s": result["front_door_up_s"],
+                                       "to_s": result["first_answer_s"] or result["replicas"][-1]["t_s"]}]
     if result["replicas"]:
         plot(result["replicas"], phases, png, title)
     print(f"wrote {out} and {png}")
