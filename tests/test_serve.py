@@ -456,6 +456,8 @@ def test_load_summary_counts_refusals_errors_and_lost_requests():
     assert load.summarize(outcomes, "quiet", seconds=1)["p99_ms"] == 300
     text = load.table([row])
     assert "| load " in text and "2 (13.3%)" in text and "2/3" in text
+    samples = [{"t_s": 0, "running": 1}, {"t_s": 1.5, "running": 2}]  # a sample applies from its time on
+    assert load.by_replicas(outcomes, samples, "load") == {1: {"requests": 3, "429": 1}, 2: {"requests": 12, "429": 1}}
 
 
 def test_load_clients_against_the_server_answer_every_request(server):
