@@ -1,6 +1,6 @@
 """Bounded load test of the Serve endpoint on loopback: the openai client against an autoscaling generator.
 
-Run on demand (pytest does not collect it; tests/test_serve_load.py runs its core briefly):
+Run on demand (pytest does not collect it; tests/test_serve.py runs its clients briefly and checks its statistics):
 
     python tests/benchmarks/serve_load.py [--clients 8] [--load-s 60] [--quiet-s 75] [--out FILE] [--plot PNG]
     python tests/benchmarks/serve_load.py --fake-autoscaler [--out FILE]
