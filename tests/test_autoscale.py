@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -315,16 +316,22 @@ def stop_session(head: subprocess.Popen, marker: str, grace_s: float = 10) -> se
     return {p for p in pids | session_processes(marker) if _alive(p)}
 
 
-@pytest.fixture
-def fake_cluster():
-    """A head (0 CPU, 0 GPU) with Ray's fake autoscaler: worker type {CPU: 1, GPU: 1}, min 0, max 2, on loopback."""
+@contextmanager
+def fake_head(node_types: dict, max_workers: int, head_cpus: int = 0):
+    """A Ray head on loopback with Ray's fake multi-node autoscaler over ``node_types`` (``available_node_types``
+    of a cluster config, head type ``ray.head.default``); yields its address, config file, environment and temp dir.
+    Every process of the cluster is stopped on exit.
+
+    Raises:
+        RuntimeError: the head did not start within 120 s (with its log's end), or processes survived the stop.
+    """
     temp = Path(tempfile.mkdtemp(prefix="mras-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
-    config = {"cluster_name": "maskray-fake", "max_workers": 2, "head_node_type": "ray.head.default",
+    config = {"cluster_name": "maskray-fake", "max_workers": max_workers, "head_node_type": "ray.head.default",
               "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "use_node_id_as_ip": True,
                            "disable_node_updaters": True, "disable_launch_config_check": True,
                            "launch_multiple": True},  # a launch of 2 nodes starts 2, not 1 per update
-              "available_node_types": FAKE_TYPES, "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+              "available_node_types": node_types, "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
               "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
               "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
               "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
@@ -335,7 +342,7 @@ def fake_cluster():
     log = temp / "head.log"
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "0", "--num-gpus", "0", f"--autoscaling-config={temp / 'autoscaler.yaml'}",
+         "--num-cpus", str(head_cpus), "--num-gpus", "0", f"--autoscaling-config={temp / 'autoscaler.yaml'}",
          "--temp-dir", str(temp), "--include-dashboard", "false", "--ray-client-server-port", str(free_port()),
          "--disable-usage-stats"],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -343,13 +350,21 @@ def fake_cluster():
         deadline = time.time() + 120
         while "Ray runtime started" not in log.read_text():
             if time.time() > deadline or head.poll() is not None:
-                pytest.fail("the Ray head did not come up on 127.0.0.1 within 120 s:\n" + log.read_text()[-3000:])
+                raise RuntimeError("the Ray head did not come up on 127.0.0.1 within 120 s:\n" + log.read_text()[-3000:])
             time.sleep(0.5)
         yield {"address": f"127.0.0.1:{port}", "config": temp / "autoscaler.yaml", "env": env, "temp": temp}
     finally:
         left = stop_session(head, str(temp))
-    assert not left, f"processes of the fake cluster survived: {sorted(left)} (logs in {temp})"
+    if left:
+        raise RuntimeError(f"processes of the fake cluster survived: {sorted(left)} (logs in {temp})")
     shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_cluster():
+    """A head (0 CPU, 0 GPU) with Ray's fake autoscaler: worker type {CPU: 1, GPU: 1}, min 0, max 2, on loopback."""
+    with fake_head(FAKE_TYPES, max_workers=2) as cluster:
+        yield cluster
 
 
 @pytest.mark.slow

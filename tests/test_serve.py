@@ -372,3 +372,106 @@ def test_serve_command_flags_and_config_file(tmp_path):
     assert config.scorer.name == "hps-v2" and config.scorer.checkpoint == "/x.pt"
     with pytest.raises(ValueError, match="--max-batch-size"):
         serve_cmd.build_config(parser.parse_args(["--max-batch-size", "0"]))
+
+
+def test_autoscaling_and_shutdown_fields_reach_the_generator_deployment():
+    import argparse
+
+    from ray.serve._private.build_app import build_app as build_deployments  # what serve.run builds
+
+    from jobs import serve_cmd
+    from jobs.serve.app import build_application
+
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_arguments(parser)
+    config = serve_cmd.build_config(parser.parse_args(
+        ["--min-replicas", "1", "--max-replicas", "3", "--target-ongoing-requests", "2", "--upscale-delay-s", "3",
+         "--downscale-delay-s", "15", "--look-back-period-s", "12", "--graceful-shutdown-timeout-s", "40"]))
+    built = build_deployments(build_application(config), name="x")
+    generator = next(d for d in built.deployments if d.name == "ImageGenerator")
+    scaling = generator._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 2)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (3, 15, 12)
+    assert generator._deployment_config.graceful_shutdown_timeout_s == 40
+    default = next(d for d in build_deployments(build_application(ServeConfig()), name="y").deployments
+                   if d.name == "ImageGenerator")._deployment_config  # unset, the fields are Serve's defaults
+    assert (default.autoscaling_config.upscale_delay_s, default.autoscaling_config.downscale_delay_s,
+            default.graceful_shutdown_timeout_s) == (30, 600, 20)
+
+
+def test_front_door_without_a_generator_answers_503_with_retry_after(server):
+    """A generator that cannot be placed (it asks for a GPU this cluster lacks, as one waiting for a GPU node from
+    the autoscaler does) leaves the front door up: it answers 503 + Retry-After in OpenAI's shape, never hangs."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from jobs.serve.app import build_app
+
+    app = build_app({"model": "tiny-meissonic", "num_gpus": 1, "startup_wait_s": 1, "retry_after_s": 7,
+                     "graceful_shutdown_timeout_s": 1,  # the unplaced replica is stopped at once on delete
+                     "api_key_env": KEY_ENV})
+    serve.run_many([RunTarget(app, name="maskray-cold", route_prefix="/cold")], wait_for_applications_running=False)
+    try:
+        deadline = time.time() + 60
+        while serve.status().applications["maskray-cold"].deployments.get("ImagesAPI") is None or \
+                serve.status().applications["maskray-cold"].deployments["ImagesAPI"].status != "HEALTHY":
+            assert time.time() < deadline, "the cold app's front door did not come up within 60 s"
+            time.sleep(0.5)
+        started = time.perf_counter()
+        response = _post(f"{server}/cold", {"prompt": "a red circle", **SMALL})
+        assert 1 <= time.perf_counter() - started < 10  # it waited startup_wait_s for a replica, then answered
+        assert response.status_code == 503 and response.headers["Retry-After"] == "7"
+        error = response.json()["error"]
+        assert error["code"] == "model_starting" and error["type"] == "service_unavailable"
+        assert "startup_wait_s=1" in error["message"]
+        models = requests.get(f"{server}/cold/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        assert models.status_code == 503 and models.headers["Retry-After"] == "7"
+    finally:
+        serve.delete("maskray-cold")
+
+
+def _serve_load():
+    """tests/benchmarks/serve_load.py as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    if "serve_load" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("serve_load", REPO / "tests" / "benchmarks" / "serve_load.py")
+        sys.modules["serve_load"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+        spec.loader.exec_module(sys.modules["serve_load"])
+    return sys.modules["serve_load"]
+
+
+def test_load_summary_counts_refusals_errors_and_lost_requests():
+    load = _serve_load()
+    outcomes = [load.Outcome("load", float(i), 0.1 * (i + 1), 200) for i in range(10)]
+    outcomes += [load.Outcome("load", 1, 0.01, 429, "1"), load.Outcome("load", 2, 0.01, 429, None),
+                 load.Outcome("load", 3, 0.01, 503, "5"), load.Outcome("load", 4, 0.2, 500),
+                 load.Outcome("load", 5, 60, None), load.Outcome("quiet", 6, 0.3, 200)]
+    row = load.summarize(outcomes, "load", seconds=5)
+    assert (row["requests"], row["ok"], row["images_per_s"]) == (15, 10, 2)
+    assert (row["p50_ms"], row["p95_ms"], row["p99_ms"]) == (550, 955, 991)  # of the 200s only
+    assert (row["429"], row["503"], row["refused_with_retry_after"]) == (2, 1, 2)
+    assert row["share_429"] == pytest.approx(2 / 15) and (row["5xx_other"], row["lost"]) == (1, 1)
+    assert load.summarize(outcomes, "quiet", seconds=1)["p99_ms"] == 300
+    text = load.table([row])
+    assert "| load " in text and "2 (13.3%)" in text and "2/3" in text
+    samples = [{"t_s": 0, "running": 1}, {"t_s": 1.5, "running": 2}]  # a sample applies from its time on
+    assert load.by_replicas(outcomes, samples, "load") == {1: {"requests": 3, "429": 1}, 2: {"requests": 12, "429": 1}}
+
+
+def test_load_clients_against_the_server_answer_every_request(server):
+    """serve_load.py's core, briefly: 2 openai clients for 3 s and the replica sampler, on this module's app."""
+    load = _serve_load()
+    start = time.monotonic()
+    sampler = load.ReplicaSampler(start, app=APP, period_s=0.5)
+    sampler.start()
+    clients = load.Clients(server, start, {"size": "32x32", "extra": {"steps": 4}}, timeout_s=30, api_key=API_KEY)
+    clients.run_phase("load", clients=2, seconds=3)
+    clients.finish()
+    sampler.stopped.set()
+    sampler.join(5)
+    row = load.summarize(clients.outcomes, "load", seconds=3)
+    assert row["requests"] >= 4 and row["ok"] + row["429"] == row["requests"], row
+    assert row["lost"] == row["5xx_other"] == 0 and row["p50_ms"] > 0
+    assert len(sampler.samples) >= 3 and all(s["running"] == 1 for s in sampler.samples)

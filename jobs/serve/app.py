@@ -45,7 +45,11 @@ def build_application(config: ServeConfig) -> Application:
         max_queued_requests=config.max_queued_requests,
         backpressure_config=backpressure,
         autoscaling_config=AutoscalingConfig(min_replicas=config.min_replicas, max_replicas=config.max_replicas,
-                                             target_ongoing_requests=config.target_ongoing_requests),
+                                             target_ongoing_requests=config.target_ongoing_requests,
+                                             upscale_delay_s=config.upscale_delay_s,
+                                             downscale_delay_s=config.downscale_delay_s,
+                                             look_back_period_s=config.look_back_period_s),
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
     ).bind(config)
     scorer = None

@@ -55,6 +55,20 @@ class ServeConfig(BaseModel):
     max_replicas: int = Field(1, ge=1, description="Most generator replicas the autoscaler starts.")
     target_ongoing_requests: float = Field(4, gt=0, description="Requests per generator replica the autoscaler "
                                            "aims for.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Seconds the autoscaler sees more load than "
+                                   "target_ongoing_requests per replica before it adds generator replicas "
+                                   "(Serve's default).")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the autoscaler sees less load before it "
+                                     "removes generator replicas (Serve's default); a removed replica first "
+                                     "finishes its requests (graceful_shutdown_timeout_s).")
+    look_back_period_s: float = Field(30.0, gt=0, description="Seconds of load the autoscaler averages over "
+                                      "(Serve's default).")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="Seconds a generator replica being "
+                                               "removed has to finish the requests it holds before it is killed "
+                                               "(Serve's default); keep it above the slowest request.")
+    startup_wait_s: float = Field(10.0, gt=0, description="While no generator replica has loaded the model yet "
+                                  "(first start, a GPU node joining), how long a request waits for one before it "
+                                  "gets a 503 with Retry-After.")
     api_key_env: str = Field("MASKRAY_API_KEY", description="Environment variable of the replicas holding the "
                              "bearer token clients must send (in Kubernetes: from the Secret the manifests mount).")
     allow_unauthenticated: bool = Field(False, description="Serve without a bearer token when api_key_env is unset "

@@ -3,8 +3,9 @@
 Every failure is a JSON body in OpenAI's error shape with a status a client can act on: 401 for a missing or
 wrong bearer token and 413 for a body over ``max_request_bytes`` (both before the body is parsed), 422 for a bad
 field or an unusable image or mask file (naming it), for settings the engine refuses or for a request over
-the compute budget (in model calls, see ``budget``), 404 for an unknown model, 429 (or 503) with ``Retry-After`` when the generator's queue is full, 504 when a request outlives
-``request_timeout_s``, and 500 only for a fault of the server. A full queue never surfaces as a 500: Serve
+the compute budget (in model calls, see ``budget``), 404 for an unknown model, 429 (or 503) with ``Retry-After``
+when the generator's queue is full, 503 with ``Retry-After`` while no generator replica has loaded the model yet
+(``startup_wait_s``), 504 when a request outlives ``request_timeout_s``, and 500 only for a fault of the server. A full queue never surfaces as a 500: Serve
 raises ``BackPressureError`` in this replica's handle call, and it is turned into the 429 here rather than into
 Serve's plain-text default. A body FastAPI cannot read (a broken multipart form, a form field over
 ``MAX_FORM_FIELD_BYTES``) is a 400, an unknown path a 404 and a wrong method a 405, in the same shape. An error
@@ -210,7 +211,23 @@ class ImagesAPI:
         if self.api_key is None:
             logger.warning(f"serving WITHOUT authentication (allow_unauthenticated; {config.api_key_env} is unset): "
                            "anyone who reaches this endpoint can generate images")
-        self.model = await generator.describe.remote()
+        # Not awaited here: where the generator waits for a node (a GPU node the autoscaler starts from zero), the
+        # front door is up at once and answers 503 with Retry-After until the model is loaded (see _wait_for_model).
+        self.model: dict | None = None
+        self._describing = asyncio.ensure_future(generator.describe.remote())
+
+    async def _wait_for_model(self) -> JSONResponse | None:
+        """None once the generator has described its model (``self.model``), waiting up to ``startup_wait_s`` for
+        its first replica; else the 503 with Retry-After a client retries on."""
+        if self.model is None:
+            try:
+                self.model = await asyncio.wait_for(asyncio.shield(self._describing), self.config.startup_wait_s)
+            except TimeoutError:
+                return error_response(503, f"the model is still starting (no generator replica has loaded it within "
+                                      f"startup_wait_s={self.config.startup_wait_s} s, e.g. while a GPU node joins); "
+                                      f"retry after {self.config.retry_after_s} s", "service_unavailable",
+                                      code="model_starting", headers={"Retry-After": str(self.config.retry_after_s)})
+        return None
 
     def check_key(self, headers: Headers) -> JSONResponse | None:
         """None if the request may proceed, else the 401 (called by ``RequestGuard`` before the body is read)."""
@@ -229,12 +246,18 @@ class ImagesAPI:
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, summary="The served model.")
     async def models(self):
+        starting = await self._wait_for_model()
+        if starting:
+            return starting
         return ModelList(data=[ModelCard(id=self.config.model_id, created=self.model["loaded_at"])])
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS,
               summary="Create images from a prompt (OpenAI Images API, plus seed/sampler/steps/guidance/"
               "negative_prompt).")
     async def generate(self, body: ImageGenerationRequest):
+        starting = await self._wait_for_model()
+        if starting:
+            return starting
         width, height = body.dimensions() or (self.model["width"], self.model["height"])
         refused = self._check_model(body) or self._check_size(width, height, "size")
         if refused:
@@ -247,7 +270,7 @@ class ImagesAPI:
               summary="Edit an image: inpaint where the mask is transparent, or img2img without a mask (OpenAI "
               "Images API multipart form, plus seed/sampler/steps/guidance/negative_prompt/strength).")
     async def edit(self, body: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")]):
-        refused = self._check_model(body)
+        refused = self._check_model(body) or await self._wait_for_model()
         if refused:
             return refused
         image, mask = await body.image.read(), None if body.mask is None else await body.mask.read()
