@@ -216,6 +216,13 @@ def paired_runs(candidate_run: str, baseline_run: str) -> dict:
             "win_rate": float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))}
 
 
+def schedule_label(spec: str) -> str:
+    """``k=3`` or ``k=3,P=1`` for a cached schedule's spec (``vanilla:cache.full_every=3,cache.full_first=1``)."""
+    fields = dict(part.split("=") for part in spec.split(":", 1)[1].split(","))
+    label = f"k={fields.get('cache.full_every', 2)}"
+    return label + (f",P={fields['cache.full_first']}" if "cache.full_first" in fields else "")
+
+
 def plot_curve(report: dict, evaluation: list[dict], path: str) -> None:
     """FLOPs ratio against paired score difference: the tuning rows (cached schedules and vanilla at fewer
     steps) and the evaluation-caption points ``evaluation`` (``{"label", "flops_ratio", "mean_difference",
@@ -238,8 +245,8 @@ def plot_curve(report: dict, evaluation: list[dict], path: str) -> None:
         ax.errorbar(x, y, yerr=err, fmt=marker, color=color, capsize=3, alpha=0.6,
                     label="cached, 16 steps (tuning)" if kind == "cache" else "vanilla, fewer steps (tuning)")
         for r in rows:
-            label = r["sampler"].split("full_every=")[-1] if kind == "cache" else str(r["steps"])
-            ax.annotate(("k=" if kind == "cache" else "T=") + label, (r["flops_ratio"], r["diff_vs_vanilla"]),
+            label = schedule_label(r["sampler"]) if kind == "cache" else f"T={r['steps']}"
+            ax.annotate(label, (r["flops_ratio"], r["diff_vs_vanilla"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     for point in evaluation:
         ax.errorbar([point["flops_ratio"]], [point["mean_difference"]],
