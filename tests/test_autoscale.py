@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -33,15 +34,18 @@ from jobs.cli_args import build_model
 from jobs.cluster import ClusterSpec, autoscaling_config, render_all
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.capacity import (
+    BOOTSTRAP_CONFIG,
     ENV,
     Capacity,
     NodeType,
+    bootstrap_node_types,
     load_autoscaling_config,
     node_types_from_autoscaling_config,
     node_types_from_cluster_config,
     nodes_to_wait_for,
     read_capacity,
 )
+from pipeline.capacity_wait import first_actor_bundles, plan_pools, retry_until
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.pools import StagePlan, plan_stages
 
@@ -122,14 +126,33 @@ def test_node_types_from_ray_autoscaler_state_in_the_gcs():
     assert (plan.min_actors, plan.max_actors) == (1, None)  # an unbounded type: Ray Data's pool has no cap
 
 
-def test_read_capacity_prefers_ray_autoscaler_state_to_the_environment(ray_local, monkeypatch):
+def test_node_types_from_the_ray_up_bootstrap_config(tmp_path):
+    assert bootstrap_node_types(tmp_path) is None  # not a `ray up` head
+    (tmp_path / BOOTSTRAP_CONFIG).write_text(yaml.safe_dump({
+        "cluster_name": "c", "max_workers": 2, "head_node_type": "ray.head.default", "provider": {"type": "aws"},
+        "available_node_types": FAKE_TYPES}))
+    types, source = bootstrap_node_types(tmp_path)
+    assert types == FAKE and source == f"the cluster launcher's {tmp_path / BOOTSTRAP_CONFIG}"
+    (tmp_path / BOOTSTRAP_CONFIG).write_text(yaml.safe_dump({"available_node_types": {"gpu": {"max_workers": 2}}}))
+    with pytest.raises(ValueError, match=rf"{BOOTSTRAP_CONFIG}: node type 'gpu' needs a resources mapping .*; give "
+                                         rf"the cluster's node types in {ENV} instead"):
+        bootstrap_node_types(tmp_path)
+
+
+def test_read_capacity_prefers_ray_autoscaler_state_to_the_environment_to_the_bootstrap_config(
+        ray_local, monkeypatch, tmp_path):
     import ray._raylet
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    assert not read_capacity().autoscaling  # the local Ray: a fixed cluster
+    assert not read_capacity(home=tmp_path).autoscaling  # the local Ray: a fixed cluster
+    (tmp_path / BOOTSTRAP_CONFIG).write_text(yaml.safe_dump({"available_node_types": {
+        "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 3}}}))
+    from_bootstrap = read_capacity(home=tmp_path)
+    assert from_bootstrap.node_types == (NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 0, 3),)
+    assert str(tmp_path) in from_bootstrap.source
     monkeypatch.setenv(ENV, json.dumps({"available_node_types": FAKE_TYPES}))
-    from_env = read_capacity()
+    from_env = read_capacity(home=tmp_path)
     assert from_env.source == ENV and from_env.autoscaling and from_env.resources["CPU"] == 2
     published = autoscaler_pb2.ClusterConfig(node_group_configs=[
         autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 4, "GPU": 1}, max_count=4)])
@@ -203,6 +226,82 @@ def test_fixed_cluster_is_sized_from_what_is_up_as_before():
         assert (pool.min_size, pool.max_size) == (2, 2)
     with pytest.raises(ValueError, match=f"has 0 GPUs.*{ENV}"):
         plan_stages(job(generator_gpus=1), {"CPU": 4.0})
+
+
+# ---------------------------------------------------------------------------------------------------
+# --wait-for-capacity
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_retry_until_reports_progress_then_gives_up_with_the_last_error():
+    clock, reports = FakeClock(), []
+
+    def never() -> None:
+        raise ValueError(f"no GPU at {clock.now:g} s")
+
+    with pytest.raises(ValueError, match=r"^no GPU at 30 s$"):
+        retry_until(never, 30, lambda error, left: reports.append((str(error), left)), clock, clock.sleep,
+                    poll_s=2, report_every_s=10)
+    assert reports == [("no GPU at 0 s", 30), ("no GPU at 10 s", 20), ("no GPU at 20 s", 10)]
+    attempts = iter([ValueError("not yet"), ValueError("not yet"), "planned"])
+
+    def third_time() -> str:
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert retry_until(third_time, 30, lambda *_: None, clock, clock.sleep, poll_s=2) == "planned"
+
+    def refused() -> None:
+        raise ValueError("at once")
+
+    with pytest.raises(ValueError, match="at once"):  # 0 s: today's behaviour
+        retry_until(refused, 0, pytest.fail, clock, clock.sleep)
+
+
+def test_wait_for_capacity_counts_in_no_hash_and_asks_for_the_first_actors():
+    plain, waiting = job(generator_gpus=1), job(generator_gpus=1, wait_for_capacity=600)
+    assert plain.config_hash() == waiting.config_hash()
+    assert first_actor_bundles(job(generator_gpus=1, scorer="shapes", scorer_gpus=0.25)) == [{"GPU": 1.0},
+                                                                                              {"GPU": 0.25}]
+    assert first_actor_bundles(job(generator_cpus=2)) == [{"CPU": 2.0}]
+
+
+def test_wait_for_capacity_on_a_cluster_that_never_grows_refuses_as_without_it(ray_local, tmp_path):
+    """The local Ray has no autoscaler: the job asks for a GPU node, logs its wait, then gives today's refusal
+    and withdraws its request."""
+    import ray.autoscaler._private.constants as autoscaler_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    def requested() -> list:
+        return json.loads(_internal_kv_get(autoscaler_constants.AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
+
+    lines, asked = [], []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        asked.append(requested())
+
+    with pytest.raises(ValueError) as today:
+        plan_stages(job(generator_gpus=1), read_capacity(home=tmp_path))
+    with pytest.raises(ValueError) as waited:
+        plan_pools(job(generator_gpus=1, wait_for_capacity=1.5), log, lambda: read_capacity(home=tmp_path))
+    assert str(waited.value) == str(today.value) and "has 0 GPUs" in str(today.value)
+    (line,) = lines
+    assert re.fullmatch(r"maskray generate: waiting for capacity \(--wait-for-capacity 1\.5\): wanted 1 GPU "
+                        r"\(--generator-gpus 1\), the cluster has 0 GPU, 2 CPU on 1 node\(s\); [12] s left", line)
+    assert asked == [[{"GPU": 1.0}]] and requested() == []
 
 
 # ---------------------------------------------------------------------------------------------------
