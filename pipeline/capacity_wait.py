@@ -25,12 +25,12 @@ POLL_S = 2.0  # how often the cluster is read again
 REPORT_EVERY_S = 10.0  # how often a progress line is logged
 
 
-def retry_until(attempt: Callable[[], T], seconds: float, progress: Callable[[ValueError, float], None],
+def retry_until(attempt: Callable[[], T], seconds: float, progress: Callable[[float], None],
                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                 poll_s: float = POLL_S, report_every_s: float = REPORT_EVERY_S) -> T:
     """``attempt()``'s result once it stops raising ``ValueError``, trying again for ``seconds``.
 
-    ``progress(error, seconds_left)`` is called at the first failure and then every ``report_every_s``. With
+    ``progress(seconds_left)`` is called at the first failure and then every ``report_every_s``. With
     ``seconds`` 0 the first error is raised at once; when the time is up, the last error is raised unchanged.
     """
     deadline = clock() + seconds
@@ -38,12 +38,12 @@ def retry_until(attempt: Callable[[], T], seconds: float, progress: Callable[[Va
     while True:
         try:
             return attempt()
-        except ValueError as error:
+        except ValueError:
             now = clock()
             if now >= deadline:
                 raise
             if reported is None or now - reported >= report_every_s:
-                progress(error, deadline - now)
+                progress(deadline - now)
                 reported = now
             sleep(min(poll_s, deadline - now))
 
@@ -61,7 +61,7 @@ def describe_wanted(config: GenerateConfig) -> str:
     """``1 GPU (--generator-gpus 1) + 0.25 GPU (--scorer-gpus 0.25)``: what the first actors need."""
     job = config.job
     parts = [f"{job.generator_gpus:g} GPU (--generator-gpus {job.generator_gpus:g})" if job.generator_gpus
-             else "CPUs for the generator actors"]
+             else f"{job.generator_cpus or 1:g} CPU per generator actor"]
     if job.scorer is not None and job.scorer_gpus:
         parts.append(f"{job.scorer_gpus:g} GPU (--scorer-gpus {job.scorer_gpus:g})")
     return " + ".join(parts)
@@ -94,7 +94,7 @@ def plan_pools(config: GenerateConfig, log: Callable[[str], None],
         latest[0] = read()
         return (latest[0], *plan_stages(config, latest[0]))
 
-    def progress(error: ValueError, left: float) -> None:
+    def progress(left: float) -> None:
         nonlocal requested
         if not requested:
             request_resources(bundles=first_actor_bundles(config))
