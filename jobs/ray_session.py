@@ -33,6 +33,8 @@ def ray_session() -> Iterator[Callable[[], None]]:
     try:
         yield connect
     finally:
-        ray.shutdown()
-        if quiet.started:
-            quiet.stop()
+        try:
+            ray.shutdown()
+        finally:
+            if quiet.started:
+                quiet.stop()
