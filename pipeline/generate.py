@@ -180,6 +180,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
             connect()
         connected = time.perf_counter()
         capacity, *plans = plan_pools(config, log)  # waits up to --wait-for-capacity for a cluster to hold them
+        planned = time.perf_counter()
         stages = Stages(*plans, generator_stage=generator_stage)
         # assembly uses no run constants; whole pieces left by a crash become records before the record scan
         partial = assemble_whole_pieces(SampleSink(out, {}, job.image_format, job.layout, curation=curation(config)),
@@ -194,7 +195,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
         partly_written = {name: how for name, how in partly_written.items() if name not in records.done}
         work = WorkPlan(prompts, scan.columns, plan, todo, size, partly_written)
         done = sum(records.done.values())
-        resume = (before_ray - begun) + (time.perf_counter() - connected)
+        resume = (before_ray - begun) + (time.perf_counter() - planned)  # not the wait for capacity
         generator, scorer = stages.generator, stages.scorer
         log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples"
             + (f" x {job.best_of} candidates" if job.best_of > 1 else "") + f" in {len(scan.files)} file(s), "
