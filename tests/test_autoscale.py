@@ -482,8 +482,9 @@ def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluste
     home.mkdir()
     shutil.copy(fake_cluster["config"], home / BOOTSTRAP_CONFIG)
     started = time.time()
-    # 12 batches: enough for the first actor to still be busy at the second
-    ids, out, stdout = generate_on(fake_cluster, tmp_path, 24, home)
+    # 24 batches: enough for the first actor to still be busy when the second is up, on a quiet machine too (12
+    # batches were done by the first actor alone before the second started)
+    ids, out, stdout = generate_on(fake_cluster, tmp_path, 48, home)
     seconds = time.time() - started
     assert "1-2 generator actor(s) (1 GPU, 0 CPU each" in stdout
     assert f"autoscaling cluster: ray.head.default {{CPU: 0, GPU: 0}} x 1-1; ray.worker.gpu {{CPU: 1, GPU: 1}} x 0-2 " \

@@ -3,10 +3,11 @@ a head without GPUs and two worker nodes declaring one logical GPU each, models 
 ``--generator-gpus 1`` spread over both workers, and one worker node removed mid-run. The job must finish
 with every (prompt_id, sample_idx) exactly once.
 
-A fresh GPU node joins once the node is lost, so the generator actor that ran there restarts on a node that never
-held its constructor arguments: Ray warns that such a restart fails when "the arguments in the object store go out
-of scope or are lost" (ray-project/ray#53727). Ray Data's arguments are ``ray.put`` by the driver and held by
-the operator, so the restarted actor reads them from the driver's node (docs/ray-notes.md section 6)."""
+A fresh GPU node joins once the node is lost, and the generator actor that ran there must restart on another node
+(the fresh one, or the other worker once its own actor is idle): Ray warns that such a restart fails when "the
+arguments in the object store go out of scope or are lost" (ray-project/ray#53727). Ray Data's arguments are
+``ray.put`` by the driver and held by the operator, so the restarted actor reads them from the driver's node
+(docs/ray-notes.md section 6)."""
 
 from __future__ import annotations
 
@@ -66,4 +67,4 @@ def test_worker_node_lost_mid_run_still_exactly_once(cluster, tmp_path):
     generators = [actor for actor in ray._private.state.actors().values()
                   if actor["ActorClassName"] == "MapWorker(MapBatches(Generator))"]
     restarted = [actor["Address"]["NodeID"] for actor in generators if actor["NumRestarts"] > 0]
-    assert restarted == [fresh.node_id], f"no generator actor restarted on the fresh node: {generators}"
+    assert len(restarted) == 1 and restarted[0] in (fresh.node_id, workers[1].node_id), generators
