@@ -1,9 +1,11 @@
-"""Actor pools on autoscaling clusters: MIN:MAX pools, sizing from node types, and a job on Ray's fake autoscaler.
+"""Actor pools on autoscaling clusters: MIN:MAX pools, sizing from node types, --wait-for-capacity, and jobs on
+Ray's fake autoscaler.
 
-The last test starts a real head with Ray's fake multi-node autoscaler (``fake_multinode`` provider: worker
-"nodes" are extra raylets on this machine) with no CPU and no GPU on the head, and runs ``maskray generate``
-through the CLI against it: the pool starts from zero GPU nodes and grows to two actors as the autoscaler
-adds two nodes.
+The last two tests start a real head with Ray's fake multi-node autoscaler (``fake_multinode`` provider: worker
+"nodes" are extra raylets on this machine) with no CPU and no GPU on the head, and run ``maskray generate``
+through the CLI against it. With the node types in ``ray up``'s bootstrap config, the pool starts from zero GPU
+nodes and grows to two actors as the autoscaler adds two nodes. With no node types anywhere,
+``--wait-for-capacity`` asks the autoscaler for a GPU node and the job runs once it has joined.
 """
 
 from __future__ import annotations
