@@ -11,8 +11,12 @@ node types can add, up to each type's maximum count; the node types are read, in
    (``available_node_types`` with ``resources``, ``min_workers``, ``max_workers``; the file given to
    ``ray start --autoscaling-config`` or ``ray up``), a path or the YAML/JSON text itself. The KubeRay manifests
    of ``maskray infra render`` set it on the head pod, where RayJob and ``maskray submit`` drivers run.
+3. ``~/ray_bootstrap_config.yaml`` on the head of a ``ray up`` cluster: the cluster launcher copies the cluster
+   config there, with ``available_node_types`` and their resources filled in, and starts the autoscaler from it
+   (``ray/autoscaler/_private/commands.py``; Ray Tune detects ``ray up`` clusters by the same file). Drivers run on
+   the head (``ray job submit``, ``ray submit``, ``maskray submit``), so the file is in their user's home folder.
 
-With neither, the cluster is taken as fixed.
+With none of them, the cluster is taken as fixed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import yaml
 
 ENV = "MASKRAY_AUTOSCALING_CONFIG"
+BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config, in the head's home
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,31 @@ def load_autoscaling_config(value: str) -> tuple[dict[str, Any], str]:
     return data, source
 
 
-def read_capacity() -> Capacity:
-    """The connected cluster's capacity (Ray must be initialised); see the module docstring for the sources."""
+def bootstrap_node_types(home: Path) -> tuple[tuple[NodeType, ...], str] | None:
+    """Node types of the ``ray up`` bootstrap config in ``home`` and its source; None when there is no such file.
+
+    Raises:
+        ValueError: the file is there but holds no usable node types (names the file and the way out).
+    """
+    path = home / BOOTSTRAP_CONFIG
+    if not path.is_file():
+        return None
+    source = f"the cluster launcher's {path}"
+    try:
+        config = yaml.safe_load(path.read_text())
+        return node_types_from_autoscaling_config(config, source), source
+    except (yaml.YAMLError, ValueError) as error:
+        first_line = str(error).splitlines()[0]
+        raise ValueError(f"{first_line}; give the cluster's node types in {ENV} instead (it is read first), "
+                         "see docs/cluster.md") from error
+
+
+def read_capacity(home: Path | None = None) -> Capacity:
+    """The connected cluster's capacity (Ray must be initialised); see the module docstring for the sources.
+
+    Args:
+        home: the folder to look for ``ray up``'s bootstrap config in (default: this user's home, ``$HOME``).
+    """
     import ray
     import ray._private.state
 
@@ -132,6 +160,9 @@ def read_capacity() -> Capacity:
     if os.environ.get(ENV):
         config, source = load_autoscaling_config(os.environ[ENV])
         return Capacity(resources, node_types_from_autoscaling_config(config, source), source)
+    bootstrap = bootstrap_node_types(Path.home() if home is None else home)
+    if bootstrap is not None:
+        return Capacity(resources, *bootstrap)
     return Capacity(resources)
 
 

@@ -76,6 +76,10 @@ class JobOptions(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads per actor. Unset: Ray's "
                                       "setting, the actor's CPUs rounded down, at least 1 (more threads than "
                                       "reserved cores stall every op when the machine is busy).")
+    wait_for_capacity: float = Field(0.0, ge=0, description="Seconds to wait for the autoscaler when the cluster, "
+                                     "taken as fixed (its node types unknown: see docs/cluster.md), cannot yet hold "
+                                     "the pools: the job asks it for their first actors and logs its progress; when "
+                                     "the time is up it is refused as without waiting. 0: refuse at once.")
     scorer: str | None = Field(None, description="Scorer name (hps-v2, hps-v2.1, clip, or a scorer a plugin "
                                "registers under maskray.scorers) or unset for no scoring. The real HPS weights are "
                                "downloaded once from the hub (xswu/HPSv2).")
@@ -198,7 +202,7 @@ CURATION_OPTIONS = {"best_of": 1, "keep": 1, "min_score": None, "keep_all_images
 UNHASHED_OPTIONS = ("prompts", "out", "num_images", "fail_fast", "batch_size", "generator_actors",
                     "generator_gpus", "generator_cpus", "torch_threads", "scorer_batch_size", "scorer_actors",
                     "scorer_gpus", "scorer_cpus", "storage_options", "keep_failed", "force", "lock_stale_seconds", "report",
-                    "shard_size", "allowed_image_schemes")  # recorded in manifest.json, which refuses a different --shard-size
+                    "wait_for_capacity", "shard_size", "allowed_image_schemes")  # recorded in manifest.json, which refuses a different --shard-size
 # ModelConfig fields that only place or schedule the model's math; every other field (quantization, token
 # merging ...) counts. compile runs the same blocks with fused kernels: tokens agree with eager on CPU (a test
 # checks it) and, like a change of device, may differ only by float rounding on a GPU; the VQ decode is not

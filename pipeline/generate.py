@@ -20,12 +20,13 @@ from actors.generator import Generator
 from actors.scoring_stage import ScoringStage
 from mgt.models.families import model_family
 from pipeline import manifest as run_manifest
-from pipeline.capacity import pool_usage, read_capacity
+from pipeline.capacity import pool_usage
+from pipeline.capacity_wait import plan_pools
 from pipeline.config import UNHASHED_MODEL_FIELDS, GenerateConfig
 from pipeline.curation import Curation
 from pipeline.lease import LeaseLost, RunLease
 from pipeline.partial import assemble_whole_pieces
-from pipeline.pools import StagePlan, plan_stages, watch_autoscaler
+from pipeline.pools import StagePlan, watch_autoscaler
 from pipeline.prompts import expand_samples, scan_prompts
 from pipeline.redact import secret_values
 from pipeline.result import RunResult
@@ -178,8 +179,9 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
         if connect is not None:
             connect()
         connected = time.perf_counter()
-        capacity = read_capacity()
-        stages = Stages(*plan_stages(config, capacity), generator_stage=generator_stage)
+        capacity, *plans = plan_pools(config, log)  # waits up to --wait-for-capacity for a cluster to hold them
+        planned = time.perf_counter()
+        stages = Stages(*plans, generator_stage=generator_stage)
         # assembly uses no run constants; whole pieces left by a crash become records before the record scan
         partial = assemble_whole_pieces(SampleSink(out, {}, job.image_format, job.layout, curation=curation(config)),
                                         {shard.name: shard.samples for shard in plan})
@@ -193,7 +195,7 @@ def run_generate(config: GenerateConfig, log: Callable[[str], None] = print,
         partly_written = {name: how for name, how in partly_written.items() if name not in records.done}
         work = WorkPlan(prompts, scan.columns, plan, todo, size, partly_written)
         done = sum(records.done.values())
-        resume = (before_ray - begun) + (time.perf_counter() - connected)
+        resume = (before_ray - begun) + (time.perf_counter() - planned)  # not the wait for capacity
         generator, scorer = stages.generator, stages.scorer
         log(f"maskray generate: {scan.rows} prompts -> {scan.samples} samples"
             + (f" x {job.best_of} candidates" if job.best_of > 1 else "") + f" in {len(scan.files)} file(s), "

@@ -1,9 +1,11 @@
-"""Actor pools on autoscaling clusters: MIN:MAX pools, sizing from node types, and a job on Ray's fake autoscaler.
+"""Actor pools on autoscaling clusters: MIN:MAX pools, sizing from node types, --wait-for-capacity, and jobs on
+Ray's fake autoscaler.
 
-The last test starts a real head with Ray's fake multi-node autoscaler (``fake_multinode`` provider: worker
-"nodes" are extra raylets on this machine) with no CPU and no GPU on the head, and runs ``maskray generate``
-through the CLI against it: the pool starts from zero GPU nodes and grows to two actors as the autoscaler
-adds two nodes.
+The last two tests start a real head with Ray's fake multi-node autoscaler (``fake_multinode`` provider: worker
+"nodes" are extra raylets on this machine) with no CPU and no GPU on the head, and run ``maskray generate``
+through the CLI against it. With the node types in ``ray up``'s bootstrap config, the pool starts from zero GPU
+nodes and grows to two actors as the autoscaler adds two nodes. With no node types anywhere,
+``--wait-for-capacity`` asks the autoscaler for a GPU node and the job runs once it has joined.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -34,15 +37,18 @@ from jobs.cli_args import build_model
 from jobs.cluster import ClusterSpec, autoscaling_config, render_all
 from mgt.config import GenerationSettings, ModelConfig
 from pipeline.capacity import (
+    BOOTSTRAP_CONFIG,
     ENV,
     Capacity,
     NodeType,
+    bootstrap_node_types,
     load_autoscaling_config,
     node_types_from_autoscaling_config,
     node_types_from_cluster_config,
     nodes_to_wait_for,
     read_capacity,
 )
+from pipeline.capacity_wait import first_actor_bundles, plan_pools, retry_until
 from pipeline.config import GenerateConfig, JobOptions
 from pipeline.pools import StagePlan, plan_stages
 
@@ -123,14 +129,33 @@ def test_node_types_from_ray_autoscaler_state_in_the_gcs():
     assert (plan.min_actors, plan.max_actors) == (1, None)  # an unbounded type: Ray Data's pool has no cap
 
 
-def test_read_capacity_prefers_ray_autoscaler_state_to_the_environment(ray_local, monkeypatch):
+def test_node_types_from_the_ray_up_bootstrap_config(tmp_path):
+    assert bootstrap_node_types(tmp_path) is None  # not a `ray up` head
+    (tmp_path / BOOTSTRAP_CONFIG).write_text(yaml.safe_dump({
+        "cluster_name": "c", "max_workers": 2, "head_node_type": "ray.head.default", "provider": {"type": "aws"},
+        "available_node_types": FAKE_TYPES}))
+    types, source = bootstrap_node_types(tmp_path)
+    assert types == FAKE and source == f"the cluster launcher's {tmp_path / BOOTSTRAP_CONFIG}"
+    (tmp_path / BOOTSTRAP_CONFIG).write_text(yaml.safe_dump({"available_node_types": {"gpu": {"max_workers": 2}}}))
+    with pytest.raises(ValueError, match=rf"{BOOTSTRAP_CONFIG}: node type 'gpu' needs a resources mapping .*; give "
+                                         rf"the cluster's node types in {ENV} instead"):
+        bootstrap_node_types(tmp_path)
+
+
+def test_read_capacity_prefers_ray_autoscaler_state_to_the_environment_to_the_bootstrap_config(
+        ray_local, monkeypatch, tmp_path):
     import ray._raylet
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    assert not read_capacity().autoscaling  # the local Ray: a fixed cluster
+    assert not read_capacity(home=tmp_path).autoscaling  # the local Ray: a fixed cluster
+    (tmp_path / BOOTSTRAP_CONFIG).write_text(yaml.safe_dump({"available_node_types": {
+        "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 3}}}))
+    from_bootstrap = read_capacity(home=tmp_path)
+    assert from_bootstrap.node_types == (NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 0, 3),)
+    assert str(tmp_path) in from_bootstrap.source
     monkeypatch.setenv(ENV, json.dumps({"available_node_types": FAKE_TYPES}))
-    from_env = read_capacity()
+    from_env = read_capacity(home=tmp_path)
     assert from_env.source == ENV and from_env.autoscaling and from_env.resources["CPU"] == 2
     published = autoscaler_pb2.ClusterConfig(node_group_configs=[
         autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 4, "GPU": 1}, max_count=4)])
@@ -204,6 +229,81 @@ def test_fixed_cluster_is_sized_from_what_is_up_as_before():
         assert (pool.min_size, pool.max_size) == (2, 2)
     with pytest.raises(ValueError, match=f"has 0 GPUs.*{ENV}"):
         plan_stages(job(generator_gpus=1), {"CPU": 4.0})
+
+
+# ---------------------------------------------------------------------------------------------------
+# --wait-for-capacity
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_retry_until_reports_progress_then_gives_up_with_the_last_error():
+    clock, reports = FakeClock(), []
+
+    def never() -> None:
+        raise ValueError(f"no GPU at {clock.now:g} s")
+
+    with pytest.raises(ValueError, match=r"^no GPU at 30 s$"):
+        retry_until(never, 30, reports.append, clock, clock.sleep, poll_s=2, report_every_s=10)
+    assert reports == [30, 20, 10]  # seconds left at 0, 10 and 20 s
+    attempts = iter([ValueError("not yet"), ValueError("not yet"), "planned"])
+
+    def third_time() -> str:
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert retry_until(third_time, 30, reports.append, clock, clock.sleep, poll_s=2) == "planned"
+
+    def refused() -> None:
+        raise ValueError("at once")
+
+    with pytest.raises(ValueError, match="at once"):  # 0 s: today's behaviour
+        retry_until(refused, 0, pytest.fail, clock, clock.sleep)
+
+
+def test_wait_for_capacity_counts_in_no_hash_and_asks_for_the_first_actors():
+    plain, waiting = job(generator_gpus=1), job(generator_gpus=1, wait_for_capacity=600)
+    assert plain.config_hash() == waiting.config_hash()
+    assert first_actor_bundles(job(generator_gpus=1, scorer="shapes", scorer_gpus=0.25)) == [{"GPU": 1.0},
+                                                                                              {"GPU": 0.25}]
+    assert first_actor_bundles(job(generator_cpus=2)) == [{"CPU": 2.0}]
+
+
+def test_wait_for_capacity_on_a_cluster_that_never_grows_refuses_as_without_it(ray_local, tmp_path):
+    """The local Ray has no autoscaler: the job asks for a GPU node, logs its wait, then gives today's refusal
+    and withdraws its request."""
+    import ray.autoscaler._private.constants as autoscaler_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    def requested() -> list:
+        return json.loads(_internal_kv_get(autoscaler_constants.AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
+
+    lines, asked = [], []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        asked.append(requested())
+
+    with pytest.raises(ValueError) as today:
+        plan_stages(job(generator_gpus=1), read_capacity(home=tmp_path))
+    with pytest.raises(ValueError) as waited:
+        plan_pools(job(generator_gpus=1, wait_for_capacity=1.5), log, lambda: read_capacity(home=tmp_path))
+    assert str(waited.value) == str(today.value) and "has 0 GPUs" in str(today.value)
+    (line,) = lines
+    assert re.fullmatch(r"maskray generate: waiting for capacity \(--wait-for-capacity 1\.5\): wanted 1 GPU "
+                        r"\(--generator-gpus 1\), the cluster has 0 GPU, 2 CPU on 1 node\(s\); [12] s left", line)
+    assert asked == [[{"GPU": 1.0}]] and requested() == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,35 +467,70 @@ def fake_cluster():
         yield cluster
 
 
-@pytest.mark.slow
-def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluster, tmp_path):
-    ids = [f"p{i:02d}" for i in range(24)]  # 12 batches: enough for the first actor to still be busy at the second
-    pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a red circle number {i}" for i in range(24)]}),
+RAY_RESTART_WARNING = "has constructor arguments in the object store"  # docs/ray-notes.md section 6
+
+
+def generate_on(cluster: dict, tmp_path: Path, prompts: int, home: Path, *flags: str) -> tuple[list[str], Path, str]:
+    """Run ``maskray generate`` through the CLI against the fake cluster, as a driver on its head whose user's home
+    folder is ``home`` (where ``ray up`` would leave its bootstrap config); returns the ids, --out and stdout."""
+    ids = [f"p{i:02d}" for i in range(prompts)]
+    pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a red circle number {i}" for i in range(prompts)]}),
                    tmp_path / "prompts.parquet")
     out = tmp_path / "out"
-    env = {**fake_cluster["env"], "RAY_ADDRESS": fake_cluster["address"], ENV: str(fake_cluster["config"]),
-           "HF_HUB_OFFLINE": "1"}
-    for name in ("RAY_FAKE_CLUSTER", "AUTOSCALER_UPDATE_INTERVAL_S"):  # the driver is no part of the autoscaler
-        env.pop(name)
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "HF_HUB_OFFLINE": "1", "HOME": str(home)}
+    for name in ("RAY_FAKE_CLUSTER", "AUTOSCALER_UPDATE_INTERVAL_S", ENV):  # the driver is no part of the autoscaler
+        env.pop(name, None)
     command = [sys.executable, "-m", "jobs.cli", "generate", "--prompts", str(tmp_path / "prompts.parquet"),
                "--out", str(out), "--model", "tiny-meissonic", "--device", "cpu", "--generator-gpus", "1",
-               "--steps", "8", "--width", "64", "--height", "64", "--batch-size", "2"]
-    started = time.time()
+               "--steps", "8", "--width", "64", "--height", "64", "--batch-size", "2", *flags]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    seconds = time.time() - started
     print(result.stdout)  # pytest shows it when the test fails
     assert result.returncode == 0, shlex.join(command) + "\n" + result.stdout[-3000:] + result.stderr[-3000:]
-    assert "1-2 generator actor(s) (1 GPU, 0 CPU each" in result.stdout
-    assert "waiting for 1 GPU node(s) of type ray.worker.gpu from the autoscaler" in result.stdout
+    assert RAY_RESTART_WARNING not in result.stdout + result.stderr
+    check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
+    return ids, out, result.stdout
+
+
+@pytest.mark.slow
+def test_generate_pool_grows_from_zero_gpu_nodes_with_the_autoscaler(fake_cluster, tmp_path):
+    """The node types come from the cluster launcher's bootstrap config in the head user's home folder, as on a
+    ``ray up`` head: no MASKRAY_AUTOSCALING_CONFIG."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(fake_cluster["config"], home / BOOTSTRAP_CONFIG)
+    started = time.time()
+    # 24 batches: enough for the first actor to still be busy when the second is up, on a quiet machine too (12
+    # batches were done by the first actor alone before the second started)
+    ids, out, stdout = generate_on(fake_cluster, tmp_path, 48, home)
+    seconds = time.time() - started
+    assert "1-2 generator actor(s) (1 GPU, 0 CPU each" in stdout
+    assert f"autoscaling cluster: ray.head.default {{CPU: 0, GPU: 0}} x 1-1; ray.worker.gpu {{CPU: 1, GPU: 1}} x 0-2 " \
+           f"(from the cluster launcher's {home / BOOTSTRAP_CONFIG})" in stdout
+    assert "waiting for 1 GPU node(s) of type ray.worker.gpu from the autoscaler" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
     actors = manifest["attempts"][-1]["actors"]["generator"]
     assert actors["peak"] == 2 and len(set(actors["nodes"])) == 2
     assert all(node.startswith("ffffffff") for node in actors["nodes"])  # the fake provider's worker node ids
-    assert result.stdout.count("joined (GPU 1, CPU 1)") >= 2  # the autoscaler's progress, logged by the job
-    check_exactly_once(pq.read_table(out / "metrics.parquet"), ids, 1)
+    assert stdout.count("joined (GPU 1, CPU 1)") >= 2  # the autoscaler's progress, logged by the job
     assert manifest["counts"]["errors"] == 0 and len(list((out / "images").iterdir())) == len(ids)
     run_start = datetime.fromisoformat(manifest["attempts"][-1]["started_at"]).timestamp() - started  # +-1 s
     print(f"\nfake autoscaler: job {seconds:.1f} s; the run started {run_start:.0f} s after the command (prompt "
           f"scan, Ray connect); generator actors up {actors['started_s']} s after the run started, on "
           f"{actors['nodes']}")
 
+
+@pytest.mark.slow
+def test_generate_waits_for_capacity_on_a_cluster_that_hides_its_node_types(fake_cluster, tmp_path):
+    """No node types anywhere (a KubeRay cluster maskray did not render): --wait-for-capacity asks the autoscaler
+    for a GPU node, logs its wait, and the job runs once the node has joined."""
+    started = time.time()
+    _, out, stdout = generate_on(fake_cluster, tmp_path, 4, tmp_path, "--wait-for-capacity", "240")
+    waits = [line for line in stdout.splitlines() if "waiting for capacity" in line]
+    assert waits and waits[0].startswith("maskray generate: waiting for capacity (--wait-for-capacity 240): wanted "
+                                         "1 GPU (--generator-gpus 1), the cluster has 0 GPU, 0 CPU on 1 node(s); ")
+    assert "autoscaling cluster" not in stdout  # the cluster is taken as fixed: sized from the node that joined
+    planned = next(line for line in stdout.splitlines() if "generator actor(s)" in line)
+    assert "; 1 generator actor(s) (1 GPU" in planned
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"\nwaited for capacity: job {time.time() - started:.1f} s, {len(waits)} progress line(s); generator "
+          f"actors on {manifest['attempts'][-1]['actors']['generator']['nodes']}")
