@@ -92,7 +92,8 @@ def _plan_fixed(config: GenerateConfig, resources: dict[str, float]) -> tuple[St
         if wanted > gpus:
             raise ValueError(f"{flag} {wanted} but the Ray cluster has {gpus:g} GPUs; lower {flag} (0 runs on CPU) "
                              f"or connect to a GPU cluster with RAY_ADDRESS (an autoscaling cluster whose GPU "
-                             f"nodes are not up yet: give its node types in {CAPACITY_ENV}, see docs/cluster.md)")
+                             f"nodes are not up yet: give its node types in {CAPACITY_ENV}, or wait for them with "
+                             f"--wait-for-capacity SECONDS; see docs/cluster.md)")
     if job.generator_actors is not None:
         low, actors = pool_range(job.generator_actors)
     elif job.generator_gpus > 0:

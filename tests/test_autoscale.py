@@ -300,6 +300,7 @@ def test_wait_for_capacity_on_a_cluster_that_never_grows_refuses_as_without_it(r
     with pytest.raises(ValueError) as waited:
         plan_pools(job(generator_gpus=1, wait_for_capacity=1.5), log, lambda: read_capacity(home=tmp_path))
     assert str(waited.value) == str(today.value) and "has 0 GPUs" in str(today.value)
+    assert "or wait for them with --wait-for-capacity SECONDS" in str(today.value)  # the refusal names both ways
     (line,) = lines
     assert re.fullmatch(r"maskray generate: waiting for capacity \(--wait-for-capacity 1\.5\): wanted 1 GPU "
                         r"\(--generator-gpus 1\), the cluster has 0 GPU, 2 CPU on 1 node\(s\); [12] s left", line)
