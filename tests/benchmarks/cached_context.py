@@ -253,7 +253,7 @@ def plot_curve(report: dict, evaluation: list[dict], path: str) -> None:
                     yerr=[[point["mean_difference"] - point["ci95"][0]], [point["ci95"][1] - point["mean_difference"]]],
                     fmt="D", color="tab:red", capsize=3)
         ax.annotate(point["label"], (point["flops_ratio"], point["mean_difference"]), textcoords="offset points",
-                    xytext=(4, -10), fontsize=7, color="tab:red")
+                    xytext=(-5, -3), ha="right", fontsize=7, color="tab:red")  # left: the tuning labels are right
     ax.axhline(0, color="black", lw=0.6)
     ax.axhline(-0.02, color="tab:red", lw=0.6, ls=":")
     ax.axvline(FLOPS_TARGET, color="tab:red", lw=0.6, ls=":")
