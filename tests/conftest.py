@@ -1,7 +1,6 @@
 """Test-wide environment: offline hub, Ray on loopback, a fresh model cache per session."""
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -10,6 +9,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("MASKRAY_CACHE", tempfile.mkdtemp(prefix="maskray-test-cache-"))
 
 import pytest  # noqa: E402
+from loopback import free_port
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -77,9 +77,7 @@ def s3():
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from generate_helpers import check_exactly_once
+from loopback import free_port
 
 from jobs.cli import main
 from jobs.cli_args import build_model
@@ -361,11 +361,6 @@ def test_submit_sends_a_local_autoscaling_config_as_its_text(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # a generate job on Ray's fake multi-node autoscaler
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_processes(marker: str) -> set[int]:

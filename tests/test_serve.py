@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 import yaml
+from loopback import free_port
 
 from jobs.serve.config import ServeConfig
 
@@ -31,11 +32,6 @@ MAX_BODY = 65536  # the app's max_request_bytes: small, so over-limit bodies are
 MAX_EDIT_BODY = 262144  # its max_edit_request_bytes: room for small images, little to send over it
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server():
@@ -46,7 +42,7 @@ def server():
 
     from jobs.serve.app import build_app
 
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

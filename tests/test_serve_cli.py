@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from loopback import free_port
 
 from jobs.cli import main
 from jobs.cluster import ClusterSpec, render_rayservice
@@ -26,11 +26,6 @@ from jobs.serve_cmd import check_auth
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _processes_with_env(assignment: str) -> list[str]:
@@ -49,7 +44,7 @@ def _processes_with_env(assignment: str) -> list[str]:
 def test_exposed_host_without_key_is_refused_before_ray_starts(capsys, monkeypatch):
     monkeypatch.delenv("MASKRAY_API_KEY", raising=False)
     started = time.perf_counter()
-    assert main(["serve", "--host", "0.0.0.0", "--port", str(_free_port())]) == 2
+    assert main(["serve", "--host", "0.0.0.0", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "without an API key" in err and "MASKRAY_API_KEY" in err and "--allow-unauthenticated" in err
     assert time.perf_counter() - started < 10  # refused up front: no Ray, no model
@@ -85,7 +80,7 @@ def test_rayservice_requires_the_api_key_from_the_secret():
 
 def test_sigterm_stops_serve_and_every_ray_process_it_started():
     ray_tmp = tempfile.mkdtemp(prefix="mrs-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("MASKRAY_API_KEY", None)
     log = Path(ray_tmp) / "serve.log"

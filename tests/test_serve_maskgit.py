@@ -3,18 +3,12 @@ is no class (or a negative prompt) gets a 422 naming the fix. One Ray instance a
 
 import base64
 import io
-import socket
 
 import numpy as np
 import pytest
 import requests
+from loopback import free_port
 from PIL import Image
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +18,7 @@ def server():
 
     from jobs.serve.app import build_app
 
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,17 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from loopback import free_port
 
 from jobs.cli import main
 from jobs.submit_cmd import check_out_path, job_env, upload_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from tests.loopback import free_port  # noqa: E402
+
 PROMPT_FILES = 10
 
 
@@ -89,11 +91,6 @@ def stub_stage(delay: float) -> type:
     """``StubGenerator`` with its per-batch delay (a class, as Ray Data's actor stages take one)."""
     return type("StubGenerator", (StubGenerator,), {"delay": delay})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto() -> tuple[subprocess.Popen, dict]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -24,6 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.loopback import free_port  # noqa: E402
 
 CONCURRENCY = 8
 APP = "maskray-bench"
@@ -115,9 +117,7 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as the generator replica, which Ray gives OMP_NUM_THREADS=1
     pipe = mgt.load_pipeline(args.model, device="cpu")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

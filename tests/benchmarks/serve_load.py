@@ -27,7 +27,6 @@ import _thread
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -37,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tests.loopback import free_port  # noqa: E402
+
 # Serve's handles and replicas report their load to the autoscaler every 10 s by default: too coarse for a run of
 # minutes. Set by main() before Ray starts (its processes inherit them), not on import (tests import this module).
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -219,11 +220,6 @@ def plot(samples: list[dict], phases: list[dict], path: Path, title: str) -> Non
     fig.savefig(path)
     plt.close(fig)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_config(args: argparse.Namespace, gpus: float):

@@ -75,16 +75,14 @@ def test_serve_with_the_shapes_model_and_scorer(ray_local):
     """The Serve replicas (Ray actors) resolve ``shapes-meissonic`` and the ``shapes`` scorer the same way."""
     import base64
     import io
-    import socket
 
     import requests
+    from loopback import free_port
     from ray import serve
 
     from jobs.serve.app import build_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     caption = scenes.make_scene(next(iter(scenes.held_out_seeds(1)))).caption
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
